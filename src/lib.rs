@@ -1,0 +1,5 @@
+//! `peaqos-agent`: the on-device daemon that holds a machine's controller key
+//! and keeps its peaqOS identity registered and active, unattended.
+
+pub mod mqtt;
+pub mod status;

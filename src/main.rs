@@ -1,0 +1,3 @@
+fn main() {
+    println!("peaqos-agent {}", env!("CARGO_PKG_VERSION"));
+}

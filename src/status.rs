@@ -1,0 +1,148 @@
+//! What the agent is doing, as one snapshot that the registration loop
+//! publishes and the local interfaces (MQTT, systemd STATUS=, `check`) read.
+//!
+//! The registration loop owns a `tokio::sync::watch::Sender<StatusSnapshot>`;
+//! readers hold receivers and never block it: a slow reader only ever sees
+//! the newest snapshot.
+
+use peaqos_protocol::{ErrorCode, MachineStatus, Timestamp};
+use serde::Serialize;
+
+/// The registration loop's states. These names are part of the MQTT status
+/// contract (`state` field), so renaming one is a breaking change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// Loading config and key, before the first request.
+    Starting,
+    /// No machine record known: asking for a challenge, creating the record.
+    Registering,
+    /// A record exists (new, taken back, or degraded): submitting a proof
+    /// with `status: active`.
+    Activating,
+    /// The record is active and its proof is not near expiry.
+    Active,
+    /// Active, and proactively replacing a proof that nears its expiry.
+    Renewing,
+    /// Waiting before retrying after a transient failure (orchestrator
+    /// unreachable, 5xx, 429, identity source unavailable).
+    Backoff,
+    /// Our key is not among the identity's controllers: retried slowly,
+    /// because an operator may fix the controller record.
+    NotController,
+    /// An operator blocked the record; reported, not fought.
+    Blocked,
+    /// An operator archived the record; reported, not fought.
+    Archived,
+    /// Shutting down.
+    Stopping,
+}
+
+impl AgentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Registering => "registering",
+            Self::Activating => "activating",
+            Self::Active => "active",
+            Self::Renewing => "renewing",
+            Self::Backoff => "backoff",
+            Self::NotController => "not_controller",
+            Self::Blocked => "blocked",
+            Self::Archived => "archived",
+            Self::Stopping => "stopping",
+        }
+    }
+}
+
+impl std::fmt::Display for AgentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The last error the loop met, as reported to operators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastError {
+    /// The orchestrator's error code, or a local one such as `NETWORK`,
+    /// `TIMEOUT`, `BAD_RESPONSE`.
+    pub code: String,
+    pub message: String,
+    pub at: Timestamp,
+}
+
+impl LastError {
+    pub fn from_code(code: &ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code: code.as_str().to_owned(),
+            message: message.into(),
+            at: Timestamp::now(),
+        }
+    }
+}
+
+/// Everything the status interfaces publish. Serialised as the MQTT
+/// `<prefix>/status` payload (see README, "MQTT interface").
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusSnapshot {
+    /// Payload schema version; bumped on any incompatible change.
+    pub schema: u32,
+    pub state: AgentState,
+    pub machine_id: Option<String>,
+    /// Canonical identity reference.
+    pub identity: String,
+    /// Our controller address (EIP-55).
+    pub controller_address: String,
+    /// The record's status as the orchestrator last reported it.
+    pub record_status: Option<MachineStatus>,
+    pub proof_verified_at: Option<Timestamp>,
+    pub proof_expires_at: Option<Timestamp>,
+    pub last_error: Option<LastError>,
+    pub next_attempt_at: Option<Timestamp>,
+    /// Server clock minus local clock, in milliseconds, as last measured.
+    pub clock_skew_ms: Option<i64>,
+    pub agent_version: &'static str,
+    /// `/proc/sys/kernel/random/boot_id`: tells readers the machine rebooted.
+    pub boot_id: String,
+    /// Increases with every published change, per process lifetime.
+    pub seq: u64,
+    /// When this snapshot was made (local clock).
+    pub timestamp: Timestamp,
+}
+
+/// Current payload schema version.
+pub const STATUS_SCHEMA: u32 = 1;
+
+impl StatusSnapshot {
+    pub fn new(identity: String, controller_address: String, boot_id: String) -> Self {
+        Self {
+            schema: STATUS_SCHEMA,
+            state: AgentState::Starting,
+            machine_id: None,
+            identity,
+            controller_address,
+            record_status: None,
+            proof_verified_at: None,
+            proof_expires_at: None,
+            last_error: None,
+            next_attempt_at: None,
+            clock_skew_ms: None,
+            agent_version: env!("CARGO_PKG_VERSION"),
+            boot_id,
+            seq: 0,
+            timestamp: Timestamp::now(),
+        }
+    }
+}
+
+/// Requests from local interfaces to the registration loop.
+#[derive(Debug)]
+pub enum Command {
+    /// Renew the identity proof now (MQTT `command/reregister`). The loop
+    /// answers on `reply` once the renewal has succeeded or failed.
+    Reregister {
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}
