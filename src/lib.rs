@@ -2,5 +2,6 @@
 //! and keeps its peaqOS identity registered and active, unattended.
 
 pub mod mqtt;
+pub mod secrets;
 pub mod status;
 pub mod systemd;
