@@ -1,7 +1,24 @@
 //! `peaqos-agent`: the on-device daemon that holds a machine's controller key
 //! and keeps its peaqOS identity registered and active, unattended.
+//!
+//! The binary is a thin shell over this library; tests run the real loop
+//! in-process through [`run::Agent`].
 
+pub mod backoff;
+pub mod check;
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod duration;
+pub mod key;
+pub mod keystore;
 pub mod mqtt;
+pub mod registration;
+pub mod run;
 pub mod secrets;
+pub mod state;
 pub mod status;
 pub mod systemd;
+
+pub use run::{Agent, RunError, run};

@@ -146,3 +146,85 @@ pub enum Command {
         reply: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
 }
+
+/// Renders a status payload (as published, possibly by another agent
+/// version) as `label: value` lines for people. Unknown fields are shown
+/// too, after the known ones, so that a newer agent's additions are seen.
+pub fn render_human(value: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    const FIELDS: [(&str, &str); 14] = [
+        ("state", "state"),
+        ("machineId", "machine id"),
+        ("identity", "identity"),
+        ("controllerAddress", "controller"),
+        ("recordStatus", "record status"),
+        ("proofVerifiedAt", "proof verified"),
+        ("proofExpiresAt", "proof expires"),
+        ("lastError", "last error"),
+        ("nextAttemptAt", "next attempt"),
+        ("clockSkewMs", "clock skew"),
+        ("agentVersion", "agent version"),
+        ("bootId", "boot id"),
+        ("seq", "sequence"),
+        ("timestamp", "as of"),
+    ];
+    let Some(map) = value.as_object() else {
+        return format!("{value}\n");
+    };
+    let show = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut out = String::new();
+    for (key, label) in FIELDS {
+        let Some(v) = map.get(key) else { continue };
+        let text = match (key, v) {
+            (_, serde_json::Value::Null) => "-".to_owned(),
+            ("lastError", serde_json::Value::Object(e)) => format!(
+                "{} {} (at {})",
+                e.get("code").map(show).unwrap_or_default(),
+                e.get("message").map(show).unwrap_or_default(),
+                e.get("at").map(show).unwrap_or_default()
+            ),
+            ("clockSkewMs", serde_json::Value::Number(n)) => {
+                format!("{n} ms (orchestrator minus local clock)")
+            }
+            (_, v) => show(v),
+        };
+        let _ = writeln!(out, "{label:<15} {text}");
+    }
+    for (key, v) in map {
+        if key != "schema" && !FIELDS.iter().any(|(k, _)| k == key) {
+            let _ = writeln!(out, "{key:<15} {}", show(v));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_rendering_shows_every_field_and_newer_ones() {
+        let mut s = StatusSnapshot::new("did:peaq:1".into(), "0xAb".into(), "boot".into());
+        s.state = AgentState::Backoff;
+        s.last_error = Some(LastError::from_code(
+            &ErrorCode::IdentityUnavailable,
+            "MCR down",
+        ));
+        s.clock_skew_ms = Some(-42);
+        let mut v = serde_json::to_value(&s).unwrap();
+        v["fromTheFuture"] = serde_json::json!(1);
+        let text = render_human(&v);
+        assert!(text.contains("state           backoff\n"), "{text}");
+        assert!(text.contains("machine id      -\n"), "{text}");
+        assert!(
+            text.contains("last error      PEAQOS_IDENTITY_UNAVAILABLE MCR down"),
+            "{text}"
+        );
+        assert!(text.contains("clock skew      -42 ms"), "{text}");
+        assert!(text.contains("fromTheFuture   1\n"), "{text}");
+        assert!(!text.contains("schema"), "{text}");
+    }
+}

@@ -1,0 +1,378 @@
+//! `GET /api/v1/openapi.json`: the OpenAPI 3.1 document of this API, so that
+//! users can generate clients and fuzz the server.
+//!
+//! The wire types live in `peaqos-protocol`, which has no OpenAPI
+//! dependency; the schemas below describe them for the document only. The
+//! test suite compares them with real responses, so they cannot drift
+//! silently.
+
+// The schema types below are never constructed (they exist for the derive),
+// and their field names are the wire's (`challengeId` in `Challenge`).
+#![allow(dead_code, clippy::struct_field_names)]
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use peaqos_protocol::paths;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::{OpenApi, ToSchema};
+
+use super::AppState;
+
+/// `{"ok": true}`
+#[derive(ToSchema)]
+struct Health {
+    ok: bool,
+}
+
+/// Readiness: the store and the controller source answer.
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct Ready {
+    ok: bool,
+    store: String,
+    controllers: String,
+    /// `mcr`, `registry` or `none`.
+    controller_source: String,
+}
+
+/// Error codes clients branch on.
+#[derive(ToSchema)]
+#[allow(clippy::upper_case_acronyms, non_camel_case_types)]
+enum ErrorCode {
+    VALIDATION_ERROR,
+    MACHINE_IDENTITY_PROOF_REQUIRED,
+    AUTH_REQUIRED,
+    AUTH_INVALID,
+    MACHINE_IDENTITY_PROOF_INVALID,
+    NOT_FOUND,
+    METHOD_NOT_ALLOWED,
+    MACHINE_IDENTITY_EXISTS,
+    MACHINE_IDENTITY_IMMUTABLE,
+    MACHINE_NOT_ACTIVATED,
+    MACHINE_IDENTITY_PROOF_EXPIRED,
+    RATE_LIMITED,
+    INTERNAL_ERROR,
+    PEAQOS_IDENTITY_UNAVAILABLE,
+    SERVICE_UNAVAILABLE,
+}
+
+#[derive(ToSchema)]
+struct ErrorBody {
+    code: ErrorCode,
+    /// Human text; never branch on it.
+    message: String,
+    /// For example `{"field": "identityRef"}` or `{"machineId": "mach_..."}`.
+    details: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+/// `{"error": {...}}` with a 4xx or 5xx status.
+#[derive(ToSchema)]
+struct ErrorResponse {
+    error: ErrorBody,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct CreateChallengeRequest {
+    /// `did:peaq:<decimal>`, `peaqos:machine:<decimal>` or `did:peaq:0x<40 hex>`.
+    #[schema(
+        pattern = "^(did:peaq:(0|[1-9][0-9]{0,77})|peaqos:machine:(0|[1-9][0-9]{0,77})|did:peaq:0x[0-9a-fA-F]{40})$",
+        max_length = 128
+    )]
+    identity_ref: String,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct Challenge {
+    challenge_id: String,
+    /// Canonical form.
+    identity_ref: String,
+    /// Sign exactly this text with EIP-191 `personal_sign`.
+    message: String,
+    #[schema(format = DateTime)]
+    expires_at: String,
+    /// Always `eip191`.
+    verification_method: String,
+    /// EIP-55 checksummed; at least one.
+    controller_addresses: Vec<String>,
+}
+
+#[derive(ToSchema)]
+struct ChallengeItem {
+    item: Challenge,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct MachineIdentityProofInput {
+    challenge_id: String,
+    /// `0x` + 130 hex digits: `r || s || v`, low `s`, `v` 27/28 (0/1 accepted).
+    #[schema(pattern = "^0x[0-9a-fA-F]{130}$")]
+    signature: String,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum MachineStatus {
+    Draft,
+    Active,
+    Degraded,
+    Blocked,
+    Archived,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct MachineIdentityProof {
+    /// Always `eip191`.
+    method: String,
+    identity_ref: String,
+    signer_address: String,
+    challenge_id: String,
+    #[schema(format = DateTime)]
+    verified_at: String,
+    #[schema(format = DateTime)]
+    challenge_expires_at: String,
+    controller_addresses: Vec<String>,
+    /// Always `peaqos-mcr`.
+    resolution_source: String,
+    /// When a maximum proof age is configured: after this the machine reads
+    /// as `degraded` until a fresh proof is submitted.
+    #[schema(format = DateTime)]
+    expires_at: Option<String>,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct Machine {
+    /// Opaque (`mach_...`).
+    id: String,
+    display_name: String,
+    status: MachineStatus,
+    owner_id: String,
+    /// Canonical form.
+    identity_ref: String,
+    identity_proof: Option<MachineIdentityProof>,
+    machine_type: String,
+    runtime_profile: String,
+    capabilities: Vec<String>,
+    labels: BTreeMap<String, String>,
+    policy_ids: Vec<String>,
+    skill_keys: Vec<String>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+}
+
+#[derive(ToSchema)]
+struct MachineItem {
+    item: Machine,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct MachineList {
+    items: Vec<Machine>,
+    /// Absent or `null` on the last page.
+    next_cursor: Option<String>,
+}
+
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct CreateMachineRequest {
+    #[schema(min_length = 1, max_length = 200)]
+    display_name: String,
+    #[schema(min_length = 1, max_length = 200)]
+    owner_id: String,
+    #[schema(max_length = 200)]
+    machine_type: String,
+    #[schema(max_length = 200)]
+    runtime_profile: String,
+    #[schema(
+        pattern = "^(did:peaq:(0|[1-9][0-9]{0,77})|peaqos:machine:(0|[1-9][0-9]{0,77})|did:peaq:0x[0-9a-fA-F]{40})$",
+        max_length = 128
+    )]
+    identity_ref: String,
+    /// Required unless identity verification is disabled.
+    identity_proof: Option<MachineIdentityProofInput>,
+    capabilities: Option<Vec<String>>,
+    labels: Option<BTreeMap<String, String>>,
+    policy_ids: Option<Vec<String>>,
+    skill_keys: Option<Vec<String>>,
+}
+
+/// Every field optional; absent or `null` leaves it as it is.
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct UpdateMachineRequest {
+    display_name: Option<String>,
+    /// `draft`, `active` or `blocked` (`degraded` is derived; archive with DELETE).
+    status: Option<MachineStatus>,
+    owner_id: Option<String>,
+    /// Immutable: only the machine's own identity (any spelling) is accepted.
+    identity_ref: Option<String>,
+    machine_type: Option<String>,
+    runtime_profile: Option<String>,
+    capabilities: Option<Vec<String>>,
+    labels: Option<BTreeMap<String, String>>,
+    policy_ids: Option<Vec<String>>,
+    skill_keys: Option<Vec<String>>,
+    identity_proof: Option<MachineIdentityProofInput>,
+}
+
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "The process answers", body = Health)))]
+fn health() {}
+
+#[utoipa::path(get, path = "/ready", tag = "operations",
+    responses(
+        (status = 200, description = "Store and controller source answer", body = Ready),
+        (status = 503, description = "SERVICE_UNAVAILABLE, with details", body = ErrorResponse)))]
+fn ready() {}
+
+#[utoipa::path(post, path = "/api/v1/machine-identity/challenges", tag = "identity",
+    request_body = CreateChallengeRequest,
+    security(("apiKey" = [])),
+    responses(
+        (status = 201, description = "A single-use challenge for the identity", body = ChallengeItem),
+        (status = 400, description = "VALIDATION_ERROR", body = ErrorResponse),
+        (status = 401, description = "AUTH_REQUIRED or AUTH_INVALID", body = ErrorResponse),
+        (status = 409, description = "MACHINE_NOT_ACTIVATED: the identity has no controller", body = ErrorResponse),
+        (status = 413, description = "VALIDATION_ERROR: body too large", body = ErrorResponse),
+        (status = 415, description = "VALIDATION_ERROR: body is not JSON", body = ErrorResponse),
+        (status = 429, description = "RATE_LIMITED, with Retry-After", body = ErrorResponse),
+        (status = 503, description = "PEAQOS_IDENTITY_UNAVAILABLE, with Retry-After", body = ErrorResponse)))]
+fn create_challenge() {}
+
+#[utoipa::path(get, path = "/api/v1/machines", tag = "machines",
+    params(
+        ("limit" = Option<u32>, Query, description = "1..500, default 100", minimum = 1, maximum = 500),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page")),
+    security(("apiKey" = [])),
+    responses(
+        (status = 200, description = "Machines whose identity resolves and whose proof still matches", body = MachineList),
+        (status = 400, description = "VALIDATION_ERROR: bad limit or cursor", body = ErrorResponse),
+        (status = 401, description = "AUTH_REQUIRED or AUTH_INVALID", body = ErrorResponse),
+        (status = 503, description = "PEAQOS_IDENTITY_UNAVAILABLE, with Retry-After", body = ErrorResponse)))]
+fn list_machines() {}
+
+#[utoipa::path(post, path = "/api/v1/machines", tag = "machines",
+    request_body = CreateMachineRequest,
+    security(("apiKey" = [])),
+    responses(
+        (status = 201, description = "Created, as a draft", body = MachineItem),
+        (status = 400, description = "VALIDATION_ERROR or MACHINE_IDENTITY_PROOF_REQUIRED", body = ErrorResponse),
+        (status = 401, description = "AUTH_REQUIRED or AUTH_INVALID", body = ErrorResponse),
+        (status = 403, description = "MACHINE_IDENTITY_PROOF_INVALID", body = ErrorResponse),
+        (status = 409, description = "MACHINE_IDENTITY_EXISTS (details.machineId) or MACHINE_NOT_ACTIVATED", body = ErrorResponse),
+        (status = 410, description = "MACHINE_IDENTITY_PROOF_EXPIRED: the challenge expired", body = ErrorResponse),
+        (status = 413, description = "VALIDATION_ERROR: body too large", body = ErrorResponse),
+        (status = 415, description = "VALIDATION_ERROR: body is not JSON", body = ErrorResponse),
+        (status = 503, description = "PEAQOS_IDENTITY_UNAVAILABLE, with Retry-After; nothing written", body = ErrorResponse)))]
+fn create_machine() {}
+
+#[utoipa::path(get, path = "/api/v1/machines/{machineId}", tag = "machines",
+    params(("machineId" = String, Path, description = "Opaque machine id")),
+    security(("apiKey" = [])),
+    responses(
+        (status = 200, description = "The machine, its stored proof re-verified", body = MachineItem),
+        (status = 401, description = "AUTH_REQUIRED or AUTH_INVALID", body = ErrorResponse),
+        (status = 404, description = "NOT_FOUND", body = ErrorResponse),
+        (status = 409, description = "MACHINE_NOT_ACTIVATED: the signer is no longer a controller", body = ErrorResponse),
+        (status = 503, description = "PEAQOS_IDENTITY_UNAVAILABLE, with Retry-After", body = ErrorResponse)))]
+fn get_machine() {}
+
+#[utoipa::path(patch, path = "/api/v1/machines/{machineId}", tag = "machines",
+    params(("machineId" = String, Path, description = "Opaque machine id")),
+    request_body = UpdateMachineRequest,
+    security(("apiKey" = [])),
+    responses(
+        (status = 200, description = "Updated", body = MachineItem),
+        (status = 400, description = "VALIDATION_ERROR", body = ErrorResponse),
+        (status = 401, description = "AUTH_REQUIRED or AUTH_INVALID", body = ErrorResponse),
+        (status = 403, description = "MACHINE_IDENTITY_PROOF_INVALID", body = ErrorResponse),
+        (status = 404, description = "NOT_FOUND (also for archived machines)", body = ErrorResponse),
+        (status = 409, description = "MACHINE_IDENTITY_IMMUTABLE or MACHINE_NOT_ACTIVATED", body = ErrorResponse),
+        (status = 410, description = "MACHINE_IDENTITY_PROOF_EXPIRED: challenge or stored proof expired", body = ErrorResponse),
+        (status = 503, description = "PEAQOS_IDENTITY_UNAVAILABLE, with Retry-After; nothing written", body = ErrorResponse)))]
+fn update_machine() {}
+
+#[utoipa::path(delete, path = "/api/v1/machines/{machineId}", tag = "machines",
+    params(("machineId" = String, Path, description = "Opaque machine id")),
+    security(("apiKey" = [])),
+    responses(
+        (status = 204, description = "Archived (also when it already was)"),
+        (status = 401, description = "AUTH_REQUIRED or AUTH_INVALID", body = ErrorResponse),
+        (status = 404, description = "NOT_FOUND", body = ErrorResponse)))]
+fn archive_machine() {}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "peaqOS orchestrator: machines & identity",
+        description = "Machine Markets machines & identity API with EIP-191 challenge-signed identity proofs."
+    ),
+    paths(
+        health,
+        ready,
+        create_challenge,
+        list_machines,
+        create_machine,
+        get_machine,
+        update_machine,
+        archive_machine
+    ),
+    components(schemas(
+        Health,
+        Ready,
+        ErrorCode,
+        ErrorBody,
+        ErrorResponse,
+        CreateChallengeRequest,
+        Challenge,
+        ChallengeItem,
+        MachineIdentityProofInput,
+        MachineStatus,
+        MachineIdentityProof,
+        Machine,
+        MachineItem,
+        MachineList,
+        CreateMachineRequest,
+        UpdateMachineRequest
+    ))
+)]
+struct ApiDoc;
+
+/// The document, as served.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    env!("CARGO_PKG_VERSION").clone_into(&mut doc.info.version);
+    if let Some(components) = doc.components.as_mut() {
+        components.add_security_scheme(
+            "apiKey",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(paths::API_KEY_HEADER))),
+        );
+    }
+    doc
+}
+
+static DOCUMENT: LazyLock<String> =
+    LazyLock::new(|| document().to_json().unwrap_or_else(|_| "{}".to_owned()));
+
+pub fn router() -> Router<AppState> {
+    Router::new().route(paths::OPENAPI, get(openapi))
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.as_str(),
+    )
+}

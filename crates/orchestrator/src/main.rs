@@ -1,0 +1,89 @@
+//! `peaqos-orchestrator`: settings from `--config FILE` (TOML) and the
+//! environment, logs to stderr/journald, stops gracefully on SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use peaqos_orchestrator::Config;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "peaqOS orchestrator: machines & identity API")]
+struct Args {
+    /// TOML settings file; environment variables override it.
+    #[arg(long, value_name = "FILE", env = "PEAQOS_ORCHESTRATOR_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::from_env(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("peaqos-orchestrator: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = peaqos_logging::init(config.log_level.as_deref()) {
+        eprintln!("peaqos-orchestrator: {e}");
+        return ExitCode::from(2);
+    }
+    match serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole chain ("what: why: detail").
+            eprintln!("peaqos-orchestrator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let addr = config.listen_addr;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (PEAQOS_LISTEN_ADDR)"))?;
+        peaqos_orchestrator::Server::new(config)
+            // Type=notify units wait for this; outside systemd it is a no-op.
+            .on_ready(|_| notify(&[sd_notify::NotifyState::Ready]))
+            .run(listener, shutdown_signal())
+            .await?;
+        Ok(())
+    })
+}
+
+/// Completes on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+    notify(&[sd_notify::NotifyState::Stopping]);
+}
+
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}

@@ -1,0 +1,209 @@
+//! Persistence of challenges and machines behind one trait.
+//!
+//! The trait is written for several replicas sharing one database
+//! (PostgreSQL, later): every rule that must hold across processes is a
+//! single statement or a transaction in the database, never a check in this
+//! process's memory. Consuming a challenge deletes its row in the same
+//! transaction as the machine write it authorises; the unique index on live
+//! identities decides "one machine per identity"; the pending-challenge bound
+//! is part of the insert statement.
+
+pub mod row_cache;
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+
+use peaqos_protocol::{IdentityRef, MachineIdentityProof, MachineStatus, Timestamp};
+
+pub use sqlite::SqliteStore;
+
+/// What a store method returns: boxed, so that `Arc<dyn Store>` works.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A challenge as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChallengeRecord {
+    pub id: String,
+    pub identity: IdentityRef,
+    pub message: String,
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+/// Status as stored. `degraded` is never stored: it is what `active` reads
+/// as once the proof is older than the deployment's maximum age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredStatus {
+    Draft,
+    Active,
+    Blocked,
+    Archived,
+}
+
+impl StoredStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Draft => "draft",
+            Self::Active => "active",
+            Self::Blocked => "blocked",
+            Self::Archived => "archived",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "draft" => Some(Self::Draft),
+            "active" => Some(Self::Active),
+            "blocked" => Some(Self::Blocked),
+            "archived" => Some(Self::Archived),
+            _ => None,
+        }
+    }
+
+    /// The wire status a client may ask for; `degraded` has no stored form.
+    pub fn from_wire(status: MachineStatus) -> Option<Self> {
+        match status {
+            MachineStatus::Draft => Some(Self::Draft),
+            MachineStatus::Active => Some(Self::Active),
+            MachineStatus::Blocked => Some(Self::Blocked),
+            MachineStatus::Archived => Some(Self::Archived),
+            MachineStatus::Degraded => None,
+        }
+    }
+}
+
+/// A machine as stored. The proof's `expires_at` is not stored: it follows
+/// from `verified_at` and the current maximum proof age.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineRecord {
+    pub id: String,
+    pub identity: IdentityRef,
+    pub status: StoredStatus,
+    pub display_name: String,
+    pub owner_id: String,
+    pub machine_type: String,
+    pub runtime_profile: String,
+    pub capabilities: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub policy_ids: Vec<String>,
+    pub skill_keys: Vec<String>,
+    /// The verified proof, with the signer recovered once at verification.
+    pub proof: Option<MachineIdentityProof>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// Position in the keyset order of live machines: `(created_at, id)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageKey {
+    pub created_at_ms: i64,
+    pub id: String,
+}
+
+/// A challenge to consume in the same transaction as a machine write. The
+/// write fails with [`StoreError::ChallengeGone`] if, by then, the challenge
+/// was used, expired or never existed for this identity.
+#[derive(Debug, Clone, Copy)]
+pub struct Consume<'a> {
+    pub challenge_id: &'a str,
+    pub identity: &'a IdentityRef,
+    pub now: Timestamp,
+}
+
+/// Whether a new challenge was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChallengeInsert {
+    Stored,
+    /// The bound on unexpired challenges was reached.
+    Full,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+    #[error("database migration failed")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("database {path} is in use by another orchestrator process")]
+    InUse { path: String },
+    #[error("cannot lock the database {path}")]
+    Lock {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the database directory {path}")]
+    CreateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another live machine holds this identity.
+    #[error("identity already has a machine ({machine_id})")]
+    IdentityTaken { machine_id: String },
+    /// The challenge to consume is no longer there.
+    #[error("challenge was consumed, expired or never issued for this identity")]
+    ChallengeGone,
+    #[error("stored row {id} is unreadable: {what}")]
+    Corrupt { id: String, what: String },
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Database(e)
+    }
+}
+
+/// The storage operations the HTTP layer needs.
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// A trivial round trip, for readiness.
+    fn ping(&self) -> StoreFuture<'_, ()>;
+
+    /// Stores a challenge unless `max_pending` unexpired challenges exist.
+    fn insert_challenge<'a>(
+        &'a self,
+        challenge: &'a ChallengeRecord,
+        max_pending: u64,
+    ) -> StoreFuture<'a, ChallengeInsert>;
+
+    fn get_challenge<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<ChallengeRecord>>;
+
+    /// Deletes challenges that expired before `now`; returns how many.
+    fn delete_expired_challenges(&self, now: Timestamp) -> StoreFuture<'_, u64>;
+
+    /// Inserts a new machine, consuming `consume` in the same transaction.
+    fn insert_machine<'a>(
+        &'a self,
+        machine: &'a MachineRecord,
+        consume: Option<Consume<'a>>,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Any machine by id, archived ones included.
+    fn get_machine<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<MachineRecord>>;
+
+    /// The id of the live (not archived) machine of an identity.
+    fn live_machine_for<'a>(&'a self, identity: &'a IdentityRef)
+    -> StoreFuture<'a, Option<String>>;
+
+    /// Replaces a live machine's mutable fields, consuming `consume` in the
+    /// same transaction. `false` if the machine is gone or archived.
+    fn update_machine<'a>(
+        &'a self,
+        machine: &'a MachineRecord,
+        consume: Option<Consume<'a>>,
+    ) -> StoreFuture<'a, bool>;
+
+    /// Archives a machine. `None` if there is no such machine; otherwise
+    /// whether this call archived it (`false`: it already was).
+    fn archive_machine<'a>(&'a self, id: &'a str, now: Timestamp) -> StoreFuture<'a, Option<bool>>;
+
+    /// Up to `limit` live machines after `after`, in keyset order.
+    fn list_machines<'a>(
+        &'a self,
+        after: Option<&'a PageKey>,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<MachineRecord>>;
+}

@@ -1,0 +1,749 @@
+//! The embedded store: one SQLite file (WAL) with migrations compiled into
+//! the binary.
+//!
+//! Writes go through a single connection, so SQLite never has to arbitrate
+//! between writers of this process (no `SQLITE_BUSY` under load); reads use a
+//! small pool of their own, which WAL lets run beside the writer. An
+//! in-memory database (`sqlite::memory:`, for tests) lives as long as its one
+//! connection, so it gets exactly one, never closed.
+//!
+//! The store is the only writer of its file: an exclusive advisory lock on
+//! `<file>.lock` keeps a second orchestrator process away. That is what lets
+//! it keep recently read machines in memory ([`RowCache`]), so that a read
+//! of a machine costs no database round trip.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use peaqos_protocol::{IdentityRef, MachineIdentityProof, Timestamp};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::row_cache::RowCache;
+use super::{
+    ChallengeInsert, ChallengeRecord, Consume, MachineRecord, PageKey, Store, StoreError,
+    StoreFuture, StoredStatus,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// Read connections beside the one writer.
+const READERS: u32 = 4;
+
+macro_rules! machine_columns {
+    () => {
+        "id, identity_ref, status, display_name, owner_id, machine_type, runtime_profile, \
+         capabilities, labels, policy_ids, skill_keys, proof, created_at, updated_at"
+    };
+}
+
+/// SQLite-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    rows: Arc<RowCache>,
+    /// Held open (and locked) for as long as the store lives.
+    _lock: Option<Arc<std::fs::File>>,
+}
+
+/// Pool settings common to all pools. An in-process SQLite connection
+/// cannot go stale like a network one, so no ping precedes each use (it
+/// would double the round trips to the connection's thread).
+fn pool_options() -> SqlitePoolOptions {
+    SqlitePoolOptions::new().test_before_acquire(false)
+}
+
+/// Takes the exclusive lock beside the database file.
+fn lock_file(db: &std::path::Path) -> Result<std::fs::File, StoreError> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let path = std::path::PathBuf::from(name);
+    let shown = path.display().to_string();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StoreError::Lock {
+            path: shown.clone(),
+            source,
+        })?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(StoreError::InUse {
+            path: db.display().to_string(),
+        }),
+        Err(e) => Err(StoreError::Lock {
+            path: shown,
+            source: e.into(),
+        }),
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url` and applies the
+    /// embedded migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        if url == "sqlite::memory:" || url.contains("mode=memory") {
+            let pool = pool_options()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(options)
+                .await?;
+            MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
+            return Ok(Self {
+                writer: pool.clone(),
+                reader: pool,
+                rows: Arc::default(),
+                _lock: None,
+            });
+        }
+        if let Some(dir) = options.get_filename().parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let lock = lock_file(options.get_filename())?;
+        let options = options
+            .journal_mode(SqliteJournalMode::Wal)
+            // With WAL, NORMAL loses at most the last transactions on power
+            // loss, never consistency; FULL would fsync every write.
+            .synchronous(SqliteSynchronous::Normal);
+        let writer = pool_options()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        MIGRATOR.run(&writer).await.map_err(StoreError::Migrate)?;
+        let reader = pool_options()
+            .max_connections(READERS)
+            .connect_with(options)
+            .await?;
+        Ok(Self {
+            writer,
+            reader,
+            rows: Arc::default(),
+            _lock: Some(Arc::new(lock)),
+        })
+    }
+
+    /// Closes both pools, waiting for checked-out connections.
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+}
+
+async fn consume(
+    tx: &mut Transaction<'static, Sqlite>,
+    consume: Option<Consume<'_>>,
+) -> Result<(), StoreError> {
+    let Some(c) = consume else { return Ok(()) };
+    let done =
+        sqlx::query("DELETE FROM challenges WHERE id = ? AND identity_ref = ? AND expires_at > ?")
+            .bind(c.challenge_id)
+            .bind(c.identity.canonical())
+            .bind(c.now.unix_millis())
+            .execute(&mut **tx)
+            .await?;
+    if done.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::ChallengeGone)
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // Serialising strings, lists and maps of strings cannot fail.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn machine_from_row(row: &SqliteRow) -> Result<MachineRecord, StoreError> {
+    let id: String = row.try_get("id")?;
+    let corrupt = |what: &str| StoreError::Corrupt {
+        id: id.clone(),
+        what: what.to_owned(),
+    };
+    let json = |column: &str| -> Result<String, StoreError> { Ok(row.try_get(column)?) };
+    let identity =
+        IdentityRef::parse(row.try_get("identity_ref")?).map_err(|_| corrupt("identity_ref"))?;
+    let status = StoredStatus::parse(row.try_get("status")?).ok_or_else(|| corrupt("status"))?;
+    let proof: Option<String> = row.try_get("proof")?;
+    let proof = proof
+        .map(|p| serde_json::from_str::<MachineIdentityProof>(&p))
+        .transpose()
+        .map_err(|_| corrupt("proof"))?;
+    let millis = |column: &str| -> Result<Timestamp, StoreError> {
+        Timestamp::from_unix_millis(row.try_get(column)?).ok_or_else(|| corrupt(column))
+    };
+    Ok(MachineRecord {
+        identity,
+        status,
+        display_name: row.try_get("display_name")?,
+        owner_id: row.try_get("owner_id")?,
+        machine_type: row.try_get("machine_type")?,
+        runtime_profile: row.try_get("runtime_profile")?,
+        capabilities: serde_json::from_str(&json("capabilities")?)
+            .map_err(|_| corrupt("capabilities"))?,
+        labels: serde_json::from_str(&json("labels")?).map_err(|_| corrupt("labels"))?,
+        policy_ids: serde_json::from_str(&json("policy_ids")?)
+            .map_err(|_| corrupt("policy_ids"))?,
+        skill_keys: serde_json::from_str(&json("skill_keys")?)
+            .map_err(|_| corrupt("skill_keys"))?,
+        proof,
+        created_at: millis("created_at")?,
+        updated_at: millis("updated_at")?,
+        id,
+    })
+}
+
+fn challenge_from_row(row: &SqliteRow) -> Result<ChallengeRecord, StoreError> {
+    let id: String = row.try_get("id")?;
+    let corrupt = |what: &str| StoreError::Corrupt {
+        id: id.clone(),
+        what: what.to_owned(),
+    };
+    let identity =
+        IdentityRef::parse(row.try_get("identity_ref")?).map_err(|_| corrupt("identity_ref"))?;
+    let issued_at = Timestamp::from_unix_millis(row.try_get("issued_at")?)
+        .ok_or_else(|| corrupt("issued_at"))?;
+    let expires_at = Timestamp::from_unix_millis(row.try_get("expires_at")?)
+        .ok_or_else(|| corrupt("expires_at"))?;
+    Ok(ChallengeRecord {
+        message: row.try_get("message")?,
+        identity,
+        issued_at,
+        expires_at,
+        id,
+    })
+}
+
+impl Store for SqliteStore {
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&self.reader).await?;
+            Ok(())
+        })
+    }
+
+    fn insert_challenge<'a>(
+        &'a self,
+        c: &'a ChallengeRecord,
+        max_pending: u64,
+    ) -> StoreFuture<'a, ChallengeInsert> {
+        Box::pin(async move {
+            let done = sqlx::query(
+                "INSERT INTO challenges (id, identity_ref, message, issued_at, expires_at) \
+                 SELECT ?, ?, ?, ?, ? \
+                 WHERE (SELECT COUNT(*) FROM challenges WHERE expires_at > ?) < ?",
+            )
+            .bind(&c.id)
+            .bind(c.identity.canonical())
+            .bind(&c.message)
+            .bind(c.issued_at.unix_millis())
+            .bind(c.expires_at.unix_millis())
+            .bind(c.issued_at.unix_millis())
+            .bind(i64::try_from(max_pending).unwrap_or(i64::MAX))
+            .execute(&self.writer)
+            .await?;
+            Ok(if done.rows_affected() == 1 {
+                ChallengeInsert::Stored
+            } else {
+                ChallengeInsert::Full
+            })
+        })
+    }
+
+    fn get_challenge<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<ChallengeRecord>> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT id, identity_ref, message, issued_at, expires_at \
+                 FROM challenges WHERE id = ?",
+            )
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+            row.as_ref().map(challenge_from_row).transpose()
+        })
+    }
+
+    fn delete_expired_challenges(&self, now: Timestamp) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let done = sqlx::query("DELETE FROM challenges WHERE expires_at <= ?")
+                .bind(now.unix_millis())
+                .execute(&self.writer)
+                .await?;
+            Ok(done.rows_affected())
+        })
+    }
+
+    fn insert_machine<'a>(
+        &'a self,
+        m: &'a MachineRecord,
+        consume_challenge: Option<Consume<'a>>,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            consume(&mut tx, consume_challenge).await?;
+            let inserted = sqlx::query(
+                "INSERT INTO machines (id, identity_ref, status, display_name, owner_id, \
+                 machine_type, runtime_profile, capabilities, labels, policy_ids, skill_keys, \
+                 proof, created_at, updated_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&m.id)
+            .bind(m.identity.canonical())
+            .bind(m.status.as_str())
+            .bind(&m.display_name)
+            .bind(&m.owner_id)
+            .bind(&m.machine_type)
+            .bind(&m.runtime_profile)
+            .bind(to_json(&m.capabilities))
+            .bind(to_json(&m.labels))
+            .bind(to_json(&m.policy_ids))
+            .bind(to_json(&m.skill_keys))
+            .bind(m.proof.as_ref().map(to_json))
+            .bind(m.created_at.unix_millis())
+            .bind(m.updated_at.unix_millis())
+            .execute(&mut *tx)
+            .await;
+            match inserted {
+                Ok(_) => {}
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                    let existing: Option<String> = sqlx::query_scalar(
+                        "SELECT id FROM machines WHERE identity_ref = ? AND status <> 'archived'",
+                    )
+                    .bind(m.identity.canonical())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    return Err(StoreError::IdentityTaken {
+                        machine_id: existing.unwrap_or_default(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+            tx.commit().await?;
+            self.rows.written(m);
+            Ok(())
+        })
+    }
+
+    fn get_machine<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<MachineRecord>> {
+        Box::pin(async move {
+            let ticket = match self.rows.get(id) {
+                Ok(cached) => return Ok(Some(cached)),
+                Err(ticket) => ticket,
+            };
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                machine_columns!(),
+                " FROM machines WHERE id = ?"
+            ))
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+            let record = row.as_ref().map(machine_from_row).transpose()?;
+            if let Some(r) = &record {
+                self.rows.fill(ticket, r);
+            }
+            Ok(record)
+        })
+    }
+
+    fn live_machine_for<'a>(
+        &'a self,
+        identity: &'a IdentityRef,
+    ) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move {
+            Ok(sqlx::query_scalar(
+                "SELECT id FROM machines WHERE identity_ref = ? AND status <> 'archived'",
+            )
+            .bind(identity.canonical())
+            .fetch_optional(&self.reader)
+            .await?)
+        })
+    }
+
+    fn update_machine<'a>(
+        &'a self,
+        m: &'a MachineRecord,
+        consume_challenge: Option<Consume<'a>>,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            consume(&mut tx, consume_challenge).await?;
+            let done = sqlx::query(
+                "UPDATE machines SET status = ?, display_name = ?, owner_id = ?, \
+                 machine_type = ?, runtime_profile = ?, capabilities = ?, labels = ?, \
+                 policy_ids = ?, skill_keys = ?, proof = ?, updated_at = ? \
+                 WHERE id = ? AND status <> 'archived'",
+            )
+            .bind(m.status.as_str())
+            .bind(&m.display_name)
+            .bind(&m.owner_id)
+            .bind(&m.machine_type)
+            .bind(&m.runtime_profile)
+            .bind(to_json(&m.capabilities))
+            .bind(to_json(&m.labels))
+            .bind(to_json(&m.policy_ids))
+            .bind(to_json(&m.skill_keys))
+            .bind(m.proof.as_ref().map(to_json))
+            .bind(m.updated_at.unix_millis())
+            .bind(&m.id)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                // Dropping the transaction rolls back the consumed challenge.
+                return Ok(false);
+            }
+            tx.commit().await?;
+            self.rows.written(m);
+            Ok(true)
+        })
+    }
+
+    fn archive_machine<'a>(&'a self, id: &'a str, now: Timestamp) -> StoreFuture<'a, Option<bool>> {
+        Box::pin(async move {
+            let done = sqlx::query(
+                "UPDATE machines SET status = 'archived', updated_at = ? \
+                 WHERE id = ? AND status <> 'archived'",
+            )
+            .bind(now.unix_millis())
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+            if done.rows_affected() == 1 {
+                self.rows.invalidate(id);
+                return Ok(Some(true));
+            }
+            let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM machines WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.writer)
+                .await?;
+            Ok(exists.map(|_| false))
+        })
+    }
+
+    fn list_machines<'a>(
+        &'a self,
+        after: Option<&'a PageKey>,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<MachineRecord>> {
+        Box::pin(async move {
+            let (created, id) = after.map_or((i64::MIN, ""), |k| (k.created_at_ms, &k.id));
+            // The page's keys come from the index alone; the records, from
+            // the row cache where it has them.
+            let keys: Vec<String> = sqlx::query_scalar(
+                "SELECT id FROM machines WHERE status <> 'archived' AND (created_at, id) > (?, ?) \
+                 ORDER BY created_at, id LIMIT ?",
+            )
+            .bind(created)
+            .bind(id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+            let mut records = Vec::with_capacity(keys.len());
+            let mut missing = Vec::new();
+            for (i, key) in keys.iter().enumerate() {
+                let cached = self.rows.get(key).ok();
+                if cached.is_none() {
+                    missing.push(i);
+                }
+                records.push(cached);
+            }
+            if missing.len() > LIST_SINGLE_READS {
+                return self.list_rows(created, id, limit).await;
+            }
+            for i in missing {
+                records[i] = self.get_machine(&keys[i]).await?;
+            }
+            // Archived since the keys were read: no longer listed.
+            Ok(records
+                .into_iter()
+                .flatten()
+                .filter(|r| r.status != StoredStatus::Archived)
+                .collect())
+        })
+    }
+}
+
+/// A list page with more uncached records than this reads whole rows in
+/// one query instead of one query per record.
+const LIST_SINGLE_READS: usize = 16;
+
+impl SqliteStore {
+    /// A list page read as whole rows, filling the row cache.
+    async fn list_rows(
+        &self,
+        created: i64,
+        id: &str,
+        limit: u32,
+    ) -> Result<Vec<MachineRecord>, StoreError> {
+        let ticket = self.rows.ticket();
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            machine_columns!(),
+            " FROM machines WHERE status <> 'archived' AND (created_at, id) > (?, ?) \
+             ORDER BY created_at, id LIMIT ?"
+        ))
+        .bind(created)
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        let records = rows
+            .iter()
+            .map(machine_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        for r in &records {
+            self.rows.fill(ticket, r);
+        }
+        Ok(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn ts(ms: i64) -> Timestamp {
+        Timestamp::from_unix_millis(ms).unwrap()
+    }
+
+    fn challenge(id: &str, identity: &str, expires_ms: i64) -> ChallengeRecord {
+        ChallengeRecord {
+            id: id.into(),
+            identity: IdentityRef::parse(identity).unwrap(),
+            message: format!("message of {id}"),
+            issued_at: ts(expires_ms - 300_000),
+            expires_at: ts(expires_ms),
+        }
+    }
+
+    fn machine(id: &str, identity: &str, created_ms: i64) -> MachineRecord {
+        MachineRecord {
+            id: id.into(),
+            identity: IdentityRef::parse(identity).unwrap(),
+            status: StoredStatus::Draft,
+            display_name: "Robot".into(),
+            owner_id: "owner".into(),
+            machine_type: "amr".into(),
+            runtime_profile: "ros2".into(),
+            capabilities: vec!["lidar".into()],
+            labels: BTreeMap::from([("site".into(), "berlin".into())]),
+            policy_ids: vec![],
+            skill_keys: vec!["nav".into()],
+            proof: None,
+            created_at: ts(created_ms),
+            updated_at: ts(created_ms),
+        }
+    }
+
+    async fn stores() -> Vec<(SqliteStore, Option<tempfile::TempDir>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = format!("sqlite://{}/x/o.db", dir.path().display());
+        vec![
+            (SqliteStore::open("sqlite::memory:").await.unwrap(), None),
+            (SqliteStore::open(&file).await.unwrap(), Some(dir)),
+        ]
+    }
+
+    #[tokio::test]
+    async fn challenges_are_bounded_consumed_once_and_collected() {
+        for (store, _dir) in stores().await {
+            let now = ts(1_000_000);
+            for i in 0..3 {
+                let c = challenge(&format!("chl_{i}"), "did:peaq:1", 1_300_000);
+                assert_eq!(
+                    store.insert_challenge(&c, 3).await.unwrap(),
+                    ChallengeInsert::Stored
+                );
+            }
+            let c = challenge("chl_9", "did:peaq:1", 1_300_000);
+            assert_eq!(
+                store.insert_challenge(&c, 3).await.unwrap(),
+                ChallengeInsert::Full
+            );
+            assert_eq!(
+                store.get_challenge("chl_0").await.unwrap(),
+                Some(challenge("chl_0", "did:peaq:1", 1_300_000))
+            );
+
+            let identity = IdentityRef::parse("did:peaq:1").unwrap();
+            let other = IdentityRef::parse("did:peaq:2").unwrap();
+            let consume = |id, identity, now| {
+                Some(Consume {
+                    challenge_id: id,
+                    identity,
+                    now,
+                })
+            };
+            // Wrong identity or past expiry: nothing is consumed or written.
+            for (id, who, at) in [("chl_0", &other, now), ("chl_0", &identity, ts(1_300_000))] {
+                let m = machine("mach_a", "did:peaq:1", 1);
+                assert!(matches!(
+                    store.insert_machine(&m, consume(id, who, at)).await,
+                    Err(StoreError::ChallengeGone)
+                ));
+                assert_eq!(store.get_machine("mach_a").await.unwrap(), None);
+            }
+            let m = machine("mach_a", "did:peaq:1", 1);
+            store
+                .insert_machine(&m, consume("chl_0", &identity, now))
+                .await
+                .unwrap();
+            assert_eq!(
+                store.get_challenge("chl_0").await.unwrap(),
+                None,
+                "consumed"
+            );
+            let mut m2 = m.clone();
+            m2.display_name = "renamed".into();
+            assert!(matches!(
+                store
+                    .update_machine(&m2, consume("chl_0", &identity, now))
+                    .await,
+                Err(StoreError::ChallengeGone)
+            ));
+            assert_eq!(
+                store
+                    .get_machine("mach_a")
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .display_name,
+                "Robot"
+            );
+
+            // A failed write gives the challenge back.
+            let clash = machine("mach_b", "did:peaq:1", 2);
+            assert!(matches!(
+                store.insert_machine(&clash, consume("chl_1", &identity, now)).await,
+                Err(StoreError::IdentityTaken { machine_id }) if machine_id == "mach_a"
+            ));
+            assert!(store.get_challenge("chl_1").await.unwrap().is_some());
+
+            assert_eq!(
+                store
+                    .delete_expired_challenges(ts(1_299_999))
+                    .await
+                    .unwrap(),
+                0
+            );
+            assert_eq!(
+                store
+                    .delete_expired_challenges(ts(1_300_000))
+                    .await
+                    .unwrap(),
+                2
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn machines_page_in_keyset_order_and_archive_releases_identity() {
+        for (store, _dir) in stores().await {
+            for (i, created) in [(0, 5), (1, 3), (2, 5), (3, 1)] {
+                let m = machine(&format!("mach_{i}"), &format!("did:peaq:{i}"), created);
+                store.insert_machine(&m, None).await.unwrap();
+            }
+            let page = async |after: Option<&PageKey>| {
+                store
+                    .list_machines(after, 2)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|m| m.id)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(page(None).await, ["mach_3", "mach_1"]);
+            let key = PageKey {
+                created_at_ms: 3,
+                id: "mach_1".into(),
+            };
+            assert_eq!(page(Some(&key)).await, ["mach_0", "mach_2"]);
+
+            assert_eq!(
+                store.archive_machine("mach_0", ts(9)).await.unwrap(),
+                Some(true)
+            );
+            assert_eq!(
+                store.archive_machine("mach_0", ts(9)).await.unwrap(),
+                Some(false)
+            );
+            assert_eq!(store.archive_machine("mach_x", ts(9)).await.unwrap(), None);
+            assert_eq!(page(Some(&key)).await, ["mach_2"]);
+            let archived = store.get_machine("mach_0").await.unwrap().unwrap();
+            assert_eq!(archived.status, StoredStatus::Archived);
+            assert!(
+                !store.update_machine(&archived, None).await.unwrap(),
+                "archived is final"
+            );
+            let identity = IdentityRef::parse("did:peaq:0").unwrap();
+            assert_eq!(store.live_machine_for(&identity).await.unwrap(), None);
+            store
+                .insert_machine(&machine("mach_5", "did:peaq:0", 10), None)
+                .await
+                .unwrap();
+            assert_eq!(
+                store.live_machine_for(&identity).await.unwrap().as_deref(),
+                Some("mach_5")
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn one_process_per_database_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/o.db", dir.path().display());
+        let first = SqliteStore::open(&url).await.unwrap();
+        assert!(matches!(
+            SqliteStore::open(&url).await,
+            Err(StoreError::InUse { .. })
+        ));
+        first.close().await;
+        drop(first);
+        SqliteStore::open(&url).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn data_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/o.db", dir.path().display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        let all: Vec<MachineRecord> = (0..40)
+            .map(|i| machine(&format!("mach_{i:02}"), &format!("did:peaq:{i}"), 1))
+            .collect();
+        for m in &all {
+            store.insert_machine(m, None).await.unwrap();
+        }
+        store.close().await;
+        drop(store);
+        let store = SqliteStore::open(&url).await.unwrap();
+        assert_eq!(
+            store.get_machine("mach_00").await.unwrap().as_ref(),
+            Some(&all[0])
+        );
+        // Cold (whole rows), then warm (keys plus cached rows): the same page.
+        assert_eq!(store.list_machines(None, 100).await.unwrap(), all);
+        assert_eq!(store.list_machines(None, 100).await.unwrap(), all);
+        store.archive_machine("mach_05", ts(2)).await.unwrap();
+        assert_eq!(store.list_machines(None, 100).await.unwrap().len(), 39);
+    }
+}

@@ -1,0 +1,18 @@
+//! The orchestrator over real HTTP: the server runs in this process on
+//! 127.0.0.1:0 and is driven with reqwest, the Python SDK, and fakes of the
+//! MCR API.
+
+// Tests read best with the short names they use throughout: s(erver),
+// k(ey), c(hallenge), m(achine), r(esponse), e(rror).
+#![allow(clippy::many_single_char_names)]
+
+mod support;
+
+mod abuse;
+mod binary;
+mod concurrency;
+mod contract;
+mod docs;
+mod lifetime;
+mod mcr;
+mod sdk;

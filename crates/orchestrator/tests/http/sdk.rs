@@ -1,0 +1,89 @@
+//! The published peaqOS Python SDK (`peaq_os_sdk`), unchanged, against this
+//! server: it validates every response itself, so a passing run means its
+//! wire expectations hold.
+
+use std::process::Stdio;
+
+use serde_json::Value;
+
+use crate::support::{TIMEOUT, TestServer, keys, registry_toml};
+
+async fn run_sdk_flow(
+    s: &TestServer,
+    python: &std::path::Path,
+    key: &crate::support::Key,
+    api_key: &str,
+) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/http/sdk_flow.py");
+    let child = tokio::process::Command::new(python)
+        .args([
+            script,
+            &s.base,
+            &key.private_key,
+            api_key,
+            "peaqos:machine:21",
+        ])
+        // The SDK sends usage analytics unless told not to; tests stay on
+        // loopback.
+        .env("DO_NOT_TRACK", "1")
+        .env("PEAQOS_TELEMETRY", "0")
+        .env("HOME", s.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(TIMEOUT * 3, child.wait_with_output())
+        .await
+        .expect("SDK flow finishes")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "SDK flow failed:\n{stderr}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"))
+}
+
+#[tokio::test]
+async fn python_sdk_full_machine_lifecycle() {
+    let Some(python) = peaqos_testkit::python_with(
+        "python_sdk_full_machine_lifecycle",
+        &["peaq_os_sdk", "eth_account"],
+    ) else {
+        return;
+    };
+    let k = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let api_keys = dir.path().join("keys");
+    std::fs::write(&api_keys, "sdk-test-key-0123456789\n").unwrap();
+    let s = TestServer::start_with_registry(&registry_toml(&[("did:peaq:21", &[&k[3]])]), |c| {
+        c.require_api_auth = true;
+        c.api_keys_file = Some(api_keys.clone());
+        c.proof_max_age = Some(std::time::Duration::from_secs(86_400));
+    })
+    .await;
+    let out = run_sdk_flow(&s, &python, &k[3], "sdk-test-key-0123456789").await;
+
+    assert_eq!(out["challenge_identity"], "did:peaq:21");
+    assert_eq!(out["controllers"], serde_json::json!([k[3].address]));
+    let id = out["created"][0].as_str().unwrap();
+    assert!(id.starts_with("mach_"));
+    assert_eq!(out["created"][1], "draft");
+    assert_eq!(out["created"][2], "did:peaq:21");
+    assert_eq!(out["proof_signer"], k[3].address.as_str());
+    assert_eq!(out["activated"], "active");
+    assert_eq!(out["got"], serde_json::json!([id, "active", true]));
+    assert_eq!(out["renewed_challenge_changed"], true);
+    assert_eq!(out["listed"], serde_json::json!([id]));
+    assert_eq!(out["archived"], "archived");
+    assert_eq!(
+        out["errors"]["duplicate"],
+        serde_json::json!(["MACHINE_IDENTITY_EXISTS", 409])
+    );
+    assert_eq!(
+        out["errors"]["immutable"],
+        serde_json::json!(["MACHINE_IDENTITY_IMMUTABLE", 409])
+    );
+    assert_eq!(
+        out["errors"]["missing"],
+        serde_json::json!(["NOT_FOUND", 404])
+    );
+}

@@ -1,0 +1,289 @@
+//! `peaqos-agent check`: what `aziotctl check` does for Azure devices. Each
+//! check prints one line; a failed one makes the command exit non-zero.
+
+use std::fmt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use peaqos_protocol::{Address, SecretKey};
+
+use crate::client::Client;
+use crate::clock::ServerClock;
+use crate::config::Config;
+use crate::key;
+use crate::registration::{ChallengeRefusal, error_chain, vet_challenge};
+use crate::state;
+
+/// How long the broker check may take.
+const MQTT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Fail,
+    /// Not run: disabled, or an earlier check it needs failed.
+    Skip,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckLine {
+    pub outcome: Outcome,
+    pub name: &'static str,
+    pub detail: String,
+}
+
+impl fmt::Display for CheckLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tag = match self.outcome {
+            Outcome::Ok => "ok",
+            Outcome::Fail => "FAIL",
+            Outcome::Skip => "skip",
+        };
+        write!(f, "{tag:<5} {:<13} {}", self.name, self.detail)
+    }
+}
+
+struct Report {
+    lines: Vec<CheckLine>,
+}
+
+impl Report {
+    fn push(&mut self, outcome: Outcome, name: &'static str, detail: impl Into<String>) {
+        self.lines.push(CheckLine {
+            outcome,
+            name,
+            detail: detail.into(),
+        });
+    }
+}
+
+/// Runs every check in order and returns the lines; `all_ok` tells whether
+/// none failed.
+pub async fn run(config_path: &Path) -> Vec<CheckLine> {
+    let mut r = Report { lines: Vec::new() };
+    let config = match Config::load(config_path) {
+        Ok(c) => {
+            let extra = c.files.len() - 1;
+            r.push(
+                Outcome::Ok,
+                "config",
+                format!(
+                    "{}{}",
+                    config_path.display(),
+                    match extra {
+                        0 => String::new(),
+                        1 => " (+1 drop-in)".to_owned(),
+                        n => format!(" (+{n} drop-ins)"),
+                    }
+                ),
+            );
+            c
+        }
+        Err(e) => {
+            r.push(Outcome::Fail, "config", error_chain(&e));
+            for name in [
+                "key file",
+                "state dir",
+                "orchestrator",
+                "controller",
+                "mqtt",
+            ] {
+                r.push(Outcome::Skip, name, "needs a valid config");
+            }
+            return r.lines;
+        }
+    };
+
+    let key = check_key(&mut r, &config);
+    check_state_dir(&mut r, &config.state.dir);
+    check_orchestrator(&mut r, &config, key.as_ref()).await;
+    check_mqtt(&mut r, &config).await;
+    r.lines
+}
+
+/// Whether no line failed.
+pub fn all_ok(lines: &[CheckLine]) -> bool {
+    lines.iter().all(|l| l.outcome != Outcome::Fail)
+}
+
+fn check_key(r: &mut Report, config: &Config) -> Option<SecretKey> {
+    let identity = &config.identity;
+    match key::load(&identity.key_file, identity.key_password_file.as_deref()) {
+        Ok((key, info)) => {
+            r.push(
+                Outcome::Ok,
+                "key file",
+                format!(
+                    "{}: mode {:04o}, controller address {}",
+                    info.path.display(),
+                    info.mode,
+                    key.address().checksummed()
+                ),
+            );
+            Some(key)
+        }
+        Err(e) => {
+            r.push(Outcome::Fail, "key file", error_chain(&e));
+            None
+        }
+    }
+}
+
+fn check_state_dir(r: &mut Report, dir: &Path) {
+    if !dir.exists() {
+        r.push(
+            Outcome::Ok,
+            "state dir",
+            format!(
+                "{}: does not exist yet; created at first save",
+                dir.display()
+            ),
+        );
+        return;
+    }
+    match state::probe_writable(dir) {
+        Ok(()) => r.push(
+            Outcome::Ok,
+            "state dir",
+            format!("{}: writable", dir.display()),
+        ),
+        Err(e) => r.push(
+            Outcome::Fail,
+            "state dir",
+            format!("{}: not writable: {e}", dir.display()),
+        ),
+    }
+}
+
+async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<&SecretKey>) {
+    let client = match Client::new(&config.orchestrator) {
+        Ok(c) => c,
+        Err(e) => {
+            r.push(Outcome::Fail, "orchestrator", error_chain(&e));
+            r.push(Outcome::Skip, "controller", "needs the orchestrator");
+            return;
+        }
+    };
+    let started = Instant::now();
+    let mut clock = ServerClock::new();
+    match client.health().await {
+        Ok(resp) => {
+            let elapsed = started.elapsed();
+            if let Some(date) = resp.received.date {
+                clock.observe_date(date, resp.received.at, resp.received.local);
+            }
+            let skew = clock.skew_ms().map_or_else(String::new, |ms| {
+                format!(", clock skew {}", format_skew(ms))
+            });
+            r.push(
+                Outcome::Ok,
+                "orchestrator",
+                format!(
+                    "{}: healthy ({} ms{skew})",
+                    client.base(),
+                    elapsed.as_millis()
+                ),
+            );
+        }
+        Err(e) => {
+            r.push(
+                Outcome::Fail,
+                "orchestrator",
+                format!("{}: {}", client.base(), error_chain(&e)),
+            );
+            r.push(Outcome::Skip, "controller", "needs the orchestrator");
+            return;
+        }
+    }
+    let identity = &config.identity.identity_ref;
+    let challenge = match client.create_challenge(identity).await {
+        Ok(c) => c.value,
+        Err(e) => {
+            r.push(
+                Outcome::Fail,
+                "controller",
+                format!("challenge for {identity}: {}", error_chain(&e)),
+            );
+            return;
+        }
+    };
+    let controllers = list(&challenge.controller_addresses);
+    let Some(key) = key else {
+        r.push(
+            Outcome::Skip,
+            "controller",
+            format!("{identity} controllers: {controllers}; no usable key to compare"),
+        );
+        return;
+    };
+    let ours = key.address().checksummed();
+    match vet_challenge(&challenge, identity, key.address()) {
+        Ok(_) => r.push(
+            Outcome::Ok,
+            "controller",
+            format!("{identity}: our address {ours} is among the controllers ({controllers})"),
+        ),
+        Err(ChallengeRefusal::NotController { .. }) => r.push(
+            Outcome::Fail,
+            "controller",
+            format!(
+                "{identity}: our address {ours} is NOT among the controllers ({controllers}); \
+                 add it to the identity's controller record"
+            ),
+        ),
+        Err(ChallengeRefusal::Refused(why)) => r.push(
+            Outcome::Fail,
+            "controller",
+            format!("{identity}: the orchestrator's challenge is unacceptable: {why}"),
+        ),
+    }
+}
+
+async fn check_mqtt(r: &mut Report, config: &Config) {
+    if !config.mqtt.enabled {
+        r.push(Outcome::Skip, "mqtt", "disabled in config");
+        return;
+    }
+    match crate::mqtt::check_broker(&config.mqtt, MQTT_TIMEOUT).await {
+        Ok(detail) => r.push(Outcome::Ok, "mqtt", detail),
+        Err(e) => r.push(Outcome::Fail, "mqtt", error_chain(&e)),
+    }
+}
+
+fn list(addresses: &[Address]) -> String {
+    if addresses.is_empty() {
+        return "none".to_owned();
+    }
+    addresses
+        .iter()
+        .map(Address::checksummed)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `+1.250 s` / `-0.003 s`.
+pub fn format_skew(ms: i64) -> String {
+    let sign = if ms < 0 { '-' } else { '+' };
+    let abs = ms.unsigned_abs();
+    format!("{sign}{}.{:03} s", abs / 1000, abs % 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_aligned_and_tagged() {
+        let line = CheckLine {
+            outcome: Outcome::Fail,
+            name: "key file",
+            detail: "x".into(),
+        };
+        assert_eq!(line.to_string(), "FAIL  key file      x");
+        assert!(!all_ok(&[line]));
+        assert_eq!(format_skew(-3), "-0.003 s");
+        assert_eq!(format_skew(1250), "+1.250 s");
+    }
+}

@@ -1,0 +1,100 @@
+//! The command line (clap). `--help` on each command is the reference.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::DEFAULT_PATH;
+
+/// The on-device peaqOS identity agent: holds the machine's controller key
+/// and keeps its identity registered and active with the orchestrator.
+#[derive(Debug, Parser)]
+#[command(name = "peaqos-agent", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: register the machine, activate it, and keep it
+    /// registered and active (renewing its identity proof) until stopped
+    /// with SIGTERM or SIGINT.
+    Run(ConfigArg),
+    /// Generate a new secp256k1 controller key from the OS random source
+    /// into FILE (mode 0600; an existing file is never overwritten) and
+    /// print its controller address.
+    Keygen {
+        /// Where to write the key (64 hex digits and a newline).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Print the controller address of the configured key (or of --key).
+    Address {
+        /// Read the key file named in this configuration.
+        #[arg(long, value_name = "FILE", conflicts_with = "key")]
+        config: Option<PathBuf>,
+        /// Read this key file directly.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// With --key naming an Ethereum V3 keystore: the file holding its
+        /// password.
+        #[arg(long, value_name = "FILE", requires = "key")]
+        password_file: Option<PathBuf>,
+    },
+    /// Check the configuration, the key file, the state directory, the
+    /// orchestrator (reachable, and our address among the identity's
+    /// controllers) and the MQTT broker; one line per check, non-zero exit
+    /// status if any fails.
+    Check(ConfigArg),
+    /// Ask the running agent for its status over MQTT and print it.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the status JSON as the agent publishes it.
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for the answer, e.g. "5s".
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+/// `--config FILE`.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArg {
+    /// Configuration file; drop-ins in `agent.d/*.toml` beside it are merged
+    /// in lexical order.
+    #[arg(long, short = 'c', value_name = "FILE", default_value = DEFAULT_PATH)]
+    pub config: PathBuf,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    crate::duration::parse(text).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn address_takes_config_or_key_not_both() {
+        assert!(Cli::try_parse_from(["peaqos-agent", "address", "--key", "k"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["peaqos-agent", "address", "--key", "k", "--config", "c"])
+                .is_err()
+        );
+        let cli = Cli::try_parse_from(["peaqos-agent", "run"]).unwrap();
+        match cli.command {
+            Command::Run(c) => assert_eq!(c.config, PathBuf::from(DEFAULT_PATH)),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! The running MQTT interface: one task polls rumqttc's event loop and
+//! reconnects with backoff; the service task keeps the broker's retained
+//! state current and answers requests.
+//!
+//! Nothing here ever waits on the broker while serving: publishes are
+//! `try_*` into rumqttc's bounded queue, retained state is a set of "dirty"
+//! flags rewritten from the newest status snapshot (so a dead broker can
+//! only ever cost one pending copy, never a backlog), and nothing is
+//! queued while disconnected: every CONNACK republishes everything.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::backoff::Backoff;
+use super::client::{Client, ConnectionError, Event, EventLoop, Message, PublishProps};
+use super::commands::{self, Decision, Gate, Outcome};
+use super::config::MqttConfig;
+use super::discovery::Discovery;
+use super::random;
+use super::rate::TokenBucket;
+use super::request::{self, Refusal};
+use super::topics::Topics;
+use crate::status::{AgentState, Command, StatusSnapshot};
+
+/// Events buffered between the polling task and the service.
+const EVENT_CAPACITY: usize = 32;
+/// A connection that lasted this long resets the reconnect backoff; a
+/// broker that accepts and then drops us at once keeps backing off.
+const STABLE_CONNECTION: Duration = Duration::from_secs(30);
+/// How soon to retry publishing when rumqttc's queue was full.
+const RETRY_FULL_QUEUE: Duration = Duration::from_millis(200);
+/// Time allowed for `offline` and DISCONNECT at shutdown.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+/// At shutdown, how long to wait for the registration loop's final
+/// `stopping` snapshot, so that the last retained status says so.
+const FINAL_STATUS_WAIT: Duration = Duration::from_millis(300);
+/// Queries: a burst of 20, then 10 per second.
+const QUERY_BURST: u32 = 20;
+const QUERY_REFILL: Duration = Duration::from_millis(100);
+
+/// What the polling task reports.
+#[derive(Debug)]
+enum Polled {
+    Event(Event),
+    Lost {
+        error: ConnectionError,
+        retry_in: Duration,
+    },
+}
+
+/// Polls the event loop until `stop`, backing off between failed attempts.
+async fn drive(
+    mut eventloop: EventLoop,
+    events: mpsc::Sender<Polled>,
+    mut backoff: Backoff,
+    stop: CancellationToken,
+) {
+    let mut connected_at: Option<Instant> = None;
+    loop {
+        let polled = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            polled = eventloop.poll() => polled,
+        };
+        let error = match polled {
+            Ok(Event::Other) => continue,
+            Ok(event) => {
+                let done = matches!(event, Event::DisconnectSent);
+                if matches!(event, Event::Connected) {
+                    connected_at = Some(Instant::now());
+                }
+                if events.send(Polled::Event(event)).await.is_err() || done {
+                    return;
+                }
+                continue;
+            }
+            Err(error) => error,
+        };
+        if connected_at
+            .take()
+            .is_some_and(|at| at.elapsed() >= STABLE_CONNECTION)
+        {
+            backoff.reset();
+        }
+        let retry_in = backoff.next_delay(random::unit());
+        if events.send(Polled::Lost { error, retry_in }).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(retry_in) => {}
+        }
+    }
+}
+
+/// Retained state that must be (re)written to the broker.
+// Four independent "needs writing" marks, not a state machine in disguise.
+#[allow(clippy::struct_excessive_bools)]
+#[derive(Debug, Default)]
+struct Dirty {
+    subscriptions: bool,
+    availability: bool,
+    discovery: bool,
+    status: bool,
+}
+
+/// Counts of what was refused or dropped, logged at shutdown.
+#[derive(Debug, Default)]
+struct Counters {
+    answered: u64,
+    refused: u64,
+    dropped: u64,
+}
+
+/// Everything the service task owns.
+pub(crate) struct Service {
+    client: Client,
+    topics: Topics,
+    discovery: Option<Discovery>,
+    status: watch::Receiver<StatusSnapshot>,
+    status_open: bool,
+    commands: mpsc::Sender<Command>,
+    command_topics: Vec<String>,
+    gate: Option<Gate>,
+    result_timeout: Duration,
+    running: JoinSet<(commands::Request, Outcome, Option<String>)>,
+    queries: TokenBucket,
+    connected: bool,
+    dirty: Dirty,
+    retry_at: Option<Instant>,
+    counters: Counters,
+    last_error: Option<String>,
+    url: String,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("topics", &self.topics)
+            .field("connected", &self.connected)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the service is made of, besides the config.
+#[derive(Debug)]
+pub(crate) struct Parts {
+    pub(crate) url: String,
+    pub(crate) topics: Topics,
+    pub(crate) discovery: Option<Discovery>,
+    pub(crate) connection: (Client, EventLoop),
+    pub(crate) status: watch::Receiver<StatusSnapshot>,
+    pub(crate) commands: mpsc::Sender<Command>,
+}
+
+/// Starts the polling and service tasks; returns the service task.
+pub(crate) fn start(
+    config: &MqttConfig,
+    parts: Parts,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let Parts {
+        url,
+        topics,
+        discovery,
+        connection: (client, eventloop),
+        status,
+        commands,
+    } = parts;
+    let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
+    let stop = CancellationToken::new();
+    let backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+    let poller = tokio::spawn(drive(eventloop, events_tx, backoff, stop.clone()));
+    let (command_topics, gate) = if config.commands.enabled {
+        let topics = config
+            .commands
+            .allow
+            .iter()
+            .map(|name| topics.command(*name))
+            .collect();
+        (topics, Some(Gate::new(&config.commands)))
+    } else {
+        (Vec::new(), None)
+    };
+    let service = Service {
+        client,
+        topics,
+        discovery,
+        status,
+        status_open: true,
+        commands,
+        command_topics,
+        gate,
+        result_timeout: config.commands.result_timeout,
+        running: JoinSet::new(),
+        queries: TokenBucket::new(QUERY_BURST, QUERY_REFILL),
+        connected: false,
+        dirty: Dirty::default(),
+        retry_at: None,
+        counters: Counters::default(),
+        last_error: None,
+        url,
+    };
+    let interval = config.status_interval;
+    tokio::spawn(async move {
+        service.run(events_rx, interval, shutdown).await;
+        stop.cancel();
+        let _ = poller.await;
+    })
+}
+
+impl Service {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Polled>,
+        status_interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let periodic = !status_interval.is_zero();
+        let mut republish = tokio::time::interval_at(
+            Instant::now() + status_interval.max(Duration::from_secs(1)),
+            status_interval.max(Duration::from_secs(1)),
+        );
+        republish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let retry_at = self.retry_at;
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                polled = events.recv() => match polled {
+                    Some(polled) => self.on_polled(polled),
+                    // The polling task only ends when told to.
+                    None => return,
+                },
+                changed = self.status.changed(), if self.status_open => {
+                    if changed.is_ok() {
+                        self.status.borrow_and_update();
+                        self.dirty.status = true;
+                    } else {
+                        // The registration loop is gone (shutting down):
+                        // keep serving its last snapshot.
+                        self.status_open = false;
+                    }
+                }
+                _ = republish.tick(), if periodic => self.dirty.status = true,
+                Some(done) = self.running.join_next(), if !self.running.is_empty() => {
+                    if let Ok((req, outcome, message)) = done {
+                        self.finish_command(&req, outcome, message.as_deref());
+                    }
+                }
+                () = sleep_until(retry_at), if retry_at.is_some() => self.retry_at = None,
+            }
+            self.flush();
+        }
+        self.goodbye(&mut events).await;
+        info!(
+            answered = self.counters.answered,
+            refused = self.counters.refused,
+            dropped = self.counters.dropped,
+            "MQTT interface stopped"
+        );
+    }
+
+    fn on_polled(&mut self, polled: Polled) {
+        match polled {
+            Polled::Event(Event::Connected) => {
+                info!(url = %self.url, "connected to the MQTT broker");
+                self.connected = true;
+                self.last_error = None;
+                self.dirty = Dirty {
+                    subscriptions: true,
+                    availability: true,
+                    discovery: self.discovery.is_some(),
+                    status: true,
+                };
+            }
+            Polled::Event(Event::Message(msg)) => self.on_message(&msg),
+            Polled::Event(Event::SubscribeRefused) => warn!(
+                "the MQTT broker refused a subscription (check its ACL): \
+                 queries or commands will not arrive"
+            ),
+            Polled::Event(Event::Subscribed | Event::DisconnectSent | Event::Other) => {}
+            Polled::Lost { error, retry_in } => {
+                self.connected = false;
+                let text = error.to_string();
+                if self.last_error.as_deref() == Some(text.as_str()) {
+                    debug!(url = %self.url, error = %text, ?retry_in, "MQTT broker still unreachable");
+                } else {
+                    warn!(url = %self.url, error = %text, ?retry_in, "MQTT connection lost or refused; retrying");
+                    self.last_error = Some(text);
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: &Message) {
+        if msg.topic == self.topics.status_get {
+            self.on_query(msg);
+        } else if self.command_topics.contains(&msg.topic) {
+            self.on_command(msg);
+        } else if self
+            .discovery
+            .as_ref()
+            .is_some_and(|d| d.ha_status_topic == msg.topic)
+        {
+            if msg.payload == b"online" {
+                debug!("Home Assistant came online: republishing discovery");
+                self.dirty.discovery = true;
+            }
+        } else {
+            debug!(topic = %msg.topic, "ignoring a message on an unexpected topic");
+        }
+    }
+
+    fn refuse(&mut self, what: &str, topic: &str, refusal: &Refusal) {
+        self.counters.refused += 1;
+        debug!(%topic, %refusal, refused = self.counters.refused, "refused an MQTT {what}");
+    }
+
+    fn on_query(&mut self, msg: &Message) {
+        let reply = match request::parse_query(msg, &self.topics) {
+            Ok(reply) => reply,
+            Err(refusal) => return self.refuse("query", &msg.topic, &refusal),
+        };
+        if !self.queries.try_take() {
+            return self.refuse("query", &msg.topic, &Refusal::RateLimited);
+        }
+        let status = serde_json::to_vec(&*self.status.borrow()).unwrap_or_default();
+        let body = reply.body(status);
+        if self.connected
+            && self
+                .client
+                .try_publish(&reply.topic, body, false, Some(&reply.props()))
+                .is_ok()
+        {
+            self.counters.answered += 1;
+        } else {
+            self.counters.dropped += 1;
+            debug!(topic = %reply.topic, "dropped a status reply: MQTT queue full");
+        }
+    }
+
+    fn on_command(&mut self, msg: &Message) {
+        let Some(gate) = self.gate.as_mut() else {
+            return;
+        };
+        match gate.decide(msg, &self.topics) {
+            Decision::Ignore(refusal) => self.refuse("command", &msg.topic, &refusal),
+            Decision::Duplicate(id) => {
+                self.counters.refused += 1;
+                debug!(%id, "ignoring a repeated command id");
+            }
+            Decision::Reject(req, reason) => {
+                info!(id = %req.id, command = req.name.as_str(), reason, "rejected an MQTT command");
+                self.publish_result(&req, Outcome::Rejected, Some(reason));
+            }
+            Decision::Run(req) => self.run_command(req),
+        }
+    }
+
+    fn run_command(&mut self, req: commands::Request) {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        // The registration loop's queue is small and it may be busy: a full
+        // queue is a rejection, never a wait.
+        if let Err(e) = self
+            .commands
+            .try_send(Command::Reregister { reply: reply_tx })
+        {
+            if let Some(gate) = self.gate.as_mut() {
+                gate.finished();
+            }
+            let reason = match e {
+                mpsc::error::TrySendError::Full(_) => "busy: the registration loop is occupied",
+                mpsc::error::TrySendError::Closed(_) => "unavailable: the agent is stopping",
+            };
+            self.publish_result(&req, Outcome::Rejected, Some(reason));
+            return;
+        }
+        info!(id = %req.id, command = req.name.as_str(), requester = ?req.requester, "running an MQTT command");
+        self.publish_result(&req, Outcome::Accepted, None);
+        let timeout = self.result_timeout;
+        self.running.spawn(async move {
+            match tokio::time::timeout(timeout, reply_rx).await {
+                Ok(Ok(Ok(()))) => (req, Outcome::Ok, None),
+                Ok(Ok(Err(message))) => (req, Outcome::Error, Some(message)),
+                Ok(Err(_)) => (
+                    req,
+                    Outcome::Error,
+                    Some("the registration loop dropped the command".to_owned()),
+                ),
+                Err(_) => (req, Outcome::Timeout, None),
+            }
+        });
+    }
+
+    fn finish_command(&mut self, req: &commands::Request, outcome: Outcome, message: Option<&str>) {
+        if let Some(gate) = self.gate.as_mut() {
+            gate.finished();
+        }
+        info!(id = %req.id, command = req.name.as_str(), ?outcome, message, "MQTT command finished");
+        self.publish_result(req, outcome, message);
+    }
+
+    fn publish_result(&mut self, req: &commands::Request, outcome: Outcome, message: Option<&str>) {
+        if !self.connected {
+            self.counters.dropped += 1;
+            return;
+        }
+        let result = serde_json::to_vec(&req.result(outcome, message)).unwrap_or_default();
+        let props = PublishProps {
+            json: true,
+            ..PublishProps::default()
+        };
+        let mut ok = self
+            .client
+            .try_publish(
+                &self.topics.command_result,
+                result.clone(),
+                false,
+                Some(&props),
+            )
+            .is_ok();
+        if let Some(reply) = &req.reply {
+            ok &= self
+                .client
+                .try_publish(
+                    &reply.topic,
+                    reply.body(result),
+                    false,
+                    Some(&reply.props()),
+                )
+                .is_ok();
+        }
+        if !ok {
+            self.counters.dropped += 1;
+            warn!(id = %req.id, "dropped an MQTT command result: MQTT queue full");
+        }
+    }
+
+    /// Writes whatever retained state is dirty, in contract order
+    /// (subscriptions, `online`, discovery, status). A full queue leaves the
+    /// rest dirty and schedules a retry.
+    fn flush(&mut self) {
+        if !self.connected {
+            return;
+        }
+        let mut full = false;
+        if self.dirty.subscriptions {
+            let mut filters = vec![self.topics.status_get.clone()];
+            filters.extend(self.command_topics.iter().cloned());
+            if let Some(d) = &self.discovery {
+                filters.push(d.ha_status_topic.clone());
+            }
+            full = self.client.try_subscribe(&filters).is_err();
+            self.dirty.subscriptions = full;
+        }
+        if self.dirty.availability && !full {
+            full = self
+                .client
+                .try_publish(&self.topics.availability, b"online".to_vec(), true, None)
+                .is_err();
+            self.dirty.availability = full;
+        }
+        if self.dirty.discovery && !full {
+            if let Some(d) = &self.discovery {
+                let props = PublishProps {
+                    json: true,
+                    ..PublishProps::default()
+                };
+                full = self
+                    .client
+                    .try_publish(&d.config_topic, d.payload.clone(), true, Some(&props))
+                    .is_err();
+            }
+            self.dirty.discovery = full;
+        }
+        if self.dirty.status && !full {
+            full = !self.publish_status();
+            self.dirty.status = full;
+        }
+        if full && self.retry_at.is_none() {
+            self.retry_at = Some(Instant::now() + RETRY_FULL_QUEUE);
+        }
+    }
+
+    fn publish_status(&self) -> bool {
+        let payload = serde_json::to_vec(&*self.status.borrow()).unwrap_or_default();
+        let props = PublishProps {
+            json: true,
+            ..PublishProps::default()
+        };
+        self.client
+            .try_publish(&self.topics.status, payload, true, Some(&props))
+            .is_ok()
+    }
+
+    /// At shutdown: the final status, retained `offline`, then DISCONNECT
+    /// (which makes the broker drop the last will), within
+    /// [`FINAL_STATUS_WAIT`] + [`GOODBYE_TIMEOUT`].
+    async fn goodbye(&mut self, events: &mut mpsc::Receiver<Polled>) {
+        if !self.connected {
+            return;
+        }
+        if self.status_open {
+            let status = &mut self.status;
+            let _ = tokio::time::timeout(FINAL_STATUS_WAIT, async {
+                while status.borrow_and_update().state != AgentState::Stopping {
+                    if status.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+        }
+        self.publish_status();
+        let client = self.client.clone();
+        let availability = self.topics.availability.clone();
+        let done = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            let goodbye = async {
+                client
+                    .publish(&availability, b"offline".to_vec(), true, None)
+                    .await?;
+                client.disconnect().await
+            };
+            tokio::pin!(goodbye);
+            let mut sent = false;
+            // Events are drained while sending, so that the polling task is
+            // never stuck on a full event channel.
+            loop {
+                tokio::select! {
+                    result = &mut goodbye, if !sent => {
+                        if result.is_err() {
+                            return;
+                        }
+                        sent = true;
+                    }
+                    polled = events.recv() => match polled {
+                        None | Some(Polled::Event(Event::DisconnectSent) | Polled::Lost { .. }) => {
+                            return;
+                        }
+                        Some(Polled::Event(_)) => {}
+                    },
+                }
+            }
+        })
+        .await;
+        if done.is_err() {
+            warn!("MQTT broker did not take the goodbye in time; the last will reports offline");
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,323 @@
+//! The `peaqos-agent` binary as operators and packages use it: keygen,
+//! address, check, run with bad input, and SIGTERM.
+
+mod agent_support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_support::fake::Fake;
+use agent_support::{FAST_RENEWAL, config_text, write_key};
+use peaqos_protocol::MachineStatus;
+
+const BIN: &str = env!("CARGO_BIN_EXE_peaqos-agent");
+const ID: &str = "did:peaq:4242";
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn keygen_writes_a_private_key_once_and_address_reads_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("controller.key");
+    let key_arg = key.to_str().unwrap();
+    let out = agent(&["keygen", "--out", key_arg]);
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(
+        printed.starts_with("0x") && printed.len() == 42,
+        "{printed}"
+    );
+    assert_eq!(mode(&key), 0o600);
+    let hex = std::fs::read_to_string(&key).unwrap();
+    assert_eq!(hex.trim().len(), 64);
+    assert!(!printed.contains(hex.trim()));
+
+    let again = agent(&["keygen", "--out", key_arg]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again).contains("refusing to overwrite"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), hex, "untouched");
+
+    let addr = agent(&["address", "--key", key_arg]);
+    assert!(addr.status.success(), "{}", text(&addr));
+    assert_eq!(String::from_utf8(addr.stdout).unwrap().trim(), printed);
+}
+
+#[test]
+fn a_key_file_others_can_read_is_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key) = write_key(dir.path(), "loose");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = agent(&["address", "--key", key.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("chmod 600 {}", key.display())),
+        "{}",
+        text(&out)
+    );
+
+    // `run` refuses it too, before any network activity.
+    let config = dir.path().join("agent.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &config,
+        config_text("http://127.0.0.1:9", ID, &key, &state, ""),
+    )
+    .unwrap();
+    let out = agent(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(text(&out).contains("chmod 600"), "{}", text(&out));
+    assert!(!state.exists(), "nothing written");
+}
+
+#[test]
+fn a_bad_config_stops_run_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key) = write_key(dir.path(), "controller");
+    let config = dir.path().join("agent.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &config,
+        config_text("http://127.0.0.1:9", ID, &key, &state, ""),
+    )
+    .unwrap();
+    let drop_ins = dir.path().join("agent.d");
+    std::fs::create_dir(&drop_ins).unwrap();
+    let bad = drop_ins.join("50-typo.toml");
+    std::fs::write(&bad, "[renewal]\ncheck_intervall = \"5m\"\n").unwrap();
+    let out = agent(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains(&format!("{}:2:1", bad.display())), "{t}");
+    assert!(t.contains("check_intervall"), "{t}");
+
+    let check = agent(&["check", "--config", config.to_str().unwrap()]);
+    assert!(!check.status.success());
+    let t = text(&check);
+    assert!(t.lines().next().unwrap().starts_with("FAIL  config"), "{t}");
+    assert!(t.contains("skip  orchestrator"), "{t}");
+}
+
+#[test]
+fn status_without_mqtt_says_why_it_cannot_ask() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key) = write_key(dir.path(), "controller");
+    let config = dir.path().join("agent.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &config,
+        config_text("http://127.0.0.1:9", ID, &key, &state, ""),
+    )
+    .unwrap();
+    let out = agent(&["status", "--config", config.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(
+        text(&out).contains("MQTT interface is disabled"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn every_command_has_help() {
+    for cmd in ["run", "keygen", "address", "check", "status"] {
+        let out = agent(&[cmd, "--help"]);
+        assert!(out.status.success(), "{cmd}: {}", text(&out));
+        assert!(text(&out).contains("Usage: peaqos-agent"), "{cmd}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_each_part_and_whether_we_are_a_controller() {
+    let fake = Fake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, key_path) = write_key(dir.path(), "controller");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        config_text(&fake.url(), ID, &key_path, &dir.path().join("state"), ""),
+    )
+    .unwrap();
+    let config_arg = config.to_str().unwrap().to_owned();
+    let run_check = || {
+        let arg = config_arg.clone();
+        tokio::task::spawn_blocking(move || agent(&["check", "--config", &arg]))
+    };
+
+    // Not (yet) a controller: the check says so and fails.
+    fake.set_controllers(ID, &[]);
+    let out = run_check().await.unwrap();
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    for line in [
+        "ok    config",
+        "ok    key file",
+        "ok    state dir",
+        "ok    orchestrator",
+    ] {
+        assert!(t.contains(line), "{line:?} missing in:\n{t}");
+    }
+    assert!(t.contains("FAIL  controller"), "{t}");
+    assert!(t.contains("NOT among"), "{t}");
+    assert!(t.contains("skip  mqtt"), "{t}");
+
+    fake.set_controllers(ID, &[key.address()]);
+    let out = run_check().await.unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains(&key.address().checksummed()), "{t}");
+    assert_eq!(t.lines().count(), 6, "{t}");
+    assert_eq!(fake.lock().counters.creates, 0, "check registers nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_registers_then_stops_cleanly_on_sigterm() {
+    let fake = Fake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, key_path) = write_key(dir.path(), "controller");
+    fake.set_controllers(ID, &[key.address()]);
+    let config = dir.path().join("agent.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &config,
+        config_text(&fake.url(), ID, &key_path, &state, FAST_RENEWAL),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let active = loop {
+        let active = fake
+            .machines()
+            .into_iter()
+            .find(|m| m.status == MachineStatus::Active);
+        if let Some(m) = active {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent never activated its record"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let pid = child.id();
+    let sent = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(2),
+            "agent still running 2 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(log.contains("SIGTERM"), "{log}");
+    let key_hex = std::fs::read_to_string(&key_path).unwrap();
+    assert!(
+        !log.contains(key_hex.trim()),
+        "the key never reaches the log"
+    );
+    let saved = std::fs::read_to_string(state.join("state.json")).unwrap();
+    assert!(saved.contains(&active.id), "{saved}");
+}
+
+#[test]
+fn an_eth_account_keystore_is_unlocked_with_its_password_file() {
+    let Some(python) = peaqos_testkit::python_with(
+        "an_eth_account_keystore_is_unlocked_with_its_password_file",
+        &["eth_account"],
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let keystore = dir.path().join("keystore.json");
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret passphrase\n").unwrap();
+    // eth-account makes the key and the keystore; we only decrypt.
+    let script = r#"
+import json, sys
+from eth_account import Account
+acct = Account.create()
+ks = Account.encrypt(acct.key, "s3cret passphrase", kdf="pbkdf2", iterations=2000)
+open(sys.argv[1], "w").write(json.dumps(ks))
+print(acct.address)
+"#;
+    let out = Command::new(python)
+        .args(["-c", script, keystore.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let expected = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    std::fs::set_permissions(&keystore, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let ks = keystore.to_str().unwrap();
+    let out = agent(&[
+        "address",
+        "--key",
+        ks,
+        "--password-file",
+        password.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), expected);
+
+    let no_password = agent(&["address", "--key", ks]);
+    assert_eq!(no_password.status.code(), Some(78));
+    assert!(
+        text(&no_password).contains("key_password_file"),
+        "{}",
+        text(&no_password)
+    );
+
+    std::fs::write(&password, "wrong\n").unwrap();
+    let wrong = agent(&[
+        "address",
+        "--key",
+        ks,
+        "--password-file",
+        password.to_str().unwrap(),
+    ]);
+    assert_eq!(wrong.status.code(), Some(78));
+    assert!(
+        text(&wrong).contains("wrong keystore password"),
+        "{}",
+        text(&wrong)
+    );
+}

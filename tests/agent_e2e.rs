@@ -1,0 +1,451 @@
+//! End to end: the real agent loop against the real orchestrator
+//! (`peaqos-orchestrator`, in-process on 127.0.0.1 with SQLite and a
+//! controller registry file, or the MCR API faked), through the events an
+//! unattended machine meets: first start, restarts, a lost state file, proof
+//! expiry, controller changes, orchestrator and MCR outages, a slow uplink,
+//! a wrong key. Intervals are configured in milliseconds so that the whole
+//! file runs in seconds.
+
+mod agent_support;
+
+use std::time::Duration;
+
+use agent_support::orchestrator::{FakeMcr, Orchestrator, SlowLink, state_file};
+use agent_support::{FAST_RENEWAL, Running, config_text, start, stored_machine_id, write_key};
+use peaqos_agent::config::Config;
+use peaqos_agent::status::AgentState;
+use peaqos_protocol::{Address, SecretKey};
+
+const ID: &str = "did:peaq:4242";
+const WAIT: Duration = Duration::from_secs(10);
+const STOP: Duration = Duration::from_secs(2);
+
+/// A machine: its key and state directory, agents started from them.
+struct Machine {
+    dir: tempfile::TempDir,
+    key: SecretKey,
+    key_path: std::path::PathBuf,
+}
+
+impl Machine {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, key_path) = write_key(dir.path(), "controller");
+        Self { dir, key, key_path }
+    }
+
+    fn address(&self) -> Address {
+        self.key.address()
+    }
+
+    /// Starts an agent; `drop_in` is merged over the base configuration as
+    /// an `agent.d` file would be.
+    fn start(&self, url: &str, drop_in: &str) -> Running {
+        let state = self.dir.path().join("state");
+        let base = config_text(url, ID, &self.key_path, &state, FAST_RENEWAL);
+        let config = Config::from_texts(vec![
+            ("agent.toml".into(), base),
+            ("agent.d/90-test.toml".into(), drop_in.to_owned()),
+        ])
+        .unwrap();
+        start(config)
+    }
+
+    fn machine_id(&self) -> Option<String> {
+        stored_machine_id(&self.dir.path().join("state"))
+    }
+}
+
+#[tokio::test]
+async fn first_start_registers_and_restarts_keep_the_same_record() {
+    let orch = Orchestrator::start(|_| {}).await;
+    let robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+
+    let mut agent = robot.start(&orch.url(), "");
+    let active = agent.wait_state(AgentState::Active, WAIT).await;
+    let id = active.machine_id.clone().unwrap();
+    assert_eq!(
+        robot.machine_id().as_deref(),
+        Some(id.as_str()),
+        "persisted"
+    );
+    let (status, body) = orch.machine(&id).await;
+    assert_eq!(status, 200, "{body}");
+    let m = &body["item"];
+    assert_eq!(m["status"], "active");
+    assert_eq!(m["identityRef"], ID);
+    assert_eq!(
+        m["identityProof"]["signerAddress"],
+        robot.address().checksummed()
+    );
+    assert_eq!(m["labels"]["site"], "lab");
+    assert_eq!(active.identity, ID);
+    assert_eq!(active.controller_address, robot.address().checksummed());
+    assert!(active.clock_skew_ms.is_some_and(|ms| ms.abs() < 2_000));
+    agent.stop(STOP).await;
+
+    // Restart: same record, no second one, and config changes are pushed.
+    let mut agent = robot.start(&orch.url(), "");
+    let again = agent.wait_state(AgentState::Active, WAIT).await;
+    assert_eq!(again.machine_id.as_deref(), Some(id.as_str()));
+    agent.stop(STOP).await;
+    assert_eq!(orch.machine_ids().await, vec![id.clone()]);
+}
+
+#[tokio::test]
+async fn changed_machine_fields_are_pushed_at_start() {
+    let orch = Orchestrator::start(|_| {}).await;
+    let robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+    let mut agent = robot.start(&orch.url(), "");
+    let id = agent
+        .wait_state(AgentState::Active, WAIT)
+        .await
+        .machine_id
+        .unwrap();
+    agent.stop(STOP).await;
+
+    let state = robot.dir.path().join("state");
+    let text = config_text(&orch.url(), ID, &robot.key_path, &state, FAST_RENEWAL)
+        .replace(
+            "display_name = \"test robot\"",
+            "display_name = \"renamed robot\"",
+        )
+        .replace(
+            "labels = { site = \"lab\" }",
+            "labels = { site = \"hall 2\", zone = \"b\" }",
+        );
+    let config = Config::from_texts(vec![("agent.toml".into(), text)]).unwrap();
+    let mut agent = start(config);
+    agent.wait_state(AgentState::Active, WAIT).await;
+    let (_, body) = orch.machine(&id).await;
+    assert_eq!(body["item"]["displayName"], "renamed robot");
+    assert_eq!(body["item"]["labels"]["zone"], "b");
+    assert_eq!(body["item"]["labels"]["site"], "hall 2");
+    agent.stop(STOP).await;
+}
+
+#[tokio::test]
+async fn a_lost_or_corrupt_state_file_finds_the_record_again() {
+    let orch = Orchestrator::start(|_| {}).await;
+    let robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+    let mut agent = robot.start(&orch.url(), "");
+    let id = agent
+        .wait_state(AgentState::Active, WAIT)
+        .await
+        .machine_id
+        .unwrap();
+    let first_proof = orch.machine(&id).await.1["item"]["identityProof"]["challengeId"].clone();
+    agent.stop(STOP).await;
+
+    // Deleted: MACHINE_IDENTITY_EXISTS leads back to the same record, which
+    // is re-proved with a fresh challenge.
+    std::fs::remove_file(state_file(robot.dir.path())).unwrap();
+    let mut agent = robot.start(&orch.url(), "");
+    let back = agent.wait_state(AgentState::Active, WAIT).await;
+    assert_eq!(back.machine_id.as_deref(), Some(id.as_str()));
+    assert_eq!(robot.machine_id().as_deref(), Some(id.as_str()));
+    let proof = orch.machine(&id).await.1["item"]["identityProof"]["challengeId"].clone();
+    assert_ne!(proof, first_proof, "taken back with a fresh proof");
+    agent.stop(STOP).await;
+
+    // Corrupt (power cut during someone's edit): set aside, same outcome.
+    std::fs::write(state_file(robot.dir.path()), b"{\"version\":1,\"machi").unwrap();
+    let mut agent = robot.start(&orch.url(), "");
+    let back = agent.wait_state(AgentState::Active, WAIT).await;
+    assert_eq!(back.machine_id.as_deref(), Some(id.as_str()));
+    agent.stop(STOP).await;
+    let aside = std::fs::read_dir(robot.dir.path().join("state"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("state.json.corrupt-")
+        })
+        .count();
+    assert_eq!(aside, 1);
+    assert_eq!(orch.machine_ids().await, vec![id]);
+}
+
+#[tokio::test]
+async fn a_short_proof_lifetime_is_renewed_unattended_and_never_lapses() {
+    let lifetime = Duration::from_secs(2);
+    let orch = Orchestrator::start(|c| c.proof_max_age = Some(lifetime)).await;
+    let robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+    // Checks far apart: only the proactive renewal can keep it active.
+    let mut agent = robot.start(&orch.url(), "[renewal]\ncheck_interval = \"1h\"\n");
+    let first = agent.wait_state(AgentState::Active, WAIT).await;
+    let id = first.machine_id.clone().unwrap();
+    assert!(first.proof_expires_at.is_some(), "expiry known: {first:?}");
+
+    // For three lifetimes, an independent client always sees it active, and
+    // the proof keeps being replaced before it expires.
+    let mut proofs = std::collections::BTreeSet::new();
+    let until = tokio::time::Instant::now() + lifetime * 3;
+    while tokio::time::Instant::now() < until {
+        let (status, body) = orch.machine(&id).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["item"]["status"], "active", "lapsed: {body}");
+        proofs.insert(body["item"]["identityProof"]["challengeId"].to_string());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Renewal at 7/12..2/3 of the lifetime: about 4.5 renewals in 6 s, and
+    // no renewing in a loop either.
+    assert!(
+        proofs.len() >= 4,
+        "renewed {} times in 6 s",
+        proofs.len() - 1
+    );
+    assert!(
+        proofs.len() <= 8,
+        "renewed {} times in 6 s",
+        proofs.len() - 1
+    );
+    agent.stop(STOP).await;
+}
+
+#[tokio::test]
+async fn expiry_during_downtime_is_repaired_at_start() {
+    let lifetime = Duration::from_secs(1);
+    let orch = Orchestrator::start(|c| c.proof_max_age = Some(lifetime)).await;
+    let robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+    let mut agent = robot.start(&orch.url(), "");
+    let id = agent
+        .wait_state(AgentState::Active, WAIT)
+        .await
+        .machine_id
+        .unwrap();
+    agent.stop(STOP).await;
+    tokio::time::sleep(lifetime + Duration::from_millis(200)).await;
+    assert_eq!(orch.machine(&id).await.1["item"]["status"], "degraded");
+
+    let mut agent = robot.start(&orch.url(), "");
+    agent.wait_state(AgentState::Active, WAIT).await;
+    assert_eq!(orch.machine(&id).await.1["item"]["status"], "active");
+    agent.stop(STOP).await;
+}
+
+#[tokio::test]
+async fn a_removed_controller_is_reported_and_recovers_when_restored() {
+    let orch = Orchestrator::start(|_| {}).await;
+    let robot = Machine::new();
+    let other = SecretKey::generate().unwrap().address();
+    orch.set_controllers(ID, &[robot.address()]);
+    let mut agent = robot.start(&orch.url(), "");
+    let id = agent
+        .wait_state(AgentState::Active, WAIT)
+        .await
+        .machine_id
+        .unwrap();
+
+    orch.set_controllers(ID, &[other]);
+    let lost = agent.wait_state(AgentState::NotController, WAIT).await;
+    let error = lost.last_error.unwrap();
+    assert_eq!(error.code, "MACHINE_IDENTITY_PROOF_INVALID");
+    assert!(
+        error.message.contains(&robot.address().checksummed()),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.message.contains(&other.checksummed()),
+        "{}",
+        error.message
+    );
+
+    orch.set_controllers(ID, &[other, robot.address()]);
+    let back = agent.wait_state(AgentState::Active, WAIT).await;
+    assert_eq!(back.machine_id.as_deref(), Some(id.as_str()));
+    assert!(back.last_error.is_none());
+    assert_eq!(orch.machine(&id).await.1["item"]["status"], "active");
+    agent.stop(STOP).await;
+}
+
+#[tokio::test]
+async fn an_orchestrator_outage_is_waited_out() {
+    let mut orch = Orchestrator::start(|_| {}).await;
+    let robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+    let mut agent = robot.start(&orch.url(), "");
+    let id = agent
+        .wait_state(AgentState::Active, WAIT)
+        .await
+        .machine_id
+        .unwrap();
+
+    orch.stop().await;
+    let down = agent.wait_state(AgentState::Backoff, WAIT).await;
+    assert_eq!(down.last_error.unwrap().code, "NETWORK");
+    assert!(down.next_attempt_at.is_some());
+    // Still retrying (bounded backoff), never given up.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(agent.status.borrow().state, AgentState::Backoff);
+
+    orch.restart().await;
+    let back = agent.wait_state(AgentState::Active, WAIT).await;
+    assert_eq!(back.machine_id.as_deref(), Some(id.as_str()));
+    agent.stop(STOP).await;
+    assert_eq!(orch.machine_ids().await, vec![id]);
+}
+
+#[tokio::test]
+async fn an_agent_started_while_the_orchestrator_is_down_registers_when_it_appears() {
+    let mut orch = Orchestrator::start(|_| {}).await;
+    let robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+    orch.stop().await;
+    let mut agent = robot.start(&orch.url(), "");
+    agent.wait_state(AgentState::Backoff, WAIT).await;
+    orch.restart().await;
+    agent.wait_state(AgentState::Active, WAIT).await;
+    agent.stop(STOP).await;
+}
+
+#[tokio::test]
+async fn an_mcr_outage_backs_off_and_nothing_is_written() {
+    let robot = Machine::new();
+    let mcr = FakeMcr::start("4242", robot.address()).await;
+    let orch = Orchestrator::start(|c| {
+        c.registry_file = None;
+        c.mcr_api_url = Some(mcr.url());
+        c.mcr_timeout = Duration::from_secs(1);
+    })
+    .await;
+    mcr.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut agent = robot.start(&orch.url(), "");
+    let waiting = agent
+        .wait_for("identity unavailable", WAIT, |s| {
+            s.last_error
+                .as_ref()
+                .is_some_and(|e| e.code == "PEAQOS_IDENTITY_UNAVAILABLE")
+        })
+        .await;
+    assert_eq!(waiting.state, AgentState::Backoff);
+    assert!(orch.machine_ids().await.is_empty());
+    assert!(robot.machine_id().is_none());
+
+    mcr.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let active = agent.wait_state(AgentState::Active, WAIT).await;
+    assert!(active.machine_id.is_some());
+    agent.stop(STOP).await;
+}
+
+#[tokio::test]
+async fn a_challenge_expiring_on_a_slow_link_is_retried_once_at_once() {
+    let orch = Orchestrator::start(|c| c.challenge_ttl = Duration::from_secs(1)).await;
+    let link = SlowLink::start(&orch.url(), Duration::from_millis(1500)).await;
+    let robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+    // The first signed submission sits on the link past the challenge's TTL.
+    link.hold_next_proofs
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    // A backoff would last at least 500 ms here, a slow retry 300 ms: the
+    // recorder would see either. (This orchestrator purges expired
+    // challenges within a second, so it may call the late one unknown
+    // rather than expired; the agent tells the two apart by the clock.)
+    let mut agent = robot.start(
+        &link.url(),
+        "[renewal]\nbackoff_initial = \"5s\"\nbackoff_max = \"5s\"\n",
+    );
+    let states = agent.record_states();
+    agent.wait_state(AgentState::Active, WAIT).await;
+    assert_eq!(link.count("POST", "/api/v1/machine-identity/challenges"), 2);
+    assert_eq!(link.count("POST", "/api/v1/machines"), 2);
+    let states = states.lock().unwrap().clone();
+    assert!(
+        !states.contains(&AgentState::Backoff) && !states.contains(&AgentState::NotController),
+        "retried at once: {states:?}"
+    );
+    agent.stop(STOP).await;
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_never_activated_and_says_why() {
+    let orch = Orchestrator::start(|_| {}).await;
+    let owner = SecretKey::generate().unwrap().address();
+    orch.set_controllers(ID, &[owner]);
+    let impostor = Machine::new();
+    let mut agent = impostor.start(&orch.url(), "");
+    let refused = agent.wait_state(AgentState::NotController, WAIT).await;
+    assert_eq!(
+        refused.last_error.as_ref().unwrap().code,
+        "MACHINE_IDENTITY_PROOF_INVALID"
+    );
+    // Retried slowly, still refused, nothing created.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(agent.status.borrow().state, AgentState::NotController);
+    assert!(orch.machine_ids().await.is_empty());
+    agent.stop(STOP).await;
+}
+
+#[tokio::test]
+async fn an_unknown_identity_waits_for_an_operator() {
+    let orch = Orchestrator::start(|_| {}).await;
+    let robot = Machine::new();
+    let mut agent = robot.start(&orch.url(), "");
+    let waiting = agent.wait_state(AgentState::NotController, WAIT).await;
+    assert_eq!(waiting.last_error.unwrap().code, "MACHINE_NOT_ACTIVATED");
+    orch.set_controllers(ID, &[robot.address()]);
+    agent.wait_state(AgentState::Active, WAIT).await;
+    agent.stop(STOP).await;
+}
+
+#[tokio::test]
+async fn an_operator_block_is_respected() {
+    let orch = Orchestrator::start(|_| {}).await;
+    let robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+    let mut agent = robot.start(&orch.url(), "");
+    let id = agent
+        .wait_state(AgentState::Active, WAIT)
+        .await
+        .machine_id
+        .unwrap();
+    assert_eq!(
+        orch.patch(&id, serde_json::json!({"status": "blocked"}))
+            .await,
+        200
+    );
+    agent.wait_state(AgentState::Blocked, WAIT).await;
+    // A blocked record could be re-activated with a fresh proof; the agent
+    // must not do it.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(orch.machine(&id).await.1["item"]["status"], "blocked");
+    assert_eq!(agent.status.borrow().state, AgentState::Blocked);
+    agent.stop(STOP).await;
+}
+
+#[tokio::test]
+async fn the_api_key_comes_from_its_file() {
+    let keys = tempfile::tempdir().unwrap();
+    let keys_file = keys.path().join("api-keys");
+    std::fs::write(&keys_file, "# fleet keys\nk-fleet-7-0123456789abcdef\n").unwrap();
+    let orch = Orchestrator::start(|c| {
+        c.require_api_auth = true;
+        c.api_keys_file = Some(keys_file.clone());
+    })
+    .await;
+    let robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+
+    let mut agent = robot.start(&orch.url(), "");
+    let refused = agent
+        .wait_for("auth refusal", WAIT, |s| s.last_error.is_some())
+        .await;
+    assert_eq!(refused.last_error.unwrap().code, "AUTH_REQUIRED");
+    assert_eq!(refused.state, AgentState::Backoff);
+    agent.stop(STOP).await;
+
+    let secret = robot.dir.path().join("api-key");
+    std::fs::write(&secret, "k-fleet-7-0123456789abcdef\n").unwrap();
+    let drop_in = format!("[orchestrator]\napi_key_file = \"{}\"\n", secret.display());
+    let mut agent = robot.start(&orch.url(), &drop_in);
+    agent.wait_state(AgentState::Active, WAIT).await;
+    agent.stop(STOP).await;
+}

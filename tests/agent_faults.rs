@@ -1,0 +1,225 @@
+//! The registration loop against an orchestrator that misbehaves on
+//! purpose (see `agent_support::fake`): rate limits with Retry-After,
+//! challenges that expire in transit, challenge texts that are not
+//! challenges, operators blocking the record, a server that stalls.
+
+mod agent_support;
+
+use std::time::Duration;
+
+use agent_support::fake::{Fake, Fault};
+use agent_support::{FAST_RENEWAL, config, start, stored_machine_id, write_key};
+use peaqos_agent::status::AgentState;
+use peaqos_protocol::{MachineStatus, Timestamp};
+
+const ID: &str = "did:peaq:4242";
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Setup {
+    fake: Fake,
+    dir: tempfile::TempDir,
+    key_path: std::path::PathBuf,
+}
+
+async fn setup() -> Setup {
+    let fake = Fake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, key_path) = write_key(dir.path(), "controller");
+    fake.set_controllers(ID, &[key.address()]);
+    Setup {
+        fake,
+        dir,
+        key_path,
+    }
+}
+
+impl Setup {
+    fn config(&self) -> peaqos_agent::config::Config {
+        config(
+            &self.fake.url(),
+            ID,
+            &self.key_path,
+            &self.dir.path().join("state"),
+            FAST_RENEWAL,
+        )
+    }
+}
+
+#[tokio::test]
+async fn registers_activates_and_remembers_its_record() {
+    let s = setup().await;
+    let mut agent = start(s.config());
+    let active = agent.wait_state(AgentState::Active, WAIT).await;
+    let id = active.machine_id.clone().unwrap();
+    let m = s.fake.machine(&id).unwrap();
+    assert_eq!(m.status, MachineStatus::Active);
+    assert_eq!(m.display_name, "test robot");
+    assert_eq!(m.labels.get("site").map(String::as_str), Some("lab"));
+    assert_eq!(active.record_status, Some(MachineStatus::Active));
+    assert!(active.proof_verified_at.is_some());
+    assert!(active.clock_skew_ms.is_some());
+    assert_eq!(stored_machine_id(&s.dir.path().join("state")), Some(id));
+    let c = &s.fake.lock().counters;
+    assert_eq!((c.creates, c.challenges), (1, 1), "{c:?}");
+    drop(agent);
+}
+
+#[tokio::test]
+async fn rate_limit_retry_after_is_honoured_without_spinning() {
+    let s = setup().await;
+    s.fake.lock().fault = Some(Fault {
+        status: 429,
+        code: "RATE_LIMITED",
+        retry_after: Some(1),
+    });
+    let mut agent = start(s.config());
+    let waiting = agent.wait_state(AgentState::Backoff, WAIT).await;
+    assert_eq!(waiting.last_error.as_ref().unwrap().code, "RATE_LIMITED");
+    let next = waiting.next_attempt_at.unwrap();
+    let now = Timestamp::now();
+    assert!(
+        next.millis_since(&now) >= 700,
+        "next attempt {next} should honour Retry-After: 1 (now {now})"
+    );
+    // backoff_max is 400 ms, but the server asked for a second: at most two
+    // attempts fit in 1.5 s (the first and one retry).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let attempts = s.fake.lock().counters.challenges;
+    assert!(attempts <= 2, "{attempts} attempts in 1.5 s");
+    s.fake.lock().fault = None;
+    agent.wait_state(AgentState::Active, WAIT).await;
+    agent.stop(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn a_challenge_that_expires_in_transit_is_retried_at_once() {
+    let s = setup().await;
+    s.fake.lock().expire_next = 1;
+    let mut agent = start(s.config());
+    let states = agent.record_states();
+    agent.wait_state(AgentState::Active, WAIT).await;
+    let c = &s.fake.lock().counters;
+    assert_eq!((c.challenges, c.creates), (2, 2), "{c:?}");
+    let states = states.lock().unwrap().clone();
+    assert!(
+        !states.contains(&AgentState::Backoff),
+        "retried at once: {states:?}"
+    );
+}
+
+#[tokio::test]
+async fn two_expired_challenges_in_a_row_back_off_then_recover() {
+    let s = setup().await;
+    s.fake.lock().expire_next = 2;
+    let mut agent = start(s.config());
+    let waiting = agent
+        .wait_for("backoff after expiry", WAIT, |st| {
+            st.last_error
+                .as_ref()
+                .is_some_and(|e| e.code == "MACHINE_IDENTITY_PROOF_EXPIRED")
+        })
+        .await;
+    assert_eq!(waiting.state, AgentState::Backoff);
+    agent.wait_state(AgentState::Active, WAIT).await;
+    assert_eq!(s.fake.lock().counters.challenges, 3);
+}
+
+#[tokio::test]
+async fn text_that_is_not_a_challenge_is_never_signed() {
+    let s = setup().await;
+    s.fake.lock().hostile_message = true;
+    let mut agent = start(s.config());
+    let refused = agent
+        .wait_for("refusal", WAIT, |st| st.last_error.is_some())
+        .await;
+    assert_eq!(refused.last_error.unwrap().code, "BAD_CHALLENGE");
+    assert_eq!(refused.state, AgentState::Backoff);
+    // Slow retries keep refusing; nothing was ever submitted.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let c = &s.fake.lock().counters;
+    assert_eq!((c.creates, c.patches, c.signed_hostile), (0, 0, 0), "{c:?}");
+    assert!(c.challenges >= 2, "retried slowly: {c:?}");
+}
+
+#[tokio::test]
+async fn blocked_and_archived_records_are_reported_not_fought() {
+    let s = setup().await;
+    let mut agent = start(s.config());
+    let id = agent
+        .wait_state(AgentState::Active, WAIT)
+        .await
+        .machine_id
+        .unwrap();
+    s.fake.set_status(&id, MachineStatus::Blocked);
+    let blocked = agent.wait_state(AgentState::Blocked, WAIT).await;
+    assert_eq!(blocked.record_status, Some(MachineStatus::Blocked));
+    let patches = s.fake.lock().counters.patches;
+    let answer = agent.reregister(WAIT).await;
+    assert!(answer.unwrap_err().contains("blocked"));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        s.fake.lock().counters.patches,
+        patches,
+        "no PATCH against an operator"
+    );
+    assert_eq!(s.fake.machine(&id).unwrap().status, MachineStatus::Blocked);
+
+    s.fake.set_status(&id, MachineStatus::Archived);
+    agent.wait_state(AgentState::Archived, WAIT).await;
+    // The operator restores the record: the agent carries on.
+    s.fake.set_status(&id, MachineStatus::Active);
+    agent.wait_state(AgentState::Active, WAIT).await;
+    agent.stop(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn a_taken_back_record_that_is_blocked_is_left_alone() {
+    let s = setup().await;
+    let mut agent = start(s.config());
+    let id = agent
+        .wait_state(AgentState::Active, WAIT)
+        .await
+        .machine_id
+        .unwrap();
+    agent.stop(Duration::from_secs(2)).await;
+    s.fake.set_status(&id, MachineStatus::Blocked);
+    std::fs::remove_file(s.dir.path().join("state/state.json")).unwrap();
+    let mut agent = start(s.config());
+    let blocked = agent.wait_state(AgentState::Blocked, WAIT).await;
+    assert_eq!(blocked.machine_id.as_deref(), Some(id.as_str()));
+    assert_eq!(s.fake.lock().counters.patches_with_proof, 0);
+    assert_eq!(s.fake.machine(&id).unwrap().status, MachineStatus::Blocked);
+}
+
+#[tokio::test]
+async fn reregister_renews_the_proof_now() {
+    let s = setup().await;
+    let mut agent = start(s.config());
+    let first = agent.wait_state(AgentState::Active, WAIT).await;
+    let before = first.proof_verified_at.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    agent.reregister(WAIT).await.unwrap();
+    let after = agent
+        .wait_for("a newer proof", WAIT, |st| {
+            st.proof_verified_at.is_some_and(|t| t > before)
+        })
+        .await;
+    assert_eq!(after.machine_id, first.machine_id);
+    assert_eq!(s.fake.lock().counters.patches_with_proof, 1);
+}
+
+#[tokio::test]
+async fn shutdown_abandons_a_stalled_request_promptly() {
+    let s = setup().await;
+    let mut agent = start(s.config());
+    agent.wait_state(AgentState::Active, WAIT).await;
+    let state_file = s.dir.path().join("state/state.json");
+    let saved = std::fs::read(&state_file).unwrap();
+    // The server now takes 30 s per answer; the agent is mid-request.
+    s.fake.lock().delay = Duration::from_secs(30);
+    agent.reregister_nowait();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let last = agent.stop(Duration::from_secs(1)).await;
+    assert_eq!(last.state, AgentState::Stopping);
+    assert_eq!(std::fs::read(&state_file).unwrap(), saved, "state intact");
+}

@@ -1,0 +1,447 @@
+//! A small in-test orchestrator that follows the wire contract and can be
+//! told to misbehave in ways the real one never does on purpose: answer 429
+//! with `Retry-After`, send a challenge text that is not a challenge, stall a
+//! response, let a challenge expire in transit. Tests of the normal flows run
+//! against the real orchestrator (`agent_e2e.rs`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use peaqos_protocol::{
+    Address, Challenge, ChallengeMessage, CreateChallengeRequest, CreateMachineRequest,
+    IdentityRef, Machine, MachineIdentityProof, MachineIdentityProofInput, MachineStatus,
+    ProofMethod, ResolutionSource, Signature, Timestamp, UpdateMachineRequest,
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// A fault to answer every API request with, until cleared.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub status: u16,
+    pub code: &'static str,
+    pub retry_after: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub challenges: usize,
+    pub creates: usize,
+    pub gets: usize,
+    pub patches: usize,
+    pub patches_with_proof: usize,
+    /// Challenge messages the fake issued and saw signed.
+    pub signed_hostile: usize,
+}
+
+struct Stored {
+    machine: Machine,
+}
+
+struct Issued {
+    identity: IdentityRef,
+    message: String,
+    expires_at: Timestamp,
+    used: bool,
+}
+
+pub struct FakeState {
+    pub controllers: HashMap<IdentityRef, Vec<Address>>,
+    pub proof_max_age: Option<Duration>,
+    pub challenge_ttl: Duration,
+    pub fault: Option<Fault>,
+    /// The next N submitted challenges are treated as expired on arrival.
+    pub expire_next: usize,
+    /// Challenge messages become arbitrary text the key must not sign.
+    pub hostile_message: bool,
+    /// Every API response is delayed this long.
+    pub delay: Duration,
+    /// Leave the machine id out of `MACHINE_IDENTITY_EXISTS` details.
+    pub hide_existing_id: bool,
+    pub counters: Counters,
+    challenges: HashMap<String, Issued>,
+    machines: HashMap<String, Stored>,
+    next_id: u64,
+}
+
+pub struct Fake {
+    state: Arc<Mutex<FakeState>>,
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+type Shared = Arc<Mutex<FakeState>>;
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+fn error(status: u16, code: &str, message: &str, details: Option<serde_json::Value>) -> Response {
+    let mut body = json!({"error": {"code": code, "message": message}});
+    if let Some(d) = details {
+        body["error"]["details"] = d;
+    }
+    (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
+}
+
+fn item<T: serde::Serialize>(status: StatusCode, value: T) -> Response {
+    (status, Json(json!({ "item": value }))).into_response()
+}
+
+impl Fake {
+    pub async fn start() -> Self {
+        let state = Arc::new(Mutex::new(FakeState {
+            controllers: HashMap::new(),
+            proof_max_age: None,
+            challenge_ttl: Duration::from_secs(300),
+            fault: None,
+            expire_next: 0,
+            hostile_message: false,
+            delay: Duration::ZERO,
+            hide_existing_id: false,
+            counters: Counters::default(),
+            challenges: HashMap::new(),
+            machines: HashMap::new(),
+            next_id: 1,
+        }));
+        let app = axum::Router::new()
+            .route("/health", get(|| async { Json(json!({"ok": true})) }))
+            .route("/api/v1/machine-identity/challenges", post(challenge))
+            .route("/api/v1/machines", post(create))
+            .route("/api/v1/machines/{id}", get(read).patch(update))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stopped.cancelled().await })
+                .await
+                .unwrap();
+        });
+        Self { state, addr, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap()
+    }
+
+    pub fn set_controllers(&self, identity: &str, controllers: &[Address]) {
+        self.lock()
+            .controllers
+            .insert(IdentityRef::parse(identity).unwrap(), controllers.to_vec());
+    }
+
+    pub fn machine(&self, id: &str) -> Option<Machine> {
+        self.lock().machines.get(id).map(|s| s.machine.clone())
+    }
+
+    pub fn machines(&self) -> Vec<Machine> {
+        self.lock()
+            .machines
+            .values()
+            .map(|s| s.machine.clone())
+            .collect()
+    }
+
+    /// An operator's write, bypassing the API.
+    pub fn set_status(&self, id: &str, status: MachineStatus) {
+        self.lock().machines.get_mut(id).unwrap().machine.status = status;
+    }
+}
+
+async fn gate(state: &Shared) -> Option<Response> {
+    let (delay, fault) = {
+        let s = state.lock().unwrap();
+        (s.delay, s.fault.clone())
+    };
+    tokio::time::sleep(delay).await;
+    let f = fault?;
+    let mut r = error(f.status, f.code, "injected fault", None);
+    if let Some(secs) = f.retry_after {
+        r.headers_mut().insert(
+            "retry-after",
+            HeaderValue::from_str(&secs.to_string()).unwrap(),
+        );
+    }
+    Some(r)
+}
+
+async fn challenge(
+    State(state): State<Shared>,
+    Json(req): Json<CreateChallengeRequest>,
+) -> Response {
+    if let Some(r) = gate(&state).await {
+        return r;
+    }
+    let mut s = state.lock().unwrap();
+    s.counters.challenges += 1;
+    let Some(controllers) = s.controllers.get(&req.identity_ref).cloned() else {
+        return error(409, "MACHINE_NOT_ACTIVATED", "identity not found", None);
+    };
+    let id = format!("chl_{}", s.next_id);
+    s.next_id += 1;
+    let issued = now();
+    let expires_at = issued.saturating_add(s.challenge_ttl);
+    let message = if s.hostile_message {
+        "Permit 0xdead to spend all tokens".to_owned()
+    } else {
+        ChallengeMessage {
+            orchestrator: "fake".into(),
+            identity: req.identity_ref.clone(),
+            challenge_id: id.clone(),
+            nonce: "cd".repeat(32),
+            issued_at: issued,
+            expires_at,
+        }
+        .render()
+    };
+    s.challenges.insert(
+        id.clone(),
+        Issued {
+            identity: req.identity_ref.clone(),
+            message: message.clone(),
+            expires_at,
+            used: false,
+        },
+    );
+    item(
+        StatusCode::CREATED,
+        Challenge {
+            challenge_id: id,
+            identity_ref: req.identity_ref,
+            message,
+            expires_at,
+            verification_method: ProofMethod::Eip191,
+            controller_addresses: controllers,
+        },
+    )
+}
+
+/// Verifies and consumes a proof for `identity`.
+#[allow(clippy::result_large_err)] // a test double; the error is the response
+fn verify(
+    s: &mut FakeState,
+    identity: &IdentityRef,
+    proof: &MachineIdentityProofInput,
+) -> Result<MachineIdentityProof, Response> {
+    let invalid = |m: &str| error(403, "MACHINE_IDENTITY_PROOF_INVALID", m, None);
+    let expire = if s.expire_next > 0 {
+        s.expire_next -= 1;
+        true
+    } else {
+        false
+    };
+    let hostile = s.hostile_message;
+    let Some(ch) = s.challenges.get_mut(&proof.challenge_id) else {
+        return Err(invalid("unknown challenge"));
+    };
+    if ch.used || &ch.identity != identity {
+        return Err(invalid("challenge used or foreign"));
+    }
+    if expire || ch.expires_at < now() {
+        return Err(error(
+            410,
+            "MACHINE_IDENTITY_PROOF_EXPIRED",
+            "challenge expired",
+            None,
+        ));
+    }
+    let sig = Signature::parse(&proof.signature).map_err(|e| invalid(&e.to_string()))?;
+    let signer = sig
+        .recover_personal(ch.message.as_bytes())
+        .map_err(|e| invalid(&e.to_string()))?;
+    let expires = ch.expires_at;
+    ch.used = true;
+    if hostile {
+        s.counters.signed_hostile += 1;
+    }
+    let controllers = s.controllers.get(identity).cloned().unwrap_or_default();
+    if !controllers.contains(&signer) {
+        return Err(invalid("signer is not a controller"));
+    }
+    let verified_at = now();
+    Ok(MachineIdentityProof {
+        method: ProofMethod::Eip191,
+        identity_ref: identity.clone(),
+        signer_address: signer,
+        challenge_id: proof.challenge_id.clone(),
+        verified_at,
+        challenge_expires_at: expires,
+        controller_addresses: controllers,
+        resolution_source: ResolutionSource::PeaqosMcr,
+        expires_at: s.proof_max_age.map(|a| verified_at.saturating_add(a)),
+    })
+}
+
+/// What a read shows: `degraded` past the proof's expiry.
+fn view(s: &FakeState, m: &Machine) -> Machine {
+    let mut m = m.clone();
+    let stale = m
+        .identity_proof
+        .as_ref()
+        .and_then(|p| p.expires_at)
+        .is_some_and(|e| e <= now());
+    let _ = s;
+    if m.status == MachineStatus::Active && stale {
+        m.status = MachineStatus::Degraded;
+    }
+    m
+}
+
+async fn create(State(state): State<Shared>, Json(req): Json<CreateMachineRequest>) -> Response {
+    if let Some(r) = gate(&state).await {
+        return r;
+    }
+    let mut s = state.lock().unwrap();
+    s.counters.creates += 1;
+    let Some(input) = req.identity_proof.clone() else {
+        return error(
+            400,
+            "MACHINE_IDENTITY_PROOF_REQUIRED",
+            "proof required",
+            None,
+        );
+    };
+    if let Some(existing) = s
+        .machines
+        .values()
+        .find(|m| m.machine.identity_ref == req.identity_ref)
+    {
+        let details = (!s.hide_existing_id).then(|| json!({"machineId": existing.machine.id}));
+        return error(
+            409,
+            "MACHINE_IDENTITY_EXISTS",
+            "identity has a machine",
+            details,
+        );
+    }
+    let proof = match verify(&mut s, &req.identity_ref, &input) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let id = format!("mach_{}", s.next_id);
+    s.next_id += 1;
+    let t = now();
+    let machine = Machine {
+        id: id.clone(),
+        display_name: req.display_name,
+        status: MachineStatus::Draft,
+        owner_id: req.owner_id,
+        identity_ref: req.identity_ref,
+        identity_proof: Some(proof),
+        machine_type: req.machine_type,
+        runtime_profile: req.runtime_profile,
+        capabilities: req.capabilities.unwrap_or_default(),
+        labels: req.labels.unwrap_or_default(),
+        policy_ids: req.policy_ids.unwrap_or_default(),
+        skill_keys: req.skill_keys.unwrap_or_default(),
+        created_at: t,
+        updated_at: t,
+    };
+    s.machines.insert(
+        id,
+        Stored {
+            machine: machine.clone(),
+        },
+    );
+    item(StatusCode::CREATED, machine)
+}
+
+async fn read(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+    if let Some(r) = gate(&state).await {
+        return r;
+    }
+    let mut s = state.lock().unwrap();
+    s.counters.gets += 1;
+    let Some(stored) = s.machines.get(&id) else {
+        return error(404, "NOT_FOUND", "no such machine", None);
+    };
+    let m = stored.machine.clone();
+    if let Some(p) = &m.identity_proof {
+        let controllers = s
+            .controllers
+            .get(&m.identity_ref)
+            .cloned()
+            .unwrap_or_default();
+        if !controllers.contains(&p.signer_address) {
+            return error(
+                409,
+                "MACHINE_NOT_ACTIVATED",
+                "signer no longer a controller",
+                None,
+            );
+        }
+    }
+    item(StatusCode::OK, view(&s, &m))
+}
+
+async fn update(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    Json(req): Json<UpdateMachineRequest>,
+) -> Response {
+    if let Some(r) = gate(&state).await {
+        return r;
+    }
+    let mut s = state.lock().unwrap();
+    s.counters.patches += 1;
+    let Some(stored) = s.machines.get(&id) else {
+        return error(404, "NOT_FOUND", "no such machine", None);
+    };
+    let mut m = stored.machine.clone();
+    if let Some(input) = &req.identity_proof {
+        s.counters.patches_with_proof += 1;
+        match verify(&mut s, &m.identity_ref.clone(), input) {
+            Ok(p) => m.identity_proof = Some(p),
+            Err(r) => return r,
+        }
+    }
+    if req.status == Some(MachineStatus::Active) {
+        let Some(p) = &m.identity_proof else {
+            return error(409, "MACHINE_NOT_ACTIVATED", "no proof", None);
+        };
+        if p.expires_at.is_some_and(|e| e <= now()) {
+            return error(
+                410,
+                "MACHINE_IDENTITY_PROOF_EXPIRED",
+                "stored proof too old",
+                None,
+            );
+        }
+    }
+    if let Some(status) = req.status {
+        m.status = status;
+    }
+    if let Some(v) = req.display_name {
+        m.display_name = v;
+    }
+    if let Some(v) = req.labels {
+        m.labels = v;
+    }
+    if let Some(v) = req.capabilities {
+        m.capabilities = v;
+    }
+    m.updated_at = now();
+    s.machines.get_mut(&id).unwrap().machine = m.clone();
+    let shown = view(&s, &m);
+    item(StatusCode::OK, shown)
+}

@@ -1,0 +1,344 @@
+//! The real orchestrator (`peaqos-orchestrator`), in-process on 127.0.0.1
+//! with its SQLite file and controller registry in a temp dir, stoppable and
+//! restartable on the same port; plus a fake MCR API that can go down, and
+//! a forwarding proxy that can hold requests back (a slow link).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use peaqos_orchestrator::Config;
+use peaqos_protocol::Address;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct Orchestrator {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    config: Config,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Orchestrator {
+    /// Starts with a registry file; `tune` adjusts the configuration.
+    pub async fn start(tune: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = dir.path().join("registry.toml");
+        std::fs::write(&registry, "[identities]\n").unwrap();
+        let mut config = Config {
+            database_url: format!("sqlite://{}", dir.path().join("orchestrator.db").display()),
+            registry_file: Some(registry),
+            mcr_cache_ttl: Duration::from_millis(50),
+            challenge_rate_per_minute: 60_000,
+            challenge_burst: 10_000,
+            orchestrator_name: "e2e-orchestrator".into(),
+            ..Config::default()
+        };
+        tune(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut me = Self {
+            dir,
+            addr,
+            config,
+            stop: CancellationToken::new(),
+            task: None,
+        };
+        me.serve(listener);
+        me
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let stop = CancellationToken::new();
+        self.stop = stop.clone();
+        let config = self.config.clone();
+        self.task = Some(tokio::spawn(async move {
+            peaqos_orchestrator::run(listener, config, async move { stop.cancelled().await })
+                .await
+                .expect("orchestrator runs");
+        }));
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the server (in-flight requests finish) and waits for it.
+    pub async fn stop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("orchestrator stops")
+                .unwrap();
+        }
+    }
+
+    /// Starts again on the same port, with the same database.
+    pub async fn restart(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "rebind {}: {e}",
+                        self.addr
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        self.serve(listener);
+    }
+
+    /// Rewrites the registry (atomically, so a reader never sees half).
+    pub fn set_controllers(&self, identity: &str, controllers: &[Address]) {
+        let list: Vec<String> = controllers
+            .iter()
+            .map(|a| format!("\"{}\"", a.checksummed()))
+            .collect();
+        let text = format!("[identities]\n\"{identity}\" = [{}]\n", list.join(", "));
+        let path = self.config.registry_file.clone().unwrap();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+
+    /// `GET /api/v1/machines/{id}` as an independent client sees it.
+    pub async fn machine(&self, id: &str) -> (u16, serde_json::Value) {
+        let r = http()
+            .get(format!("{}/api/v1/machines/{id}", self.url()))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or_default())
+    }
+
+    /// Ids of every machine in the list (all pages).
+    pub async fn machine_ids(&self) -> Vec<String> {
+        let v: serde_json::Value = http()
+            .get(format!("{}/api/v1/machines?limit=500", self.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// An operator's PATCH.
+    pub async fn patch(&self, id: &str, body: serde_json::Value) -> u16 {
+        http()
+            .patch(format!("{}/api/v1/machines/{id}", self.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+}
+
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn http() -> reqwest::Client {
+    peaqos_agent::client::install_tls_provider();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+/// A fake MCR API: `GET /machine/{did}` answers a profile naming `operator`
+/// as the controller, or 503 while `down`.
+pub struct FakeMcr {
+    pub addr: SocketAddr,
+    pub down: Arc<AtomicBool>,
+    pub requests: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl FakeMcr {
+    pub async fn start(machine_id: &str, operator: Address) -> Self {
+        let down = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (d, n) = (down.clone(), requests.clone());
+        let machine_id = machine_id.to_owned();
+        let app = axum::Router::new().fallback(move || {
+            let (d, n, machine_id) = (d.clone(), n.clone(), machine_id.clone());
+            async move {
+                n.fetch_add(1, Ordering::SeqCst);
+                if d.load(Ordering::SeqCst) {
+                    return (StatusCode::SERVICE_UNAVAILABLE, "maintenance").into_response();
+                }
+                axum::Json(serde_json::json!({
+                    "schema_version": "1",
+                    "name": "robot",
+                    "peaqos": {
+                        "machine_id": machine_id,
+                        "did": format!("did:peaq:{machine_id}"),
+                        "operator": operator.checksummed(),
+                    }
+                }))
+                .into_response()
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            down,
+            requests,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for FakeMcr {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A forwarding proxy in front of an orchestrator that can hold back the
+/// next N requests carrying an identity proof (a slow uplink).
+pub struct SlowLink {
+    pub addr: SocketAddr,
+    pub hold_next_proofs: Arc<AtomicUsize>,
+    pub hold_for: Duration,
+    /// (method, path) of every request seen.
+    pub seen: Arc<Mutex<Vec<(String, String)>>>,
+    stop: CancellationToken,
+}
+
+#[derive(Clone)]
+struct LinkState {
+    upstream: String,
+    hold_next_proofs: Arc<AtomicUsize>,
+    hold_for: Duration,
+    seen: Arc<Mutex<Vec<(String, String)>>>,
+    client: reqwest::Client,
+}
+
+async fn forward(State(link): State<LinkState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body: Bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+    link.seen
+        .lock()
+        .unwrap()
+        .push((parts.method.to_string(), parts.uri.path().to_owned()));
+    if body.windows(13).any(|w| w == b"identityProof")
+        && link
+            .hold_next_proofs
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    {
+        tokio::time::sleep(link.hold_for).await;
+    }
+    let url = format!("{}{}", link.upstream, parts.uri);
+    let mut req = link.client.request(parts.method.clone(), url).body(body);
+    for (name, value) in &parts.headers {
+        if name != "host" && name != "content-length" {
+            req = req.header(name, value);
+        }
+    }
+    let Ok(resp) = req.send().await else {
+        return StatusCode::BAD_GATEWAY.into_response();
+    };
+    let mut out = Response::builder().status(resp.status().as_u16());
+    for (name, value) in resp.headers() {
+        if name != "content-length" && name != "transfer-encoding" {
+            out = out.header(name, value);
+        }
+    }
+    out.body(axum::body::Body::from(resp.bytes().await.unwrap()))
+        .unwrap()
+}
+
+impl SlowLink {
+    pub async fn start(upstream: &str, hold_for: Duration) -> Self {
+        let state = LinkState {
+            upstream: upstream.to_owned(),
+            hold_next_proofs: Arc::new(AtomicUsize::new(0)),
+            hold_for,
+            seen: Arc::new(Mutex::new(Vec::new())),
+            client: http(),
+        };
+        let app = axum::Router::new()
+            .fallback(forward)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            hold_next_proofs: state.hold_next_proofs,
+            hold_for,
+            seen: state.seen,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn count(&self, method: &str, path: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, p)| m == method && p == path)
+            .count()
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Where the state file of a test agent lives.
+pub fn state_file(dir: &std::path::Path) -> PathBuf {
+    dir.join("state").join("state.json")
+}
