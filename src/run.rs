@@ -121,12 +121,16 @@ impl Agent {
             commands_tx,
             commands_rx,
         } = self;
+        let mut heartbeats = vec![heartbeat];
         let mqtt_task = if config.mqtt.enabled {
+            let mqtt_heartbeat = Heartbeat::new("mqtt");
+            heartbeats.push(mqtt_heartbeat.clone());
             let handle = mqtt::spawn(
                 &config.mqtt,
                 config.machine_name(),
                 status,
                 commands_tx,
+                mqtt_heartbeat,
                 shutdown.child_token(),
             )
             .map_err(RunError::Mqtt)?;
@@ -135,9 +139,9 @@ impl Agent {
             drop((status, commands_tx));
             None
         };
-        // The MQTT task has no heartbeat of its own through its frozen
-        // interface; the watchdog watches the registration loop.
-        let watchdog = systemd::spawn_watchdog(&[heartbeat], shutdown.child_token());
+        // WATCHDOG=1 only while the registration loop and (when enabled) the
+        // MQTT service loop keep beating.
+        let watchdog = systemd::spawn_watchdog(&heartbeats, shutdown.child_token());
         systemd::notify_ready();
         registrar.run(commands_rx, shutdown.clone()).await;
         systemd::notify_stopping();

@@ -7,7 +7,6 @@
 //! queries, and, when enabled, remote commands and Home Assistant
 //! discovery. Registration never waits for any of it.
 
-mod backoff;
 mod broker_url;
 mod client;
 mod commands;
@@ -38,6 +37,7 @@ pub use topics::topic_level;
 
 use crate::secrets::SecretError;
 use crate::status::{Command, StatusSnapshot};
+use crate::systemd::Heartbeat;
 
 use broker_url::BrokerUrl;
 use client::ConnectSettings;
@@ -93,6 +93,7 @@ pub fn spawn(
     machine_name: &str,
     status: watch::Receiver<StatusSnapshot>,
     commands: mpsc::Sender<Command>,
+    heartbeat: Heartbeat,
     shutdown: CancellationToken,
 ) -> Result<JoinHandle<()>, MqttError> {
     let prepared = prepare(config, Some(machine_name), Role::Agent)?;
@@ -118,6 +119,7 @@ pub fn spawn(
             connection,
             status,
             commands,
+            heartbeat,
         },
         shutdown,
     ))

@@ -16,16 +16,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::backoff::Backoff;
 use super::client::{Client, ConnectionError, Event, EventLoop, Message, PublishProps};
 use super::commands::{self, Decision, Gate, Outcome};
 use super::config::MqttConfig;
 use super::discovery::Discovery;
-use super::random;
 use super::rate::TokenBucket;
 use super::request::{self, Refusal};
 use super::topics::Topics;
+use crate::backoff::Backoff;
 use crate::status::{AgentState, Command, StatusSnapshot};
+use crate::systemd::Heartbeat;
 
 /// Events buffered between the polling task and the service.
 const EVENT_CAPACITY: usize = 32;
@@ -87,7 +87,7 @@ async fn drive(
         {
             backoff.reset();
         }
-        let retry_in = backoff.next_delay(random::unit());
+        let retry_in = backoff.next_delay(None);
         if events.send(Polled::Lost { error, retry_in }).await.is_err() {
             return;
         }
@@ -137,6 +137,7 @@ pub(crate) struct Service {
     counters: Counters,
     last_error: Option<String>,
     url: String,
+    heartbeat: Heartbeat,
 }
 
 impl std::fmt::Debug for Service {
@@ -157,6 +158,7 @@ pub(crate) struct Parts {
     pub(crate) connection: (Client, EventLoop),
     pub(crate) status: watch::Receiver<StatusSnapshot>,
     pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) heartbeat: Heartbeat,
 }
 
 /// Starts the polling and service tasks; returns the service task.
@@ -172,6 +174,7 @@ pub(crate) fn start(
         connection: (client, eventloop),
         status,
         commands,
+        heartbeat,
     } = parts;
     let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
     let stop = CancellationToken::new();
@@ -206,6 +209,7 @@ pub(crate) fn start(
         counters: Counters::default(),
         last_error: None,
         url,
+        heartbeat,
     };
     let interval = config.status_interval;
     tokio::spawn(async move {
@@ -228,6 +232,9 @@ impl Service {
             status_interval.max(Duration::from_secs(1)),
         );
         republish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The systemd watchdog is fed only while this loop keeps turning.
+        let beat_every = crate::systemd::beat_interval();
+        let mut beats = tokio::time::interval(beat_every.unwrap_or(Duration::from_secs(3600)));
         loop {
             let retry_at = self.retry_at;
             tokio::select! {
@@ -249,6 +256,7 @@ impl Service {
                     }
                 }
                 _ = republish.tick(), if periodic => self.dirty.status = true,
+                _ = beats.tick(), if beat_every.is_some() => self.heartbeat.beat(),
                 Some(done) = self.running.join_next(), if !self.running.is_empty() => {
                     if let Ok((req, outcome, message)) = done {
                         self.finish_command(&req, outcome, message.as_deref());

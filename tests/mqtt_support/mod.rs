@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use peaqos_agent::mqtt::{self, MqttConfig, Protocol};
 use peaqos_agent::status::{AgentState, Command as AgentCommand, StatusSnapshot};
+use peaqos_agent::systemd::Heartbeat;
 use peaqos_testkit::{Mosquitto, Service, available_or_skip, find_program};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -137,7 +138,7 @@ impl Agent {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let handle = match mqtt::spawn(&config, &name, status_rx, cmd_tx, token) {
+                let handle = match mqtt::spawn(&config, &name, status_rx, cmd_tx, Heartbeat::new("mqtt"), token) {
                     Ok(h) => h,
                     Err(e) => {
                         let _ = ready_tx.send(Err(error_chain(&e)));

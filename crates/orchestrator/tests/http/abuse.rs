@@ -228,6 +228,35 @@ async fn pending_challenges_are_bounded_and_expire() {
 }
 
 #[tokio::test]
+async fn expired_challenges_are_collected() {
+    let s = TestServer::start(|c| c.challenge_ttl = Duration::from_secs(1)).await;
+    let c = s.challenge("did:peaq:1").await;
+    s.clock.advance(Duration::from_secs(2));
+    // The collector runs every TTL (here one second of real time).
+    let deadline = tokio::time::Instant::now() + crate::support::TIMEOUT;
+    loop {
+        let text = s.get("/metrics").await.text().await.unwrap();
+        if text.contains("peaqos_orchestrator_challenges_collected_total 1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never collected:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Deleted: no longer "expired" (410) but unknown (403).
+    let p = json!({"challengeId": c.challenge_id, "signature": sign(&key(0), &c.message)});
+    expect_error(
+        s.post("/api/v1/machines", &machine_body("did:peaq:1", p))
+            .await,
+        403,
+        "MACHINE_IDENTITY_PROOF_INVALID",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn api_keys_guard_the_api_but_not_health() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("api-keys");

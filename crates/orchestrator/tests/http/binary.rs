@@ -149,9 +149,8 @@ async fn sigterm_lets_in_flight_requests_finish() {
     tokio::time::timeout(TIMEOUT, arrived.notified())
         .await
         .expect("request reached the MCR");
-    let pid = child.id().unwrap().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(killed.success());
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     assert_eq!(
         in_flight.await.unwrap().unwrap(),
         201,
