@@ -306,13 +306,26 @@ impl Registrar {
         let mut force_renew = false;
         // Without a watchdog nobody reads the heartbeat: no need to wake.
         let beat_every = crate::systemd::beat_interval().unwrap_or(Duration::MAX);
+        let heartbeat = self.heartbeat.clone();
         loop {
-            self.heartbeat.beat();
-            let result = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                r = self.cycle(force_renew) => r,
+            heartbeat.beat();
+            // A cycle makes several requests, each bounded by the request
+            // timeout; beating while it awaits them keeps a slow (but
+            // progressing) orchestrator from tripping the watchdog, which is
+            // there to catch a stuck process, not a slow network.
+            let result = {
+                let cycle = self.cycle(force_renew);
+                tokio::pin!(cycle);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break None,
+                        r = &mut cycle => break Some(r),
+                        () = tokio::time::sleep(beat_every) => heartbeat.beat(),
+                    }
+                }
             };
+            let Some(result) = result else { break };
             let renewed_on_request = force_renew;
             force_renew = false;
             let wait = match result {
