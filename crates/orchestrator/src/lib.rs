@@ -219,8 +219,13 @@ impl Server {
     }
 }
 
-/// Deletes expired challenges periodically, so that storage stays bounded
-/// by the challenges issued within one TTL.
+/// Deletes expired challenges periodically, so that storage stays bounded.
+///
+/// A challenge is kept for one more TTL after it expires: a proof that
+/// arrives late (a slow link) must get `MACHINE_IDENTITY_PROOF_EXPIRED`, which
+/// tells the client to re-challenge, not `..._PROOF_INVALID` for a challenge
+/// that was already collected. Storage stays bounded by the challenges
+/// issued within two TTLs (the pending cap counts only unexpired ones).
 async fn collect_expired_challenges(app: Arc<App>, stop: CancellationToken) {
     let period = app
         .config
@@ -233,7 +238,12 @@ async fn collect_expired_challenges(app: Arc<App>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        match app.store.delete_expired_challenges(app.now()).await {
+        let grace = i64::try_from(app.config.challenge_ttl.as_millis()).unwrap_or(i64::MAX);
+        let now = app.now();
+        let cutoff =
+            peaqos_protocol::Timestamp::from_unix_millis(now.unix_millis().saturating_sub(grace))
+                .unwrap_or(now);
+        match app.store.delete_expired_challenges(cutoff).await {
             Ok(0) => {}
             Ok(n) => {
                 app.metrics.challenges_collected.inc_by(n);

@@ -231,6 +231,18 @@ async fn pending_challenges_are_bounded_and_expire() {
 async fn expired_challenges_are_collected() {
     let s = TestServer::start(|c| c.challenge_ttl = Duration::from_secs(1)).await;
     let c = s.challenge("did:peaq:1").await;
+    let p = json!({"challengeId": c.challenge_id, "signature": sign(&key(0), &c.message)});
+    // Expired, but kept for one more TTL: a late proof learns it must
+    // re-challenge (410), even after a collector run.
+    s.clock.advance(Duration::from_millis(1500));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    expect_error(
+        s.post("/api/v1/machines", &machine_body("did:peaq:1", p.clone()))
+            .await,
+        410,
+        "MACHINE_IDENTITY_PROOF_EXPIRED",
+    )
+    .await;
     s.clock.advance(Duration::from_secs(2));
     // The collector runs every TTL (here one second of real time).
     let deadline = tokio::time::Instant::now() + crate::support::TIMEOUT;
@@ -246,7 +258,6 @@ async fn expired_challenges_are_collected() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Deleted: no longer "expired" (410) but unknown (403).
-    let p = json!({"challengeId": c.challenge_id, "signature": sign(&key(0), &c.message)});
     expect_error(
         s.post("/api/v1/machines", &machine_body("did:peaq:1", p))
             .await,
