@@ -17,7 +17,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use peaqos_testkit::find_program;
+use peaqos_testkit::{Service, available_or_skip, find_program};
 
 const TEST: &str = "packaging_deb";
 
@@ -25,17 +25,8 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn required() -> bool {
-    std::env::var("PEAQOS_TEST_REQUIRE")
-        .is_ok_and(|v| v.split(',').any(|s| s.trim() == "deb" || s.trim() == "all"))
-}
-
 fn skip(why: &str) {
-    assert!(
-        !required(),
-        "{TEST}: required by PEAQOS_TEST_REQUIRE but {why}"
-    );
-    eprintln!("skipped {TEST}: {why}");
+    available_or_skip::<()>(Service::Deb, TEST, None, why);
 }
 
 fn run(command: &mut Command) -> Output {
@@ -127,7 +118,7 @@ fn agent_deb_installs_creates_user_and_key_and_upgrades_and_purges_safely() {
     check_control(&control);
 
     if !is_root() {
-        eprintln!("skipped the dpkg --root installation in {TEST}: needs root");
+        skip("the dpkg --root installation needs root");
         return;
     }
     let namespaces = Command::new("unshare")

@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use peaqos_testkit::find_program;
+use peaqos_testkit::{Service, available_or_skip, find_program};
 
 const AGENT_UNIT: &str = "peaqos-agent.service";
 const ORCHESTRATOR_UNIT: &str = "peaqos-orchestrator.service";
@@ -44,11 +44,12 @@ fn value<'a>(unit: &'a str, key: &str) -> &'a str {
 }
 
 fn systemd_analyze(test: &str) -> Option<PathBuf> {
-    let found = find_program("systemd-analyze");
-    if found.is_none() {
-        eprintln!("skipped {test}: systemd-analyze not available (apt-get install systemd)");
-    }
-    found
+    available_or_skip(
+        Service::Systemd,
+        test,
+        find_program("systemd-analyze"),
+        "no systemd-analyze (apt-get install systemd)",
+    )
 }
 
 /// The orchestrator binary next to the agent's in the target dir, or, if
@@ -255,17 +256,24 @@ fn both_units_run_as_their_own_user_with_private_state_and_no_core_dumps() {
 /// with mode 0700.
 #[test]
 fn sysusers_and_tmpfiles_entries_create_users_and_private_state_dirs() {
-    let (Some(sysusers), Some(tmpfiles)) = (
-        find_program("systemd-sysusers"),
-        find_program("systemd-tmpfiles"),
+    const TEST: &str = "sysusers_and_tmpfiles";
+    let tools = find_program("systemd-sysusers").zip(find_program("systemd-tmpfiles"));
+    let Some((sysusers, tmpfiles)) = available_or_skip(
+        Service::Systemd,
+        TEST,
+        tools,
+        "no systemd-sysusers/systemd-tmpfiles",
     ) else {
-        eprintln!(
-            "skipped sysusers/tmpfiles test: systemd-sysusers or systemd-tmpfiles not available"
-        );
         return;
     };
-    if !is_root() {
-        eprintln!("skipped sysusers/tmpfiles test: needs root to chown in the temp root");
+    if available_or_skip(
+        Service::Systemd,
+        TEST,
+        is_root().then_some(()),
+        "needs root to chown in the temp root",
+    )
+    .is_none()
+    {
         return;
     }
     let root = tempfile::tempdir().unwrap();

@@ -17,6 +17,10 @@ pub enum Service {
     Mosquitto,
     Postgres,
     Python,
+    /// systemd's offline tools (`systemd-analyze`, `systemd-sysusers`).
+    Systemd,
+    /// Debian packaging: `cargo deb`, `dpkg-deb`, `dpkg`, root for `dpkg --root`.
+    Deb,
 }
 
 impl Service {
@@ -25,6 +29,8 @@ impl Service {
             Self::Mosquitto => "mosquitto",
             Self::Postgres => "postgres",
             Self::Python => "python",
+            Self::Systemd => "systemd",
+            Self::Deb => "deb",
         }
     }
 }
