@@ -5,7 +5,8 @@
 //! `peaqos:machine:<id>` alias, or `did:peaq:0x<address>`), and every write
 //! is bound to an EIP-191 proof that a controller of that identity signed a
 //! single-use challenge. Controllers come from the peaqOS MCR API or a local
-//! registry file; machines live in SQLite.
+//! registry file; machines live in SQLite (one process) or PostgreSQL (any
+//! number of replicas behind a load balancer).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), peaqos_orchestrator::Error> {
@@ -49,7 +50,7 @@ use crate::controllers::{
 };
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
-use crate::store::{SqliteStore, StoreError};
+use crate::store::StoreError;
 
 /// Makes ring the process's rustls crypto provider, once. reqwest is built
 /// without a bundled provider (its default would add aws-lc); anything in
@@ -146,7 +147,7 @@ impl Server {
             on_ready,
         } = self;
         config.check()?;
-        let store = SqliteStore::open(&config.database_url)
+        let store = store::open(&config.database_url, &config.pool_settings())
             .await
             .map_err(Error::Store)?;
         let source: Arc<dyn ControllerSource> = match (&config.mcr_api_url, &config.registry_file) {
@@ -186,7 +187,7 @@ impl Server {
                 config.challenge_burst,
                 Arc::clone(&clock),
             ),
-            store: Arc::new(store.clone()),
+            store: Arc::clone(&store),
             resolver: Arc::new(Resolver::new(cache)),
             clock,
             metrics,
@@ -197,6 +198,7 @@ impl Server {
         tracing::info!(
             addr = %local,
             controllers = source.name(),
+            database = store.backend().name(),
             verification = ?app.config.verification,
             "peaqos-orchestrator listening"
         );

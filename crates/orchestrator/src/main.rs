@@ -1,5 +1,6 @@
 //! `peaqos-orchestrator`: settings from `--config FILE` (TOML) and the
 //! environment, logs to stderr/journald, stops gracefully on SIGTERM/SIGINT.
+//! Once it listens, it prints `listening on http://<address>` on stdout.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,7 +34,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line with the whole chain ("what: why: detail").
-            eprintln!("peaqos-orchestrator: {e:#}");
+            let chain = peaqos_orchestrator::http::error_chain(e.as_ref());
+            eprintln!("peaqos-orchestrator: {chain}");
             ExitCode::FAILURE
         }
     }
@@ -50,8 +52,13 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {addr} (PEAQOS_LISTEN_ADDR)"))?;
         peaqos_orchestrator::Server::new(config)
-            // Type=notify units wait for this; outside systemd it is a no-op.
-            .on_ready(|_| notify(&[sd_notify::NotifyState::Ready]))
+            .on_ready(|addr| {
+                // One machine-readable line on stdout: how a script (or a
+                // test) that asked for port 0 learns the port.
+                println!("listening on http://{addr}");
+                // Type=notify units wait for this; outside systemd it is a no-op.
+                notify(&[sd_notify::NotifyState::Ready]);
+            })
             .run(listener, shutdown_signal())
             .await?;
         Ok(())

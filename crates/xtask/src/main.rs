@@ -1,32 +1,81 @@
 //! `cargo xtask <task>`: project tasks that need more than one cargo call.
 
-use std::process::ExitCode;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
 
+mod demo;
 mod test;
+
+const USAGE: &str = "usage: cargo xtask <task>\n\n\
+    tasks:\n  \
+    demo [OPTIONS] orchestrator + MQTT broker + agent on this machine, until Ctrl-C\n                 \
+    (--help for the options)\n  \
+    test [ARGS]    run the whole test suite (cargo test --workspace ARGS), saying\n                 \
+    which real servers it used; PEAQOS_TEST_REQUIRE=mosquitto,postgres,python\n                 \
+    makes a missing one a failure";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let task = args.next();
     let rest: Vec<String> = args.collect();
-    let result = if let Some("test") = task.as_deref() {
-        test::run(&rest)
-    } else {
-        {
-            eprintln!(
-                "usage: cargo xtask <task>\n\n\
-                 tasks:\n  \
-                 test [ARGS]   run the whole test suite (cargo test --workspace ARGS), saying\n                \
-                 which real servers it used; PEAQOS_TEST_REQUIRE=mosquitto,postgres,python\n                \
-                 makes a missing one a failure"
-            );
+    let result: Result<(), Box<dyn std::error::Error>> = match task.as_deref() {
+        Some("test") => test::run(&rest).map_err(Into::into),
+        Some("demo") => demo::run(&rest).map_err(Into::into),
+        _ => {
+            eprintln!("{USAGE}");
             return ExitCode::from(2);
         }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xtask: {e}");
+            // The whole chain in one line: "what: why: detail".
+            let mut text = e.to_string();
+            let mut source = e.source();
+            while let Some(cause) = source {
+                let _ = write!(text, ": {cause}");
+                source = cause.source();
+            }
+            eprintln!("xtask: {text}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The workspace root (this crate is `crates/xtask`).
+pub(crate) fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("crates/xtask lies two levels below the workspace root")
+        .to_path_buf()
+}
+
+/// The cargo that runs us (`$CARGO`), without the variables cargo set for
+/// us as a crate (`CARGO_PKG_NAME=xtask` ...). Build scripts such as ring's
+/// list some of them in `rerun-if-env-changed`; inherited, they would make
+/// every nested build rebuild those crates, and the next build from a shell
+/// rebuild them again.
+pub(crate) fn cargo() -> Command {
+    const SET_FOR_US: [&str; 5] = [
+        "CARGO_CRATE_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        let ours = name.to_str().is_some_and(|n| {
+            ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"]
+                .iter()
+                .any(|prefix| n.starts_with(prefix))
+                || SET_FOR_US.contains(&n)
+        });
+        if ours {
+            command.env_remove(name);
+        }
+    }
+    command
 }

@@ -32,6 +32,9 @@ use crate::store::StoreError;
 /// Seconds a client should wait before retrying after the controller source
 /// failed.
 const IDENTITY_RETRY_AFTER_SECS: u64 = 5;
+/// Seconds a client should wait before retrying when the database did not
+/// answer.
+const DATABASE_RETRY_AFTER_SECS: u64 = 2;
 /// Error messages never carry more than this of anything a client sent.
 const MAX_MESSAGE_LEN: usize = 300;
 
@@ -100,13 +103,20 @@ impl ApiError {
     }
 }
 
-/// `a: b: c` from an error and its sources.
+/// `a: b: c` from an error and its sources. A source whose text the
+/// message before already ends with is left out (sqlx's errors repeat their
+/// cause in their own message).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
+    let mut last = out.clone();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if !last.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
         source = s.source();
     }
     out
@@ -124,7 +134,18 @@ impl From<Unavailable> for ApiError {
 }
 
 impl From<StoreError> for ApiError {
+    /// A database that does not answer is `503 SERVICE_UNAVAILABLE` with
+    /// `Retry-After` (the client may retry the same request); anything else
+    /// is a fault. The cause is logged, never sent.
     fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!(error = %error_chain(&e), "database not answering");
+            return Self::new(
+                ErrorCode::ServiceUnavailable,
+                "the database is not answering right now; retry later",
+            )
+            .retry_after(DATABASE_RETRY_AFTER_SECS);
+        }
         Self::internal(&e)
     }
 }

@@ -1,26 +1,104 @@
-//! Persistence of challenges and machines behind one trait.
+//! Persistence of challenges and machines behind one trait, with two
+//! implementations: an embedded SQLite file (one process) and PostgreSQL
+//! (any number of replicas sharing one database).
 //!
-//! The trait is written for several replicas sharing one database
-//! (PostgreSQL, later): every rule that must hold across processes is a
-//! single statement or a transaction in the database, never a check in this
-//! process's memory. Consuming a challenge deletes its row in the same
-//! transaction as the machine write it authorises; the unique index on live
-//! identities decides "one machine per identity"; the pending-challenge bound
-//! is part of the insert statement.
+//! The trait is written for several replicas sharing one database: every
+//! rule that must hold across processes is a single statement or a
+//! transaction in the database, never a check in this process's memory.
+//! Consuming a challenge deletes its row in the same transaction as the
+//! machine write it authorises; the unique index on live identities decides
+//! "one machine per identity"; the pending-challenge bound is part of the
+//! insert statement.
 
+pub mod error;
+pub mod pg_pool;
+pub mod postgres;
 pub mod row_cache;
+mod rows;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use peaqos_protocol::{IdentityRef, MachineIdentityProof, MachineStatus, Timestamp};
 
+pub use error::StoreError;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+
+/// The database a `DATABASE_URL` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// `sqlite:...` or `postgres://...` (`postgresql://`); `None` otherwise.
+    pub fn of(url: &str) -> Option<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Self::Postgres)
+        } else if url == "sqlite::memory:"
+            || url
+                .strip_prefix("sqlite://")
+                .or_else(|| url.strip_prefix("sqlite:"))
+                .is_some_and(|rest| !rest.is_empty())
+        {
+            Some(Self::Sqlite)
+        } else {
+            None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+/// Connection pool limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// PostgreSQL: connections this process opens at most. (SQLite has one
+    /// writer and a few readers, whatever this says.)
+    pub max_connections: u32,
+    /// Longest a request waits for a connection (including connecting)
+    /// before it is answered `503`.
+    pub acquire_timeout: Duration,
+    /// PostgreSQL: `statement_timeout` of every connection. SQLite: how long
+    /// a statement waits for a lock (`busy_timeout`).
+    pub statement_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Opens the database `url` names, applying the embedded migrations.
+pub async fn open(url: &str, settings: &PoolSettings) -> Result<Arc<dyn Store>, StoreError> {
+    match Backend::of(url) {
+        Some(Backend::Postgres) => Ok(Arc::new(PostgresStore::open(url, settings).await?)),
+        Some(Backend::Sqlite) => Ok(Arc::new(SqliteStore::open_with(url, settings).await?)),
+        None => Err(StoreError::UnsupportedUrl),
+    }
+}
 
 /// What a store method returns: boxed, so that `Arc<dyn Store>` works.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A future that cannot fail.
+pub type CloseFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// A challenge as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,47 +198,15 @@ pub enum ChallengeInsert {
     Full,
 }
 
-/// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error")]
-    Database(#[source] sqlx::Error),
-    #[error("database migration failed")]
-    Migrate(#[source] sqlx::migrate::MigrateError),
-    #[error("database {path} is in use by another orchestrator process")]
-    InUse { path: String },
-    #[error("cannot lock the database {path}")]
-    Lock {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot create the database directory {path}")]
-    CreateDir {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// Another live machine holds this identity.
-    #[error("identity already has a machine ({machine_id})")]
-    IdentityTaken { machine_id: String },
-    /// The challenge to consume is no longer there.
-    #[error("challenge was consumed, expired or never issued for this identity")]
-    ChallengeGone,
-    #[error("stored row {id} is unreadable: {what}")]
-    Corrupt { id: String, what: String },
-}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Database(e)
-    }
-}
-
 /// The storage operations the HTTP layer needs.
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    fn backend(&self) -> Backend;
+
     /// A trivial round trip, for readiness.
     fn ping(&self) -> StoreFuture<'_, ()>;
+
+    /// Closes the connections, waiting for those in use.
+    fn close(&self) -> CloseFuture<'_>;
 
     /// Stores a challenge unless `max_pending` unexpired challenges exist.
     fn insert_challenge<'a>(

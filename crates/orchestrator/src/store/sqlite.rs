@@ -14,32 +14,24 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use peaqos_protocol::{IdentityRef, MachineIdentityProof, Timestamp};
+use peaqos_protocol::{IdentityRef, Timestamp};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Sqlite, Transaction};
 
 use super::row_cache::RowCache;
+use super::rows::{challenge_from_row, machine_columns, machine_from_row, to_json};
 use super::{
-    ChallengeInsert, ChallengeRecord, Consume, MachineRecord, PageKey, Store, StoreError,
-    StoreFuture, StoredStatus,
+    Backend, ChallengeInsert, ChallengeRecord, CloseFuture, Consume, MachineRecord, PageKey,
+    PoolSettings, Store, StoreError, StoreFuture, StoredStatus,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// Read connections beside the one writer.
 const READERS: u32 = 4;
-
-macro_rules! machine_columns {
-    () => {
-        "id, identity_ref, status, display_name, owner_id, machine_type, runtime_profile, \
-         capabilities, labels, policy_ids, skill_keys, proof, created_at, updated_at"
-    };
-}
 
 /// SQLite-backed [`Store`].
 #[derive(Debug, Clone)]
@@ -51,11 +43,27 @@ pub struct SqliteStore {
     _lock: Option<Arc<std::fs::File>>,
 }
 
+/// The keys of a list page, from the index alone: `(created_at, id)` after
+/// the cursor.
+pub const LIST_KEYS_SQL: &str = "SELECT id FROM machines \
+     WHERE status <> 'archived' AND (created_at, id) > (?, ?) \
+     ORDER BY created_at, id LIMIT ?";
+
+/// A list page as whole rows.
+pub const LIST_ROWS_SQL: &str = concat!(
+    "SELECT ",
+    machine_columns!(),
+    " FROM machines WHERE status <> 'archived' AND (created_at, id) > (?, ?) \
+     ORDER BY created_at, id LIMIT ?"
+);
+
 /// Pool settings common to all pools. An in-process SQLite connection
 /// cannot go stale like a network one, so no ping precedes each use (it
 /// would double the round trips to the connection's thread).
-fn pool_options() -> SqlitePoolOptions {
-    SqlitePoolOptions::new().test_before_acquire(false)
+fn pool_options(settings: &PoolSettings) -> SqlitePoolOptions {
+    SqlitePoolOptions::new()
+        .test_before_acquire(false)
+        .acquire_timeout(settings.acquire_timeout)
 }
 
 /// Takes the exclusive lock beside the database file.
@@ -87,14 +95,20 @@ fn lock_file(db: &std::path::Path) -> Result<std::fs::File, StoreError> {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `url` and applies the
-    /// embedded migrations.
+    /// embedded migrations, with the default pool settings.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)?
+        Self::open_with(url, &PoolSettings::default()).await
+    }
+
+    /// Like [`SqliteStore::open`], with pool settings.
+    pub async fn open_with(url: &str, settings: &PoolSettings) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(StoreError::Database)?
             .create_if_missing(true)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(settings.statement_timeout);
         if url == "sqlite::memory:" || url.contains("mode=memory") {
-            let pool = pool_options()
+            let pool = pool_options(settings)
                 .max_connections(1)
                 .min_connections(1)
                 .idle_timeout(None)
@@ -123,13 +137,13 @@ impl SqliteStore {
             // With WAL, NORMAL loses at most the last transactions on power
             // loss, never consistency; FULL would fsync every write.
             .synchronous(SqliteSynchronous::Normal);
-        let writer = pool_options()
+        let writer = pool_options(settings)
             .max_connections(1)
             .min_connections(1)
             .connect_with(options.clone())
             .await?;
         MIGRATOR.run(&writer).await.map_err(StoreError::Migrate)?;
-        let reader = pool_options()
+        let reader = pool_options(settings)
             .max_connections(READERS)
             .connect_with(options)
             .await?;
@@ -167,77 +181,20 @@ async fn consume(
     }
 }
 
-fn to_json<T: serde::Serialize>(value: &T) -> String {
-    // Serialising strings, lists and maps of strings cannot fail.
-    serde_json::to_string(value).unwrap_or_default()
-}
-
-fn machine_from_row(row: &SqliteRow) -> Result<MachineRecord, StoreError> {
-    let id: String = row.try_get("id")?;
-    let corrupt = |what: &str| StoreError::Corrupt {
-        id: id.clone(),
-        what: what.to_owned(),
-    };
-    let json = |column: &str| -> Result<String, StoreError> { Ok(row.try_get(column)?) };
-    let identity =
-        IdentityRef::parse(row.try_get("identity_ref")?).map_err(|_| corrupt("identity_ref"))?;
-    let status = StoredStatus::parse(row.try_get("status")?).ok_or_else(|| corrupt("status"))?;
-    let proof: Option<String> = row.try_get("proof")?;
-    let proof = proof
-        .map(|p| serde_json::from_str::<MachineIdentityProof>(&p))
-        .transpose()
-        .map_err(|_| corrupt("proof"))?;
-    let millis = |column: &str| -> Result<Timestamp, StoreError> {
-        Timestamp::from_unix_millis(row.try_get(column)?).ok_or_else(|| corrupt(column))
-    };
-    Ok(MachineRecord {
-        identity,
-        status,
-        display_name: row.try_get("display_name")?,
-        owner_id: row.try_get("owner_id")?,
-        machine_type: row.try_get("machine_type")?,
-        runtime_profile: row.try_get("runtime_profile")?,
-        capabilities: serde_json::from_str(&json("capabilities")?)
-            .map_err(|_| corrupt("capabilities"))?,
-        labels: serde_json::from_str(&json("labels")?).map_err(|_| corrupt("labels"))?,
-        policy_ids: serde_json::from_str(&json("policy_ids")?)
-            .map_err(|_| corrupt("policy_ids"))?,
-        skill_keys: serde_json::from_str(&json("skill_keys")?)
-            .map_err(|_| corrupt("skill_keys"))?,
-        proof,
-        created_at: millis("created_at")?,
-        updated_at: millis("updated_at")?,
-        id,
-    })
-}
-
-fn challenge_from_row(row: &SqliteRow) -> Result<ChallengeRecord, StoreError> {
-    let id: String = row.try_get("id")?;
-    let corrupt = |what: &str| StoreError::Corrupt {
-        id: id.clone(),
-        what: what.to_owned(),
-    };
-    let identity =
-        IdentityRef::parse(row.try_get("identity_ref")?).map_err(|_| corrupt("identity_ref"))?;
-    let issued_at = Timestamp::from_unix_millis(row.try_get("issued_at")?)
-        .ok_or_else(|| corrupt("issued_at"))?;
-    let expires_at = Timestamp::from_unix_millis(row.try_get("expires_at")?)
-        .ok_or_else(|| corrupt("expires_at"))?;
-    Ok(ChallengeRecord {
-        message: row.try_get("message")?,
-        identity,
-        issued_at,
-        expires_at,
-        id,
-    })
-}
-
 impl Store for SqliteStore {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             sqlx::query("SELECT 1").execute(&self.reader).await?;
             Ok(())
         })
+    }
+
+    fn close(&self) -> CloseFuture<'_> {
+        Box::pin(SqliteStore::close(self))
     }
 
     fn insert_challenge<'a>(
@@ -447,15 +404,12 @@ impl Store for SqliteStore {
             let (created, id) = after.map_or((i64::MIN, ""), |k| (k.created_at_ms, &k.id));
             // The page's keys come from the index alone; the records, from
             // the row cache where it has them.
-            let keys: Vec<String> = sqlx::query_scalar(
-                "SELECT id FROM machines WHERE status <> 'archived' AND (created_at, id) > (?, ?) \
-                 ORDER BY created_at, id LIMIT ?",
-            )
-            .bind(created)
-            .bind(id)
-            .bind(i64::from(limit))
-            .fetch_all(&self.reader)
-            .await?;
+            let keys: Vec<String> = sqlx::query_scalar(LIST_KEYS_SQL)
+                .bind(created)
+                .bind(id)
+                .bind(i64::from(limit))
+                .fetch_all(&self.reader)
+                .await?;
             let mut records = Vec::with_capacity(keys.len());
             let mut missing = Vec::new();
             for (i, key) in keys.iter().enumerate() {
@@ -494,17 +448,12 @@ impl SqliteStore {
         limit: u32,
     ) -> Result<Vec<MachineRecord>, StoreError> {
         let ticket = self.rows.ticket();
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            machine_columns!(),
-            " FROM machines WHERE status <> 'archived' AND (created_at, id) > (?, ?) \
-             ORDER BY created_at, id LIMIT ?"
-        ))
-        .bind(created)
-        .bind(id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(LIST_ROWS_SQL)
+            .bind(created)
+            .bind(id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
         let records = rows
             .iter()
             .map(machine_from_row)
@@ -516,6 +465,9 @@ impl SqliteStore {
     }
 }
 
+/// What only the SQLite store has: the lock file and the row cache. The
+/// behaviour every store shares is tested on every database by
+/// `tests/store`.
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -524,16 +476,6 @@ mod tests {
 
     fn ts(ms: i64) -> Timestamp {
         Timestamp::from_unix_millis(ms).unwrap()
-    }
-
-    fn challenge(id: &str, identity: &str, expires_ms: i64) -> ChallengeRecord {
-        ChallengeRecord {
-            id: id.into(),
-            identity: IdentityRef::parse(identity).unwrap(),
-            message: format!("message of {id}"),
-            issued_at: ts(expires_ms - 300_000),
-            expires_at: ts(expires_ms),
-        }
     }
 
     fn machine(id: &str, identity: &str, created_ms: i64) -> MachineRecord {
@@ -552,159 +494,6 @@ mod tests {
             proof: None,
             created_at: ts(created_ms),
             updated_at: ts(created_ms),
-        }
-    }
-
-    async fn stores() -> Vec<(SqliteStore, Option<tempfile::TempDir>)> {
-        let dir = tempfile::tempdir().unwrap();
-        let file = format!("sqlite://{}/x/o.db", dir.path().display());
-        vec![
-            (SqliteStore::open("sqlite::memory:").await.unwrap(), None),
-            (SqliteStore::open(&file).await.unwrap(), Some(dir)),
-        ]
-    }
-
-    #[tokio::test]
-    async fn challenges_are_bounded_consumed_once_and_collected() {
-        for (store, _dir) in stores().await {
-            let now = ts(1_000_000);
-            for i in 0..3 {
-                let c = challenge(&format!("chl_{i}"), "did:peaq:1", 1_300_000);
-                assert_eq!(
-                    store.insert_challenge(&c, 3).await.unwrap(),
-                    ChallengeInsert::Stored
-                );
-            }
-            let c = challenge("chl_9", "did:peaq:1", 1_300_000);
-            assert_eq!(
-                store.insert_challenge(&c, 3).await.unwrap(),
-                ChallengeInsert::Full
-            );
-            assert_eq!(
-                store.get_challenge("chl_0").await.unwrap(),
-                Some(challenge("chl_0", "did:peaq:1", 1_300_000))
-            );
-
-            let identity = IdentityRef::parse("did:peaq:1").unwrap();
-            let other = IdentityRef::parse("did:peaq:2").unwrap();
-            let consume = |id, identity, now| {
-                Some(Consume {
-                    challenge_id: id,
-                    identity,
-                    now,
-                })
-            };
-            // Wrong identity or past expiry: nothing is consumed or written.
-            for (id, who, at) in [("chl_0", &other, now), ("chl_0", &identity, ts(1_300_000))] {
-                let m = machine("mach_a", "did:peaq:1", 1);
-                assert!(matches!(
-                    store.insert_machine(&m, consume(id, who, at)).await,
-                    Err(StoreError::ChallengeGone)
-                ));
-                assert_eq!(store.get_machine("mach_a").await.unwrap(), None);
-            }
-            let m = machine("mach_a", "did:peaq:1", 1);
-            store
-                .insert_machine(&m, consume("chl_0", &identity, now))
-                .await
-                .unwrap();
-            assert_eq!(
-                store.get_challenge("chl_0").await.unwrap(),
-                None,
-                "consumed"
-            );
-            let mut m2 = m.clone();
-            m2.display_name = "renamed".into();
-            assert!(matches!(
-                store
-                    .update_machine(&m2, consume("chl_0", &identity, now))
-                    .await,
-                Err(StoreError::ChallengeGone)
-            ));
-            assert_eq!(
-                store
-                    .get_machine("mach_a")
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .display_name,
-                "Robot"
-            );
-
-            // A failed write gives the challenge back.
-            let clash = machine("mach_b", "did:peaq:1", 2);
-            assert!(matches!(
-                store.insert_machine(&clash, consume("chl_1", &identity, now)).await,
-                Err(StoreError::IdentityTaken { machine_id }) if machine_id == "mach_a"
-            ));
-            assert!(store.get_challenge("chl_1").await.unwrap().is_some());
-
-            assert_eq!(
-                store
-                    .delete_expired_challenges(ts(1_299_999))
-                    .await
-                    .unwrap(),
-                0
-            );
-            assert_eq!(
-                store
-                    .delete_expired_challenges(ts(1_300_000))
-                    .await
-                    .unwrap(),
-                2
-            );
-        }
-    }
-
-    #[tokio::test]
-    async fn machines_page_in_keyset_order_and_archive_releases_identity() {
-        for (store, _dir) in stores().await {
-            for (i, created) in [(0, 5), (1, 3), (2, 5), (3, 1)] {
-                let m = machine(&format!("mach_{i}"), &format!("did:peaq:{i}"), created);
-                store.insert_machine(&m, None).await.unwrap();
-            }
-            let page = async |after: Option<&PageKey>| {
-                store
-                    .list_machines(after, 2)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .map(|m| m.id)
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(page(None).await, ["mach_3", "mach_1"]);
-            let key = PageKey {
-                created_at_ms: 3,
-                id: "mach_1".into(),
-            };
-            assert_eq!(page(Some(&key)).await, ["mach_0", "mach_2"]);
-
-            assert_eq!(
-                store.archive_machine("mach_0", ts(9)).await.unwrap(),
-                Some(true)
-            );
-            assert_eq!(
-                store.archive_machine("mach_0", ts(9)).await.unwrap(),
-                Some(false)
-            );
-            assert_eq!(store.archive_machine("mach_x", ts(9)).await.unwrap(), None);
-            assert_eq!(page(Some(&key)).await, ["mach_2"]);
-            let archived = store.get_machine("mach_0").await.unwrap().unwrap();
-            assert_eq!(archived.status, StoredStatus::Archived);
-            assert!(
-                !store.update_machine(&archived, None).await.unwrap(),
-                "archived is final"
-            );
-            let identity = IdentityRef::parse("did:peaq:0").unwrap();
-            assert_eq!(store.live_machine_for(&identity).await.unwrap(), None);
-            store
-                .insert_machine(&machine("mach_5", "did:peaq:0", 10), None)
-                .await
-                .unwrap();
-            assert_eq!(
-                store.live_machine_for(&identity).await.unwrap().as_deref(),
-                Some("mach_5")
-            );
         }
     }
 

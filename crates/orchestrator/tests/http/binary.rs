@@ -49,7 +49,11 @@ fn bad_settings_stop_start_up_with_one_line_naming_them() {
             &[("PEAQOS_REQUIRE_API_AUTH", "true")],
             "PEAQOS_API_KEYS_FILE",
         ),
-        (&[("DATABASE_URL", "postgres://x")], "DATABASE_URL"),
+        (&[("DATABASE_URL", "mysql://x/db")], "DATABASE_URL"),
+        (
+            &[("PEAQOS_DB_STATEMENT_TIMEOUT_MS", "soon")],
+            "PEAQOS_DB_STATEMENT_TIMEOUT_MS",
+        ),
     ];
     for (env, setting) in cases {
         let (code, stderr) = run_with(env, &[]);
@@ -77,6 +81,26 @@ fn bad_settings_stop_start_up_with_one_line_naming_them() {
         stderr.contains("PEAQOS_MCR_REGISTRY_FILE") && stderr.contains("missing.toml"),
         "{stderr}"
     );
+
+    // A database that cannot be reached: one line naming the setting, and
+    // neither the password nor a wait longer than the acquire timeout.
+    let closed = peaqos_testkit::free_port();
+    let url = format!("postgres://fleet:s3cret@127.0.0.1:{closed}/fleet");
+    let started = std::time::Instant::now();
+    let (code, stderr) = run_with(
+        &[
+            ("DATABASE_URL", &url),
+            ("PEAQOS_DB_ACQUIRE_TIMEOUT_MS", "300"),
+            ("PEAQOS_LISTEN_ADDR", &addr),
+            ("RUST_LOG", "off"),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10));
 
     let file = dir.path().join("orchestrator.toml");
     std::fs::write(&file, "challenge_ttl_secs = 60\nproof_max_age = 5\n").unwrap();

@@ -1,20 +1,36 @@
 //! Single-use challenges and one machine per identity under concurrent
-//! requests, on a file database (WAL, separate read and write connections).
+//! requests, on a file database (WAL, separate read and write connections)
+//! and on PostgreSQL when one is reachable.
 
 use std::sync::Arc;
 
 use peaqos_protocol::Machine;
 use serde_json::json;
 
+use crate::pg::PgSchema;
 use crate::support::{TestServer, expect_item, key, machine_body};
 
-async fn file_server() -> Arc<TestServer> {
-    Arc::new(TestServer::start(|c| c.database_url = crate::support::FILE_DB.into()).await)
+/// A server on a SQLite file and, when one is reachable, a server on
+/// PostgreSQL (with the schema that outlives it).
+async fn servers(test: &str) -> Vec<(Arc<TestServer>, Option<PgSchema>)> {
+    let file = TestServer::start(|c| c.database_url = crate::support::FILE_DB.into()).await;
+    let mut out = vec![(Arc::new(file), None)];
+    if let Some(schema) = PgSchema::create(test).await {
+        let url = schema.url.clone();
+        let pg = TestServer::start(move |c| c.database_url = url).await;
+        out.push((Arc::new(pg), Some(schema)));
+    }
+    out
 }
 
 #[tokio::test]
 async fn a_challenge_wins_once_however_many_submit_it() {
-    let s = file_server().await;
+    for (s, _schema) in servers("a_challenge_wins_once_however_many_submit_it").await {
+        a_challenge_wins_once(s).await;
+    }
+}
+
+async fn a_challenge_wins_once(s: Arc<TestServer>) {
     let k = key(0);
     let m = s.create("did:peaq:1", &k).await;
     let proof = s.proof("did:peaq:1", &k).await;
@@ -48,7 +64,13 @@ async fn a_challenge_wins_once_however_many_submit_it() {
 
 #[tokio::test]
 async fn concurrent_creates_of_one_identity_make_one_machine_and_burn_no_loser() {
-    let s = file_server().await;
+    let test = "concurrent_creates_of_one_identity_make_one_machine_and_burn_no_loser";
+    for (s, _schema) in servers(test).await {
+        concurrent_creates_make_one_machine(s).await;
+    }
+}
+
+async fn concurrent_creates_make_one_machine(s: Arc<TestServer>) {
     let k = key(0);
     let mut proofs = Vec::new();
     for _ in 0..8 {

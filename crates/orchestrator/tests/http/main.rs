@@ -8,6 +8,9 @@
 
 mod support;
 
+#[path = "../common/pg.rs"]
+mod pg;
+
 mod abuse;
 mod binary;
 mod concurrency;
@@ -15,4 +18,6 @@ mod contract;
 mod docs;
 mod lifetime;
 mod mcr;
+mod outage;
+mod replicas;
 mod sdk;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use peaqos_protocol::{Machine, MachineStatus};
+use peaqos_protocol::{ListResponse, Machine, MachineStatus};
 use serde_json::json;
 
 use crate::support::{Key, TestServer, expect_error, expect_item, key, machine_body};
@@ -44,6 +44,8 @@ impl Mode {
 struct FakeState {
     mode: Arc<Mutex<Mode>>,
     hits: Arc<AtomicUsize>,
+    in_flight: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
 }
 
 /// A fake MCR API on 127.0.0.1:0, stopped on drop.
@@ -51,6 +53,7 @@ pub(crate) struct FakeMcr {
     pub(crate) url: String,
     mode: Arc<Mutex<Mode>>,
     hits: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -59,6 +62,8 @@ impl FakeMcr {
         let state = FakeState {
             mode: Arc::new(Mutex::new(mode)),
             hits: Arc::new(AtomicUsize::new(0)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            peak: Arc::new(AtomicUsize::new(0)),
         };
         let app = axum::Router::new()
             .route("/v1/machine/{did}", axum::routing::get(machine))
@@ -72,6 +77,7 @@ impl FakeMcr {
             url,
             mode: state.mode,
             hits: state.hits,
+            peak: state.peak,
             task,
         }
     }
@@ -82,6 +88,11 @@ impl FakeMcr {
 
     pub(crate) fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// The most requests it was answering at once, since the last call.
+    pub(crate) fn take_peak(&self) -> usize {
+        self.peak.swap(0, Ordering::SeqCst)
     }
 }
 
@@ -117,8 +128,26 @@ fn profile(
     })
 }
 
+/// Counts a request in flight for as long as it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(state: &FakeState) -> Self {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.peak.fetch_max(now, Ordering::SeqCst);
+        Self(Arc::clone(&state.in_flight))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn machine(State(state): State<FakeState>, Path(did): Path<String>) -> Response {
     state.hits.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = InFlight::enter(&state);
     let mut mode = state.mode.lock().unwrap().clone();
     if let Mode::Slow(delay, inner) = mode {
         tokio::time::sleep(delay).await;
@@ -348,4 +377,65 @@ async fn concurrent_reads_share_one_lookup_and_the_cache_expires() {
     assert_eq!(s.get(&path).await.status(), 200);
     s.clock.advance(Duration::from_secs(11));
     expect_error(s.get(&path).await, 409, "MACHINE_NOT_ACTIVATED").await;
+}
+
+#[tokio::test]
+async fn a_list_page_looks_each_identity_up_once_concurrently_and_only_when_cold() {
+    const MACHINES: usize = 40;
+    let k = key(0);
+    let mcr = FakeMcr::start(Mode::owned_by(&k)).await;
+    let s = Arc::new(server_for(&mcr).await);
+    for i in 0..MACHINES {
+        s.create(&format!("did:peaq:{}", 100 + i), &k).await;
+    }
+    let list = async |s: &TestServer| -> usize {
+        let r = s.get("/api/v1/machines?limit=100").await;
+        let page: ListResponse<Machine> = expect_list(r).await;
+        page.items.len()
+    };
+
+    // Fresh cache: a page costs the controller source nothing.
+    let before = mcr.hits();
+    assert_eq!(list(&s).await, MACHINES);
+    assert_eq!(mcr.hits(), before, "warm page, no look-ups");
+
+    // Cold: one look-up per identity, several at a time but never more
+    // than the bound, however slow the source.
+    s.clock.advance(Duration::from_secs(11));
+    mcr.set(Mode::Slow(
+        Duration::from_millis(50),
+        Box::new(Mode::owned_by(&k)),
+    ));
+    mcr.take_peak();
+    let before = mcr.hits();
+    assert_eq!(list(&s).await, MACHINES);
+    assert_eq!(mcr.hits() - before, MACHINES, "one look-up per identity");
+    let peak = mcr.take_peak();
+    // 16 in flight at most; well above one (they are concurrent).
+    assert!((9..=16).contains(&peak), "{peak} look-ups at once");
+
+    // Cold again, three lists at once: still one look-up per identity.
+    s.clock.advance(Duration::from_secs(11));
+    let before = mcr.hits();
+    let lists: Vec<_> = (0..3)
+        .map(|_| {
+            let s = Arc::clone(&s);
+            tokio::spawn(async move { list(&s).await })
+        })
+        .collect();
+    for l in lists {
+        assert_eq!(l.await.unwrap(), MACHINES);
+    }
+    assert_eq!(
+        mcr.hits() - before,
+        MACHINES,
+        "concurrent pages share look-ups"
+    );
+}
+
+async fn expect_list<T: serde::de::DeserializeOwned>(r: reqwest::Response) -> ListResponse<T> {
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
 }

@@ -6,6 +6,7 @@ use std::process::Stdio;
 
 use serde_json::Value;
 
+use crate::pg::PgSchema;
 use crate::support::{TIMEOUT, TestServer, keys, registry_toml};
 
 async fn run_sdk_flow(
@@ -44,12 +45,18 @@ async fn run_sdk_flow(
 
 #[tokio::test]
 async fn python_sdk_full_machine_lifecycle() {
-    let Some(python) = peaqos_testkit::python_with(
-        "python_sdk_full_machine_lifecycle",
-        &["peaq_os_sdk", "eth_account"],
-    ) else {
+    let test = "python_sdk_full_machine_lifecycle";
+    let Some(python) = peaqos_testkit::python_with(test, &["peaq_os_sdk", "eth_account"]) else {
         return;
     };
+    sdk_lifecycle(&python, None).await;
+    // The same on PostgreSQL, when one is reachable.
+    if let Some(schema) = PgSchema::create(test).await {
+        sdk_lifecycle(&python, Some(&schema.url)).await;
+    }
+}
+
+async fn sdk_lifecycle(python: &std::path::Path, database_url: Option<&str>) {
     let k = keys();
     let dir = tempfile::tempdir().unwrap();
     let api_keys = dir.path().join("keys");
@@ -58,9 +65,12 @@ async fn python_sdk_full_machine_lifecycle() {
         c.require_api_auth = true;
         c.api_keys_file = Some(api_keys.clone());
         c.proof_max_age = Some(std::time::Duration::from_secs(86_400));
+        if let Some(url) = database_url {
+            url.clone_into(&mut c.database_url);
+        }
     })
     .await;
-    let out = run_sdk_flow(&s, &python, &k[3], "sdk-test-key-0123456789").await;
+    let out = run_sdk_flow(&s, python, &k[3], "sdk-test-key-0123456789").await;
 
     assert_eq!(out["challenge_identity"], "did:peaq:21");
     assert_eq!(out["controllers"], serde_json::json!([k[3].address]));

@@ -1,0 +1,132 @@
+//! The figures, as Markdown tables (for the README) after progress lines
+//! (on stderr, while the run goes on).
+
+use std::time::Duration;
+
+use peaqos_orchestrator::store::Backend;
+
+use crate::burst;
+use crate::scenarios::{Outcome, Scenario, Walk};
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+pub(crate) fn progress(o: &Outcome) {
+    eprintln!(
+        "{:<50} {:>10.0}/s  p50 {:>9}  p99 {:>9}  errors {}",
+        o.scenario.label(),
+        o.per_second,
+        ms(o.p50),
+        ms(o.p99),
+        o.errors
+    );
+    if let Some(e) = &o.first_error {
+        eprintln!("    first error: {e}");
+    }
+}
+
+pub(crate) fn burst_progress(r: &burst::Report) {
+    eprintln!(
+        "burst: {} of {} agents in {:.1} s, p99 {}, {} retries, {} failed",
+        r.done,
+        r.agents,
+        r.wall.as_secs_f64(),
+        ms(r.p99),
+        r.retries,
+        r.failed
+    );
+}
+
+pub(crate) struct Run<'a> {
+    pub(crate) backend: Option<Backend>,
+    pub(crate) replicas: usize,
+    pub(crate) machines: usize,
+    pub(crate) connections: usize,
+    pub(crate) duration: u64,
+    pub(crate) warmup: u64,
+    pub(crate) outcomes: &'a [Outcome],
+    pub(crate) walk: &'a Walk,
+    pub(crate) burst: Option<&'a (burst::Report, burst::Plan)>,
+}
+
+pub(crate) fn print(run: &Run<'_>) {
+    // The ceiling: the best /health figure of the run.
+    let ceiling = run
+        .outcomes
+        .iter()
+        .filter(|o| o.scenario == Scenario::Health)
+        .map(|o| o.per_second)
+        .fold(0.0, f64::max);
+    let store = run.backend.map_or("running servers", Backend::name);
+    println!(
+        "\n{store}, {} replica(s), {} machines; {} connections, {} s per scenario after {} s \
+         warm-up, {} cores\n",
+        run.replicas,
+        run.machines,
+        run.connections,
+        run.duration,
+        run.warmup,
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+    );
+    println!("| scenario | per second | p50 | p99 | requests vs /health |");
+    println!("|---|---:|---:|---:|---:|");
+    for o in run.outcomes {
+        let ratio = if ceiling > 0.0 {
+            o.per_second * o.scenario.requests() as f64 / ceiling
+        } else {
+            0.0
+        };
+        println!(
+            "| {} | {:.0} | {} | {} | {:.2} |",
+            o.scenario.label(),
+            o.per_second,
+            ms(o.p50),
+            ms(o.p99),
+            ratio
+        );
+        if o.errors > 0 {
+            println!("|   ({} errors) | | | | |", o.errors);
+        }
+    }
+    let w = run.walk;
+    println!(
+        "\nAll {} machines in {} pages of 500: {:.2} s; a page took {} on average in the first \
+         tenth and {} in the last (ratio {:.2}).",
+        w.machines,
+        w.pages,
+        w.total.as_secs_f64(),
+        ms(w.first_tenth),
+        ms(w.last_tenth),
+        w.last_tenth.as_secs_f64() / w.first_tenth.as_secs_f64().max(1e-9)
+    );
+    if let Some((r, plan)) = run.burst {
+        let fits = r.failed == 0 && r.wall <= Duration::from_secs(60);
+        println!(
+            "\nPower-cut burst: {} agents back within {} s, each on its own connection \
+             (at most {} open), re-proving (GET, challenge, signature, PATCH).\n",
+            r.agents,
+            plan.spread.as_secs(),
+            plan.max_open
+        );
+        println!(
+            "| agents done | failed | last done after | agents/s | p50 | p99 | p99 of one attempt | retries | within a minute |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        println!(
+            "| {} | {} | {:.1} s | {:.0} | {} | {} | {} | {} | {} |",
+            r.done,
+            r.failed,
+            r.wall.as_secs_f64(),
+            r.done as f64 / r.wall.as_secs_f64().max(1e-9),
+            ms(r.p50),
+            ms(r.p99),
+            ms(r.attempt_p99),
+            r.retries,
+            if fits { "yes" } else { "no" }
+        );
+        if let Some(e) = &r.first_error {
+            println!("\nfirst error: {e}");
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Two `peaqos-orchestrator` processes on one PostgreSQL database, as
+//! behind a load balancer: whatever one replica issues, the other honours,
+//! and the rules that span requests (single-use challenges, one machine per
+//! identity) hold across them.
+
+use std::process::Stdio;
+use std::sync::Arc;
+
+use peaqos_protocol::{Challenge, ListResponse, Machine};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout};
+
+use crate::pg::PgSchema;
+use crate::support::{
+    Key, TIMEOUT, expect_error, expect_item, key, machine_body, registry_toml, sign,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_peaqos-orchestrator");
+/// Identities `did:peaq:1..=IDENTITIES` are controlled by fixture key 0.
+const IDENTITIES: usize = 40;
+
+/// One orchestrator process on a port it chose itself.
+struct Replica {
+    base: String,
+    client: reqwest::Client,
+    _child: Child,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Replica {
+    async fn start(database_url: &str, registry: &std::path::Path) -> Self {
+        let mut child = tokio::process::Command::new(BIN)
+            .env_clear()
+            .env("PEAQOS_LISTEN_ADDR", "127.0.0.1:0")
+            .env("DATABASE_URL", database_url)
+            .env("PEAQOS_MCR_REGISTRY_FILE", registry)
+            .env("PEAQOS_CHALLENGE_RATE_PER_MINUTE", "100000")
+            .env("PEAQOS_CHALLENGE_BURST", "100000")
+            .env("PEAQOS_DB_MAX_CONNECTIONS", "8")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        // The binary prints where it listens once it is ready.
+        let base = tokio::time::timeout(TIMEOUT, async {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let n = stdout.read_line(&mut line).await.unwrap();
+                assert!(n > 0, "the replica exited before listening");
+                if let Some(url) = line.trim().strip_prefix("listening on ") {
+                    return url.to_owned();
+                }
+            }
+        })
+        .await
+        .expect("the replica says where it listens");
+        peaqos_orchestrator::install_crypto_provider();
+        Self {
+            base,
+            client: reqwest::Client::builder().timeout(TIMEOUT).build().unwrap(),
+            _child: child,
+            _stdout: stdout,
+        }
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> reqwest::Response {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request.send().await.unwrap()
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn patch(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.send(reqwest::Method::PATCH, path, Some(body)).await
+    }
+
+    async fn challenge(&self, identity: &str) -> Challenge {
+        let r = self
+            .post(
+                "/api/v1/machine-identity/challenges",
+                &json!({ "identityRef": identity }),
+            )
+            .await;
+        expect_item(r, 201).await
+    }
+
+    async fn proof(&self, identity: &str, key: &Key) -> Value {
+        let c = self.challenge(identity).await;
+        json!({ "challengeId": c.challenge_id, "signature": sign(key, &c.message) })
+    }
+}
+
+/// Two replicas started at the same moment on a fresh schema (so that both
+/// run the migrations at once).
+async fn replicas(test: &str) -> Option<(PgSchema, tempfile::TempDir, [Arc<Replica>; 2])> {
+    let schema = PgSchema::create(test).await?;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("registry.toml");
+    let k = key(0);
+    let controllers = [&k];
+    let names: Vec<String> = (1..=IDENTITIES).map(|i| format!("did:peaq:{i}")).collect();
+    let entries: Vec<(&str, &[&Key])> = names
+        .iter()
+        .map(|n| (n.as_str(), &controllers[..]))
+        .collect();
+    std::fs::write(&registry, registry_toml(&entries)).unwrap();
+    let (a, b) = tokio::join!(
+        Replica::start(&schema.url, &registry),
+        Replica::start(&schema.url, &registry)
+    );
+    Some((schema, dir, [Arc::new(a), Arc::new(b)]))
+}
+
+#[tokio::test]
+async fn two_replicas_share_challenges_identities_and_cursors() {
+    let Some((_schema, _dir, [a, b])) =
+        replicas("two_replicas_share_challenges_identities_and_cursors").await
+    else {
+        return;
+    };
+    let path = redeemed_at_the_other(&a, &b).await;
+    one_redemption_across_replicas(&a, &b, &path).await;
+    one_machine_per_identity_across_replicas(&a, &b).await;
+    cursors_page_on_at_the_other(&a, &b).await;
+    for r in [&a, &b] {
+        let ready: Value = r.get("/ready").await.json().await.unwrap();
+        assert_eq!(ready["store"], "ok");
+    }
+}
+
+/// A challenge issued by one replica is redeemed at the other, and the
+/// record reads the same at both. Returns the machine's path.
+async fn redeemed_at_the_other(a: &Replica, b: &Replica) -> String {
+    let proof = a.proof("did:peaq:1", &key(0)).await;
+    let body = machine_body("did:peaq:1", proof);
+    let m: Machine = expect_item(b.post("/api/v1/machines", &body).await, 201).await;
+    let path = format!("/api/v1/machines/{}", m.id);
+    let seen_at_a: Machine = expect_item(a.get(&path).await, 200).await;
+    assert_eq!(seen_at_a, m);
+    // The identity is taken at both.
+    for r in [a, b] {
+        let again = r.post("/api/v1/machines", &body).await;
+        let e = expect_error(again, 409, "MACHINE_IDENTITY_EXISTS").await;
+        assert_eq!(e.error.details.unwrap()["machineId"], m.id.as_str());
+    }
+    path
+}
+
+/// N concurrent redemptions of one challenge, spread over both replicas:
+/// exactly one succeeds.
+async fn one_redemption_across_replicas(a: &Arc<Replica>, b: &Arc<Replica>, path: &str) {
+    let proof = b.proof("did:peaq:1", &key(0)).await;
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let replica = Arc::clone(if i % 2 == 0 { a } else { b });
+            let (path, proof) = (path.to_owned(), proof.clone());
+            tokio::spawn(async move {
+                let r = replica
+                    .patch(&path, &json!({"identityProof": proof, "status": "active"}))
+                    .await;
+                let status = r.status().as_u16();
+                (status, r.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            (200, _) => wins += 1,
+            (403, body) => assert_eq!(body["error"]["code"], "MACHINE_IDENTITY_PROOF_INVALID"),
+            (status, body) => panic!("{status}: {body}"),
+        }
+    }
+    assert_eq!(wins, 1, "one challenge, one redemption");
+}
+
+/// Two concurrent registrations of one identity, one at each replica: one
+/// machine, and one MACHINE_IDENTITY_EXISTS naming it. Several rounds, so
+/// that the two requests meet in different orders.
+async fn one_machine_per_identity_across_replicas(a: &Replica, b: &Replica) {
+    let k = key(0);
+    for i in 2..=9 {
+        let identity = format!("did:peaq:{i}");
+        let (pa, pb) = tokio::join!(a.proof(&identity, &k), b.proof(&identity, &k));
+        let (body_a, body_b) = (machine_body(&identity, pa), machine_body(&identity, pb));
+        let (ra, rb) = tokio::join!(
+            a.post("/api/v1/machines", &body_a),
+            b.post("/api/v1/machines", &body_b)
+        );
+        let (sa, sb) = (ra.status().as_u16(), rb.status().as_u16());
+        let (va, vb): (Value, Value) = (ra.json().await.unwrap(), rb.json().await.unwrap());
+        let (created, refused) = match (sa, sb) {
+            (201, 409) => (va, vb),
+            (409, 201) => (vb, va),
+            other => panic!("{identity}: {other:?}: {va} {vb}"),
+        };
+        assert_eq!(refused["error"]["code"], "MACHINE_IDENTITY_EXISTS");
+        assert_eq!(
+            refused["error"]["details"]["machineId"],
+            created["item"]["id"]
+        );
+    }
+}
+
+/// Cursors issued by one replica page on at the other.
+async fn cursors_page_on_at_the_other(a: &Replica, b: &Replica) {
+    let all: ListResponse<Machine> = a
+        .get("/api/v1/machines?limit=100")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all.items.len(), 9);
+    let mut paged = Vec::new();
+    let mut cursor: Option<String> = None;
+    for page in 0.. {
+        let replica = if page % 2 == 0 { a } else { b };
+        let query = cursor
+            .as_ref()
+            .map_or_else(String::new, |c| format!("&cursor={c}"));
+        let r = replica
+            .get(&format!("/api/v1/machines?limit=2{query}"))
+            .await;
+        assert_eq!(r.status(), 200);
+        let body: ListResponse<Machine> = r.json().await.unwrap();
+        paged.extend(body.items.into_iter().map(|m| m.id));
+        match body.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+        assert!(page < 10, "cursors loop");
+    }
+    let expected: Vec<String> = all.items.into_iter().map(|m| m.id).collect();
+    assert_eq!(paged, expected);
+}

@@ -1,0 +1,146 @@
+//! A list page is one range scan of the keyset index, wherever the cursor
+//! is: the plans of the statements the stores run, on a table large enough
+//! that a planner would rather scan and sort if it could not use the index.
+
+use peaqos_orchestrator::store::{PageKey, PoolSettings, postgres, sqlite};
+use sqlx::{AssertSqlSafe, Connection as _, Executor as _, Row as _};
+
+use crate::{Kind, machine, sqlite_file};
+
+const ROWS: i64 = 20_000;
+const PAGE: i64 = 500;
+
+/// `(created_at, id)` of the i-th generated machine (1-based).
+fn key_of(i: i64) -> PageKey {
+    PageKey {
+        created_at_ms: 1_000_000 + i,
+        id: format!("mach_{i:026}"),
+    }
+}
+
+#[tokio::test]
+async fn sqlite_list_pages_search_the_index_without_sorting() {
+    let db = sqlite_file().await;
+    // One row through the store, the rest generated in SQL; every tenth
+    // archived (outside the partial index).
+    db.store
+        .insert_machine(&machine("mach_first", "did:peaq:1", 1), None)
+        .await
+        .unwrap();
+    let Kind::SqliteFile { url, .. } = &db.kind else {
+        unreachable!()
+    };
+    let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+    conn.execute(AssertSqlSafe(format!(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS}) \
+             INSERT INTO machines SELECT printf('mach_%026d', i), 'did:peaq:' || (i + 10), \
+               CASE WHEN i % 10 = 0 THEN 'archived' ELSE 'active' END, 'Robot', 'o', '', '', \
+               '[]', '{{}}', '[]', '[]', NULL, 1000000 + i, 1000000 + i FROM n"
+    )))
+    .await
+    .unwrap();
+    for analyzed in [false, true] {
+        if analyzed {
+            conn.execute("ANALYZE").await.unwrap();
+        }
+        for sql in [sqlite::LIST_KEYS_SQL, sqlite::LIST_ROWS_SQL] {
+            for key in [
+                PageKey {
+                    created_at_ms: i64::MIN,
+                    id: String::new(),
+                },
+                key_of(19_000),
+            ] {
+                let plan: Vec<String> =
+                    sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                        .bind(key.created_at_ms)
+                        .bind(key.id.clone())
+                        .bind(PAGE)
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap()
+                        .iter()
+                        .map(|r| r.get::<String, _>("detail"))
+                        .collect();
+                let text = plan.join(" | ");
+                assert!(
+                    plan.iter().any(|d| d.starts_with("SEARCH machines USING")
+                        && d.contains("INDEX machines_live_page ((created_at,id)>(?,?))")),
+                    "analyzed={analyzed}: {sql}: {text}"
+                );
+                assert!(!text.contains("TEMP B-TREE"), "sorts: {text}");
+                assert!(!text.contains("SCAN machines"), "scans: {text}");
+            }
+        }
+    }
+}
+
+/// The plan of a page after `key`, with what it actually did.
+async fn pg_plan(conn: &mut sqlx::PgConnection, key: &PageKey) -> String {
+    let lines: Vec<String> = sqlx::query(AssertSqlSafe(format!(
+        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {}",
+        postgres::LIST_PAGE_SQL
+    )))
+    .bind(key.created_at_ms)
+    .bind(key.id.clone())
+    .bind(PAGE)
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get::<String, _>(0))
+    .collect();
+    lines.join("\n")
+}
+
+#[tokio::test]
+async fn postgres_list_pages_scan_one_index_range_without_sorting() {
+    let Some(db) = crate::postgres(
+        "postgres_list_pages_scan_one_index_range_without_sorting",
+        &PoolSettings::default(),
+    )
+    .await
+    else {
+        return;
+    };
+    let Kind::Postgres { schema, .. } = &db.kind else {
+        unreachable!()
+    };
+    let mut conn = schema.connect().await;
+    conn.execute(AssertSqlSafe(format!(
+        "INSERT INTO machines SELECT 'mach_' || lpad(i::text, 26, '0'), 'did:peaq:' || i, \
+               CASE WHEN i % 10 = 0 THEN 'archived' ELSE 'active' END, 'Robot', 'o', '', '', \
+               '[]', '{{}}', '[]', '[]', NULL, 1000000 + i, 1000000 + i \
+             FROM generate_series(1, {ROWS}) AS i; \
+             ANALYZE machines"
+    )))
+    .await
+    .unwrap();
+    let first = PageKey {
+        created_at_ms: i64::MIN,
+        id: String::new(),
+    };
+    // Custom plans (the first executions of a prepared statement) and the
+    // generic plan PostgreSQL switches to after five of them.
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        conn.execute(AssertSqlSafe(format!("SET plan_cache_mode = {mode}")))
+            .await
+            .unwrap();
+        for key in [&first, &key_of(19_000)] {
+            let plan = pg_plan(&mut conn, key).await;
+            assert!(
+                plan.contains("Index Scan using machines_live_page on machines"),
+                "{mode}: {plan}"
+            );
+            assert!(!plan.contains("Sort"), "{mode}: sorts: {plan}");
+            assert!(!plan.contains("Seq Scan"), "{mode}: scans: {plan}");
+            assert!(!plan.contains("Removed by Filter"), "{mode}: {plan}");
+            // The index scan stops after one page, deep in the table too.
+            let scan = plan
+                .lines()
+                .find(|l| l.contains("Index Scan"))
+                .unwrap_or_default();
+            assert!(scan.contains(&format!("rows={PAGE} ")), "{mode}: {plan}");
+        }
+    }
+}
