@@ -318,12 +318,17 @@ async fn drive(
 }
 
 /// Connections the burst may hold open at once: client and in-process
-/// server sockets both count against this process's file limit.
+/// server sockets both count against this process's file limit, which is
+/// raised to the hard limit first.
 fn max_open_connections() -> usize {
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-        .current
-        .unwrap_or(1024);
-    usize::try_from(limit.saturating_sub(1_000) / 2)
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+    let current = getrlimit(Resource::Nofile).current.unwrap_or(1024);
+    usize::try_from(current.saturating_sub(1_000) / 2)
         .unwrap_or(1)
         .max(1)
 }

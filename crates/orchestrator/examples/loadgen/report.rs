@@ -78,7 +78,7 @@ pub(crate) fn print(run: &Run<'_>) {
             0.0
         };
         println!(
-            "| {} | {:.0} | {} | {} | {:.2} |",
+            "| {} | {:.0} | {} | {} | {:.3} |",
             o.scenario.label(),
             o.per_second,
             ms(o.p50),

@@ -19,8 +19,15 @@ use super::{ControllerSource, Resolution, Unavailable};
 use crate::clock::{self, Clock};
 use crate::metrics::{Metrics, SourceLabels};
 
-/// Past this many entries, stale ones are dropped on the next insert.
-const MAX_ENTRIES: usize = 100_000;
+/// Stale entries are swept out (one pass over the map) when the map has
+/// doubled since the last sweep, and never below this size: each pass is
+/// paid for by as many inserts as it scans. (A sweep on every insert past a
+/// fixed size made each look-up of a fleet larger than that a pass over the
+/// whole map.)
+const SWEEP_FROM: usize = 100_000;
+/// Entries held at most: past this even fresh answers are
+/// dropped, so that a flood of distinct identities cannot exhaust memory.
+const MAX_ENTRIES: usize = 1_000_000;
 
 type Outcome = Option<Result<Resolution, Unavailable>>;
 
@@ -31,12 +38,28 @@ enum Entry {
 }
 
 #[derive(Debug)]
+struct Entries {
+    map: HashMap<IdentityRef, Entry>,
+    /// The size at which the next sweep happens.
+    sweep_at: usize,
+    sweeps: usize,
+}
+
+/// When to sweep, and the most to hold.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    sweep_from: usize,
+    max_entries: usize,
+}
+
+#[derive(Debug)]
 struct Inner {
     source: Arc<dyn ControllerSource>,
     ttl: Duration,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
-    entries: Mutex<HashMap<IdentityRef, Entry>>,
+    limits: Limits,
+    entries: Mutex<Entries>,
 }
 
 /// See the module documentation.
@@ -50,12 +73,31 @@ impl ControllerCache {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let limits = Limits {
+            sweep_from: SWEEP_FROM,
+            max_entries: MAX_ENTRIES,
+        };
+        Self::with_limits(source, ttl, clock, metrics, limits)
+    }
+
+    fn with_limits(
+        source: Arc<dyn ControllerSource>,
+        ttl: Duration,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Self {
         Self(Arc::new(Inner {
             source,
             ttl,
             clock,
             metrics,
-            entries: Mutex::new(HashMap::new()),
+            limits,
+            entries: Mutex::new(Entries {
+                map: HashMap::new(),
+                sweep_at: limits.sweep_from,
+                sweeps: 0,
+            }),
         }))
     }
 
@@ -66,7 +108,7 @@ impl ControllerCache {
     /// The cached answer if it is fresh.
     pub fn cached(&self, identity: &IdentityRef) -> Option<Resolution> {
         let now = self.0.clock.now();
-        match self.0.lock().get(identity) {
+        match self.0.lock().map.get(identity) {
             Some(Entry::Ready { value, at }) if self.0.fresh(now, *at) => {
                 self.0.metrics.cache_hits.inc();
                 Some(value.clone())
@@ -79,7 +121,7 @@ impl ControllerCache {
         let now = self.0.clock.now();
         let mut rx = {
             let mut entries = self.0.lock();
-            match entries.get(identity) {
+            match entries.map.get(identity) {
                 Some(Entry::Ready { value, at }) if self.0.fresh(now, *at) => {
                     self.0.metrics.cache_hits.inc();
                     return Ok(value.clone());
@@ -91,10 +133,12 @@ impl ControllerCache {
                 _ => {
                     self.0.metrics.cache_misses.inc();
                     let (tx, rx) = watch::channel(None);
-                    if entries.len() >= MAX_ENTRIES {
-                        self.0.evict_stale(&mut entries, now);
+                    if entries.map.len() >= entries.sweep_at {
+                        self.0.sweep(&mut entries, now);
                     }
-                    entries.insert(identity.clone(), Entry::Pending(rx.clone()));
+                    entries
+                        .map
+                        .insert(identity.clone(), Entry::Pending(rx.clone()));
                     drop(entries);
                     let inner = Arc::clone(&self.0);
                     let identity = identity.clone();
@@ -119,7 +163,7 @@ impl ControllerCache {
 }
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, HashMap<IdentityRef, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Entries> {
         // The map holds plain data; a panic elsewhere cannot leave it half
         // updated in a way that matters, so poisoning is ignored.
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
@@ -129,14 +173,18 @@ impl Inner {
         clock::elapsed(now, at).is_some_and(|age| age < self.ttl)
     }
 
-    fn evict_stale(&self, entries: &mut HashMap<IdentityRef, Entry>, now: SystemTime) {
-        entries.retain(|_, e| match e {
+    fn sweep(&self, entries: &mut Entries, now: SystemTime) {
+        entries.sweeps += 1;
+        entries.map.retain(|_, e| match e {
             Entry::Ready { at, .. } => self.fresh(now, *at),
             Entry::Pending(_) => true,
         });
-        if entries.len() >= MAX_ENTRIES {
-            entries.retain(|_, e| matches!(e, Entry::Pending(_)));
+        if entries.map.len() >= self.limits.max_entries {
+            entries.map.retain(|_, e| matches!(e, Entry::Pending(_)));
         }
+        entries.sweep_at = (2 * entries.map.len())
+            .max(self.limits.sweep_from)
+            .min(self.limits.max_entries);
     }
 
     async fn look_up(&self, identity: IdentityRef, tx: watch::Sender<Outcome>) {
@@ -145,7 +193,7 @@ impl Inner {
             let mut entries = self.lock();
             match &result {
                 Ok(value) => {
-                    entries.insert(
+                    entries.map.insert(
                         identity.clone(),
                         Entry::Ready {
                             value: value.clone(),
@@ -166,7 +214,7 @@ impl Inner {
                         reason = %e.reason,
                         "controller look-up failed"
                     );
-                    entries.remove(&identity);
+                    entries.map.remove(&identity);
                 }
             }
         }
@@ -260,6 +308,44 @@ mod tests {
         clock.advance(Duration::from_secs(11));
         cache.resolve(&id).await.unwrap();
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_large_fleet_is_swept_rarely_and_memory_stays_bounded() {
+        let (source, clock, _) = setup(false);
+        source.gate.add_permits(10_000);
+        let limits = Limits {
+            sweep_from: 8,
+            max_entries: 64,
+        };
+        let cache = ControllerCache::with_limits(
+            source.clone(),
+            Duration::from_secs(10),
+            clock.clone(),
+            Arc::new(Metrics::new()),
+            limits,
+        );
+        let id = |i: usize| IdentityRef::parse(&format!("did:peaq:{}", i + 1)).unwrap();
+        // A fleet of 40 (more than the sweep size, fewer than the bound):
+        // every answer stays cached, and sweeps are few, not one per look-up.
+        for i in 0..40 {
+            cache.resolve(&id(i)).await.unwrap();
+        }
+        assert!((0..40).all(|i| cache.cached(&id(i)).is_some()));
+        let sweeps = cache.0.lock().sweeps;
+        assert!(sweeps <= 3, "{sweeps} sweeps for 40 look-ups");
+        // Stale answers go at the next sweep.
+        clock.advance(Duration::from_secs(11));
+        for i in 40..80 {
+            cache.resolve(&id(i)).await.unwrap();
+        }
+        assert!(cache.0.lock().map.len() <= 64);
+        assert!(cache.cached(&id(79)).is_some());
+        // A flood of distinct identities within the TTL: bounded.
+        for i in 80..400 {
+            cache.resolve(&id(i)).await.unwrap();
+            assert!(cache.0.lock().map.len() <= 64);
+        }
     }
 
     #[tokio::test]

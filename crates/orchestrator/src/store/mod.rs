@@ -7,10 +7,12 @@
 //! transaction in the database, never a check in this process's memory.
 //! Consuming a challenge deletes its row in the same transaction as the
 //! machine write it authorises; the unique index on live identities decides
-//! "one machine per identity"; the pending-challenge bound is part of the
-//! insert statement.
+//! "one machine per identity". The pending-challenge bound is a count in
+//! the database: in the insert statement on SQLite, refreshed once a second
+//! on PostgreSQL (see `pending`); it caps storage, it is not a quota.
 
 pub mod error;
+mod pending;
 pub mod pg_pool;
 pub mod postgres;
 pub mod row_cache;

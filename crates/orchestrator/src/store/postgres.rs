@@ -15,14 +15,16 @@
 //! the pool reconnects by itself when it is back.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use peaqos_protocol::{IdentityRef, Timestamp};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{Connection as _, Postgres, Row};
 
+use super::pending::{PendingEstimate, Room};
 use super::pg_pool::PgPool;
-use super::rows::{challenge_from_row, machine_columns, machine_from_row, to_json};
+use super::rows::{challenge_from_row, machine_columns, machine_from_row, proof_json, to_json};
 use super::{
     Backend, ChallengeInsert, ChallengeRecord, CloseFuture, Consume, MachineRecord, PageKey,
     PoolSettings, Store, StoreError, StoreFuture,
@@ -90,6 +92,7 @@ type PgQuery = sqlx::query::Query<'static, Postgres, PgArguments>;
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    pending: Arc<PendingEstimate>,
 }
 
 impl PostgresStore {
@@ -112,6 +115,7 @@ impl PostgresStore {
         migrate(&base, settings).await?;
         Ok(Self {
             pool: PgPool::new(options, settings),
+            pending: Arc::default(),
         })
     }
 
@@ -188,7 +192,7 @@ fn bind_machine(query: PgQuery, m: &MachineRecord) -> PgQuery {
         .bind(to_json(&m.labels))
         .bind(to_json(&m.policy_ids))
         .bind(to_json(&m.skill_keys))
-        .bind(m.proof.as_ref().map(to_json))
+        .bind(m.proof.as_ref().map(proof_json))
         .bind(m.created_at.unix_millis())
         .bind(m.updated_at.unix_millis())
 }
@@ -205,7 +209,7 @@ fn bind_update(query: PgQuery, m: &MachineRecord) -> PgQuery {
         .bind(to_json(&m.labels))
         .bind(to_json(&m.policy_ids))
         .bind(to_json(&m.skill_keys))
-        .bind(m.proof.as_ref().map(to_json))
+        .bind(m.proof.as_ref().map(proof_json))
         .bind(m.updated_at.unix_millis())
         .bind(m.id.clone())
 }
@@ -252,25 +256,46 @@ impl Store for PostgresStore {
         max_pending: u64,
     ) -> StoreFuture<'a, ChallengeInsert> {
         Box::pin(async move {
-            // Across replicas the bound is approximate (two inserts may both
-            // see room for one): it caps storage, it is not a quota.
+            let now = std::time::Instant::now();
+            let room = match self.pending.room(max_pending, now) {
+                Room::Yes => true,
+                Room::No => false,
+                Room::Recount => {
+                    // Up to the bound, no further: past it the answer is the same.
+                    let query = sqlx::query_scalar::<_, i64>(
+                        "SELECT count(*) FROM \
+                         (SELECT 1 FROM challenges WHERE expires_at > $1 LIMIT $2) AS pending",
+                    )
+                    .bind(c.issued_at.unix_millis())
+                    .bind(i64::try_from(max_pending).unwrap_or(i64::MAX));
+                    match self.pool.run(|c| Box::pin(query.fetch_one(c))).await {
+                        Ok(count) => {
+                            let count = u64::try_from(count).unwrap_or(0);
+                            self.pending.counted(count, now);
+                            count < max_pending
+                        }
+                        Err(e) => {
+                            self.pending.forget();
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            if !room {
+                return Ok(ChallengeInsert::Full);
+            }
             let query = sqlx::query(
                 "INSERT INTO challenges (id, identity_ref, message, issued_at, expires_at) \
-                 SELECT $1, $2, $3, $4, $5 \
-                 WHERE (SELECT count(*) FROM challenges WHERE expires_at > $4) < $6",
+                 VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(c.id.clone())
             .bind(c.identity.canonical())
             .bind(c.message.clone())
             .bind(c.issued_at.unix_millis())
-            .bind(c.expires_at.unix_millis())
-            .bind(i64::try_from(max_pending).unwrap_or(i64::MAX));
-            let done = self.pool.run(|c| Box::pin(query.execute(c))).await?;
-            Ok(if done.rows_affected() == 1 {
-                ChallengeInsert::Stored
-            } else {
-                ChallengeInsert::Full
-            })
+            .bind(c.expires_at.unix_millis());
+            self.pool.run(|c| Box::pin(query.execute(c))).await?;
+            self.pending.inserted();
+            Ok(ChallengeInsert::Stored)
         })
     }
 

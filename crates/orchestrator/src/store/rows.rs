@@ -22,6 +22,27 @@ pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_default()
 }
 
+/// JSON text of a stored proof, with its addresses in lower case. Reading a
+/// mixed-case (EIP-55) address back means verifying its checksum, a keccak
+/// hash per address per read, which was a tenth of a list page's time;
+/// lower case reads back without one. (Older rows, in mixed case, still
+/// read.)
+pub(crate) fn proof_json(proof: &MachineIdentityProof) -> String {
+    let mut value = serde_json::to_value(proof).unwrap_or_default();
+    let lower = |v: &mut serde_json::Value| {
+        if let serde_json::Value::String(s) = v {
+            s.make_ascii_lowercase();
+        }
+    };
+    if let Some(signer) = value.get_mut("signerAddress") {
+        lower(signer);
+    }
+    if let Some(serde_json::Value::Array(all)) = value.get_mut("controllerAddresses") {
+        all.iter_mut().for_each(lower);
+    }
+    value.to_string()
+}
+
 pub(crate) fn machine_from_row<'r, R>(row: &'r R) -> Result<MachineRecord, StoreError>
 where
     R: Row,
@@ -92,4 +113,45 @@ where
         expires_at,
         id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use peaqos_protocol::{Address, ProofMethod, ResolutionSource};
+
+    use super::*;
+
+    #[test]
+    fn proofs_are_stored_with_lower_case_addresses_and_old_rows_still_read() {
+        let at = Timestamp::from_unix_millis(1_764_089_659_123).unwrap();
+        let a = Address::parse("0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed").unwrap();
+        let b = Address::parse("0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359").unwrap();
+        let proof = MachineIdentityProof {
+            method: ProofMethod::Eip191,
+            identity_ref: IdentityRef::parse("did:peaq:7").unwrap(),
+            signer_address: a,
+            challenge_id: "chl_x".into(),
+            verified_at: at,
+            challenge_expires_at: at,
+            controller_addresses: vec![a, b],
+            resolution_source: ResolutionSource::PeaqosMcr,
+            expires_at: None,
+        };
+        let stored = proof_json(&proof);
+        assert!(
+            stored.contains("\"0x5aaeb6053f3e94c9b9a09f33669435e7ef1beaed\""),
+            "{stored}"
+        );
+        assert!(!stored.contains("5aAeb"), "{stored}");
+        assert_eq!(
+            serde_json::from_str::<MachineIdentityProof>(&stored).unwrap(),
+            proof
+        );
+        let old = to_json(&proof);
+        assert!(old.contains("5aAeb"));
+        assert_eq!(
+            serde_json::from_str::<MachineIdentityProof>(&old).unwrap(),
+            proof
+        );
+    }
 }

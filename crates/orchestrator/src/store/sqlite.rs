@@ -22,7 +22,7 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 
 use super::row_cache::RowCache;
-use super::rows::{challenge_from_row, machine_columns, machine_from_row, to_json};
+use super::rows::{challenge_from_row, machine_columns, machine_from_row, proof_json, to_json};
 use super::{
     Backend, ChallengeInsert, ChallengeRecord, CloseFuture, Consume, MachineRecord, PageKey,
     PoolSettings, Store, StoreError, StoreFuture, StoredStatus,
@@ -273,7 +273,7 @@ impl Store for SqliteStore {
             .bind(to_json(&m.labels))
             .bind(to_json(&m.policy_ids))
             .bind(to_json(&m.skill_keys))
-            .bind(m.proof.as_ref().map(to_json))
+            .bind(m.proof.as_ref().map(proof_json))
             .bind(m.created_at.unix_millis())
             .bind(m.updated_at.unix_millis())
             .execute(&mut *tx)
@@ -358,7 +358,7 @@ impl Store for SqliteStore {
             .bind(to_json(&m.labels))
             .bind(to_json(&m.policy_ids))
             .bind(to_json(&m.skill_keys))
-            .bind(m.proof.as_ref().map(to_json))
+            .bind(m.proof.as_ref().map(proof_json))
             .bind(m.updated_at.unix_millis())
             .bind(&m.id)
             .execute(&mut *tx)
