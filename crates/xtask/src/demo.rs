@@ -8,12 +8,14 @@
 //! Everything lives in one directory (default `target/demo/`): the key,
 //! the configurations, the database, the agent's state and every log.
 
-mod broker;
+// `pub(crate)`: `cargo xtask footprint` reuses the process, event, broker
+// and directory handling.
+pub(crate) mod broker;
 mod build;
 mod error;
-mod events;
-mod process;
-mod workdir;
+pub(crate) mod events;
+pub(crate) mod process;
+pub(crate) mod workdir;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -328,7 +330,7 @@ impl Stack {
 }
 
 /// `peaqos-agent keygen --out FILE`: the new key's address.
-fn keygen(agent: &Path, key_file: &Path) -> Result<String, DemoError> {
+pub(crate) fn keygen(agent: &Path, key_file: &Path) -> Result<String, DemoError> {
     let mut command = child_command(agent);
     command
         .arg("keygen")
@@ -389,7 +391,7 @@ fn start_orchestrator(
 
 /// The same program, without the environment that would change what the
 /// demo configures (`PEAQOS_*`, `DATABASE_URL`, systemd's variables).
-fn child_command(program: &Path) -> Command {
+pub(crate) fn child_command(program: &Path) -> Command {
     let mut command = Command::new(program);
     for (name, _) in std::env::vars_os() {
         let strip = name
@@ -403,13 +405,13 @@ fn child_command(program: &Path) -> Command {
 }
 
 /// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     peaqos_testkit::free_port()
 }
 
 /// Waits until `child` accepts connections on `127.0.0.1:port`; fails as
 /// soon as it exits, on a signal, or after `timeout`.
-fn wait_listening(
+pub(crate) fn wait_listening(
     child: &mut Managed,
     port: u16,
     timeout: Duration,
@@ -622,7 +624,7 @@ fn say(text: &str) {
 }
 
 /// The last `lines` lines of a log, to stderr.
-fn print_tail(path: &Path, lines: usize) {
+pub(crate) fn print_tail(path: &Path, lines: usize) {
     let Ok(text) = std::fs::read_to_string(path) else {
         return;
     };

@@ -5,12 +5,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod demo;
+mod footprint;
 mod test;
 
 const USAGE: &str = "usage: cargo xtask <task>\n\n\
     tasks:\n  \
     demo [OPTIONS] orchestrator + MQTT broker + agent on this machine, until Ctrl-C\n                 \
     (--help for the options)\n  \
+    footprint [--idle 60s] [--runs 5]\n                 \
+    the agent's size, memory, idle CPU and start-up time against a\n                 \
+    baseline, as a markdown table (minutes; Linux only: reads /proc)\n  \
     test [ARGS]    run the whole test suite (cargo test --workspace ARGS), saying\n                 \
     which real servers it used; PEAQOS_TEST_REQUIRE=mosquitto,postgres,python\n                 \
     makes a missing one a failure";
@@ -22,6 +26,7 @@ fn main() -> ExitCode {
     let result: Result<(), Box<dyn std::error::Error>> = match task.as_deref() {
         Some("test") => test::run(&rest).map_err(Into::into),
         Some("demo") => demo::run(&rest).map_err(Into::into),
+        Some("footprint") => footprint::run(&rest).map_err(Into::into),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);

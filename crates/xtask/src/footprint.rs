@@ -1,0 +1,939 @@
+//! `cargo xtask footprint`: the agent's footprint on this machine, against a
+//! baseline measured in the same run, as a markdown table for the README.
+//!
+//! Builds `peaqos-agent` and the baseline (`examples/footprint_baseline.rs`:
+//! the agent's runtime and client stack doing nothing) with the profile the
+//! agent ships with, and `peaqos-orchestrator` with `--release`. Then, per
+//! run: a fresh orchestrator (SQLite, a registry file naming a fresh key)
+//! on a free loopback port, the baseline, the agent with MQTT off and (with
+//! an MQTT broker: Mosquitto when installed, else the demo's embedded one)
+//! the agent with MQTT on, each timed from exec to its first signature and
+//! to `active` (from the agent's own log stamps), then all of them left
+//! idle; at the end of the idle period, resident memory and the CPU time
+//! spent idle.
+//!
+//! Linux only: it reads `/proc/<pid>/stat` and `/proc/<pid>/status`.
+//! Children run in process groups of their own and are stopped on every
+//! way out (the demo's process handling, including its `pids` file for a
+//! killed xtask); every wait is bounded. Files go to `target/footprint/`.
+
+mod error;
+mod milestones;
+mod procfs;
+mod report;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+pub(crate) use self::error::FootprintError;
+use self::milestones::{Milestone, Reference, Tail};
+use self::report::{AgentRun, Idle, Report, Run, Sizes, StartTimes};
+use crate::demo::broker::{self, Broker};
+use crate::demo::events::{Event, Events};
+use crate::demo::process::{Managed, STOP_GRACE, StopOutcome};
+use crate::demo::workdir::{WorkDir, toml_string};
+use crate::demo::{self, DemoError};
+
+const AGENT: &str = "peaqos-agent";
+const ORCHESTRATOR: &str = "peaqos-orchestrator";
+const BASELINE: &str = "footprint_baseline";
+/// What the baseline prints once `/health` has answered
+/// (examples/footprint_baseline.rs).
+const BASELINE_READY: &str = "footprint_baseline: idle until SIGTERM";
+/// The agent's identity; the one of the MQTT-on agent is another, so that
+/// the two do not take each other's record. The run's key controls both.
+const IDENTITY: &str = "did:peaq:4242";
+const IDENTITY_MQTT: &str = "did:peaq:4243";
+/// How long the orchestrator may take to listen (it migrates its database
+/// first) and the baseline to get its answer.
+const ORCHESTRATOR_START: Duration = Duration::from_secs(30);
+const BASELINE_START: Duration = Duration::from_secs(10);
+/// How often logs are read while waiting. The figures come from the
+/// agent's log stamps; this only decides when the wait ends.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Measures peaqos-agent's footprint (stripped size, resident memory, idle
+/// CPU, time from exec to its first signature and to `active`) against a
+/// baseline measured in the same run, and prints a markdown table (stdout;
+/// progress on stderr). Linux only: it reads /proc. Files (logs, configs,
+/// databases) go to target/footprint/.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask footprint")]
+struct Options {
+    /// How long the agents and the baseline stay idle after the agents are
+    /// active, before their memory and CPU time are read (e.g. 60s, 5m).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    idle: Duration,
+    /// Runs, each against a fresh orchestrator and database.
+    #[arg(long, value_name = "N", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    runs: u32,
+    /// How long an agent may take from exec to `active`.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Leave out the agent with MQTT on (and the broker it needs).
+    #[arg(long)]
+    no_mqtt: bool,
+}
+
+pub(crate) fn run(args: &[String]) -> Result<(), FootprintError> {
+    let command = std::iter::once("cargo xtask footprint")
+        .chain(args.iter().map(String::as_str))
+        .collect::<Vec<_>>();
+    let options = Options::try_parse_from(&command).unwrap_or_else(|e| e.exit());
+    if !cfg!(target_os = "linux") {
+        return Err(FootprintError::NotLinux);
+    }
+    let root = crate::workspace_root();
+    let binaries = build(&root)?;
+    let sizes = Sizes {
+        agent: file_size(&binaries.agent)?,
+        baseline: file_size(&binaries.baseline)?,
+    };
+    say(&format!(
+        "stripped executables: {} {} B, baseline {} B",
+        AGENT,
+        report::thousands(sizes.agent as f64, 0),
+        report::thousands(sizes.baseline as f64, 0)
+    ));
+    let (work, leftovers) = WorkDir::prepare(&root.join("target").join("footprint"))?;
+    for (name, pid) in leftovers {
+        say(&format!(
+            "stopped {name} (pid {pid}), left running by an earlier run that was killed"
+        ));
+    }
+    say(&format!("working directory {}", work.path().display()));
+    let events = Events::start()?;
+    let report = match measure(&options, &binaries, sizes, &work, &events) {
+        Ok(report) => Report {
+            command: command.join(" "),
+            ..report
+        },
+        Err(e) => {
+            // Everything has stopped by now; the log says why.
+            if let Some(log) = e.log() {
+                demo::print_tail(log, 15);
+            }
+            return Err(e);
+        }
+    };
+    let text = report.markdown();
+    print!("{text}");
+    let saved = work.write("footprint.md", &text)?;
+    let _ = std::fs::remove_file(work.file("pids"));
+    say(&format!("the table is also in {}", saved.display()));
+    Ok(())
+}
+
+fn measure(
+    options: &Options,
+    binaries: &Binaries,
+    sizes: Sizes,
+    work: &WorkDir,
+    events: &Events,
+) -> Result<Report, FootprintError> {
+    let broker = if options.no_mqtt {
+        None
+    } else {
+        let broker = broker::start(work, false, &|| events.interrupted())?;
+        say(&format!(
+            "MQTT broker {}: {}",
+            broker.url(),
+            broker.describe()
+        ));
+        Some(broker)
+    };
+    let machine = machine();
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    if let Some(load) = load_average().filter(|&load| load > cpus as f64 / 2.0) {
+        say(&format!(
+            "warning: load average {load:.2} on {cpus} CPUs: other work will make the start-up times noisy"
+        ));
+    }
+    let mut runs = Vec::new();
+    for n in 1..=options.runs {
+        say(&format!("run {n} of {}", options.runs));
+        let run = measure_run(n, options, binaries, work, events, broker.as_ref())?;
+        say(&summary(&run));
+        runs.push(run);
+    }
+    Ok(Report {
+        command: String::new(),
+        machine,
+        broker: broker.as_ref().map(broker_name),
+        idle: options.idle,
+        tick: procfs::tick(),
+        sizes,
+        runs,
+    })
+}
+
+/// One run. Children are dropped (stopped) in reverse order of start on
+/// an error: the agents first, the orchestrator last.
+fn measure_run(
+    n: u32,
+    options: &Options,
+    binaries: &Binaries,
+    work: &WorkDir,
+    events: &Events,
+    broker: Option<&Broker>,
+) -> Result<Run, FootprintError> {
+    let dir = work.create_dir(&format!("run-{n}"))?;
+    let key_file = dir.join("controller.key");
+    let address = demo::keygen(&binaries.agent, &key_file)?;
+    let registry = write(&dir.join("registry.toml"), &registry_toml(&address))?;
+    let (mut orchestrator, url) =
+        start_orchestrator(&binaries.orchestrator, &dir, &registry, work, events)?;
+    let (mut baseline, baseline_answer) =
+        start_baseline(&binaries.baseline, &dir, &url, work, events)?;
+    let start = |variant: &Variant| -> Result<(Managed, StartTimes), FootprintError> {
+        let settings = AgentSettings {
+            dir: &dir,
+            key_file: &key_file,
+            orchestrator_url: &url,
+        };
+        start_agent(
+            variant,
+            &binaries.agent,
+            &settings,
+            options.timeout,
+            work,
+            events,
+        )
+    };
+    let (mut agent, agent_start) = start(&Variant::plain())?;
+    let mut mqtt = broker.map(|b| start(&Variant::mqtt(b.url()))).transpose()?;
+
+    let before_agent = procfs::sample(agent.pid(), "agent")?;
+    let before_mqtt = match &mqtt {
+        Some((child, _)) => Some(procfs::sample(child.pid(), "agent-mqtt")?),
+        None => None,
+    };
+    let before_baseline = procfs::sample(baseline.pid(), "baseline")?;
+    {
+        let mut watched = vec![&mut orchestrator, &mut baseline, &mut agent];
+        if let Some((child, _)) = &mut mqtt {
+            watched.push(child);
+        }
+        idle(options.idle, events, &mut watched)?;
+    }
+    let idle_of = |child: &Managed, before: procfs::Sample| -> Result<Idle, FootprintError> {
+        let end = procfs::sample(child.pid(), child.name)?;
+        Ok(Idle {
+            end,
+            ticks: end.cpu_ticks.saturating_sub(before.cpu_ticks),
+        })
+    };
+    let run = Run {
+        agent: AgentRun {
+            start: agent_start,
+            idle: idle_of(&agent, before_agent)?,
+        },
+        agent_mqtt: match (&mqtt, before_mqtt) {
+            (Some((child, start)), Some(before)) => Some(AgentRun {
+                start: *start,
+                idle: idle_of(child, before)?,
+            }),
+            _ => None,
+        },
+        baseline: idle_of(&baseline, before_baseline)?,
+        baseline_answer,
+    };
+
+    let signals = events.signal_count();
+    let hurry = || events.signal_count() > signals;
+    let mut children = Vec::new();
+    if let Some((child, _)) = mqtt.as_mut() {
+        children.push(child);
+    }
+    children.extend([&mut agent, &mut baseline, &mut orchestrator]);
+    for child in children {
+        match child.stop(STOP_GRACE, &hurry) {
+            StopOutcome::Stopped(status) if status.success() => {}
+            outcome => say(&format!("warning: {} {outcome} on SIGTERM", child.name)),
+        }
+    }
+    Ok(run)
+}
+
+/// Waits `duration`, failing if a child exits or a signal arrives.
+fn idle(
+    duration: Duration,
+    events: &Events,
+    children: &mut [&mut Managed],
+) -> Result<(), FootprintError> {
+    say(&format!("idle for {}", report::humane(duration)));
+    let deadline = Instant::now() + duration;
+    loop {
+        for child in children.iter_mut() {
+            if let Some(status) = child.exited() {
+                return Err(FootprintError::Exited {
+                    what: child.name,
+                    status,
+                    when: "during the idle period",
+                    log: child.log.clone(),
+                });
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        if let Some(Event::Signal(signal)) = events.next(left.min(Duration::from_secs(1))) {
+            return Err(FootprintError::Interrupted(signal));
+        }
+    }
+}
+
+/// The executables, as cargo reported them.
+#[derive(Debug)]
+struct Binaries {
+    agent: PathBuf,
+    baseline: PathBuf,
+    orchestrator: PathBuf,
+}
+
+fn build(root: &Path) -> Result<Binaries, FootprintError> {
+    say(
+        "building peaqos-agent and the baseline (--profile minsize), peaqos-orchestrator (--release)",
+    );
+    let agent = cargo_build(root, &["--profile", "minsize", "-p", AGENT], AGENT, "bin")?;
+    // A cargo call of its own: an example builds with the package's
+    // dev-dependencies, whose features (tokio's `test-util`, hyper's
+    // `server` ...) would otherwise reach the agent's executable too.
+    let baseline = cargo_build(
+        root,
+        &["--profile", "minsize", "-p", AGENT, "--example", BASELINE],
+        BASELINE,
+        "example",
+    )?;
+    let orchestrator = cargo_build(
+        root,
+        &["--release", "-p", ORCHESTRATOR],
+        ORCHESTRATOR,
+        "bin",
+    )?;
+    Ok(Binaries {
+        agent,
+        baseline,
+        orchestrator,
+    })
+}
+
+/// `cargo build ARGS` in `root`; the executable of target `name` of kind
+/// `kind`, from cargo's own report (so that `CARGO_TARGET_DIR` just works).
+fn cargo_build(
+    root: &Path,
+    args: &[&str],
+    name: &'static str,
+    kind: &'static str,
+) -> Result<PathBuf, FootprintError> {
+    let output = crate::cargo()
+        .arg("build")
+        .args(args)
+        .arg("--message-format=json-render-diagnostics")
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|source| DemoError::Spawn {
+            program: "cargo".into(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(DemoError::Failed {
+            command: format!("cargo build {}", args.join(" ")),
+            status: output.status,
+        }
+        .into());
+    }
+    artifact(&String::from_utf8_lossy(&output.stdout), name, kind)
+        .ok_or(FootprintError::NoArtifact { name, kind })
+}
+
+/// The `executable` of cargo's `compiler-artifact` message for target
+/// `name` of kind `kind` (`bin`, `example`).
+fn artifact(messages: &str, name: &str, kind: &str) -> Option<PathBuf> {
+    messages
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
+        .filter(|m| m["profile"]["test"] == false)
+        .filter(|m| {
+            m["target"]["kind"]
+                .as_array()
+                .is_some_and(|kinds| kinds.iter().any(|k| k == kind))
+        })
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+}
+
+fn file_size(path: &Path) -> Result<u64, FootprintError> {
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|source| FootprintError::Io {
+            action: "read the size of",
+            path: path.to_owned(),
+            source,
+        })
+}
+
+fn write(path: &Path, text: &str) -> Result<PathBuf, FootprintError> {
+    std::fs::write(path, text).map_err(|source| FootprintError::Io {
+        action: "write",
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(path.to_owned())
+}
+
+/// The registry: both identities controlled by the run's fresh key.
+fn registry_toml(address: &str) -> String {
+    format!(
+        "# Written by `cargo xtask footprint`: which addresses control which identity.\n\
+         [identities]\n\
+         {} = [{address}]\n\
+         {} = [{address}]\n",
+        toml_string(IDENTITY),
+        toml_string(IDENTITY_MQTT),
+        address = toml_string(address),
+    )
+}
+
+/// A free loopback port, the run's database and registry; retried when
+/// the port is taken between the probe and the orchestrator's bind.
+fn start_orchestrator(
+    binary: &Path,
+    dir: &Path,
+    registry: &Path,
+    work: &WorkDir,
+    events: &Events,
+) -> Result<(Managed, String), FootprintError> {
+    let database = format!("sqlite://{}", dir.join("orchestrator.db").display());
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let port = demo::free_port();
+        let mut command = demo::child_command(binary);
+        command
+            .env("PEAQOS_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("DATABASE_URL", &database)
+            .env("PEAQOS_MCR_REGISTRY_FILE", registry)
+            // Its CPU is not measured, but it shares the machine with the
+            // agent it serves.
+            .env("RUST_LOG", "warn");
+        let mut child = Managed::spawn(
+            "orchestrator",
+            command,
+            &dir.join("orchestrator.log"),
+            &work.pids(),
+        )?;
+        match demo::wait_listening(&mut child, port, ORCHESTRATOR_START, &|| {
+            events.interrupted()
+        }) {
+            Ok(()) => {
+                wait_ready(&mut child, port, ORCHESTRATOR_START, events)?;
+                return Ok((child, format!("http://127.0.0.1:{port}")));
+            }
+            Err(DemoError::Exited { .. }) if attempt < 3 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Polls the orchestrator's `GET /ready` (its store and controller source
+/// answer) until it says 200: the first request of the baseline or of an
+/// agent then does not meet a server still opening its database, which
+/// made whichever came first about 1.5 ms slower.
+fn wait_ready(
+    child: &mut Managed,
+    port: u16,
+    timeout: Duration,
+    events: &Events,
+) -> Result<(), FootprintError> {
+    let url = format!("http://127.0.0.1:{port}/ready");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(signal) = events.interrupted() {
+            return Err(FootprintError::Interrupted(signal));
+        }
+        if let Some(status) = child.exited() {
+            return Err(FootprintError::Exited {
+                what: child.name,
+                status,
+                when: "while starting",
+                log: child.log.clone(),
+            });
+        }
+        let last = match get_status(port, "/ready") {
+            Ok(200) => return Ok(()),
+            Ok(status) => std::io::Error::other(format!("the last answer was HTTP {status}")),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(FootprintError::NotReady {
+                url,
+                timeout,
+                source: last,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The status code of `GET path` on 127.0.0.1:`port` (HTTP/1.1, each step
+/// bounded).
+fn get_status(port: u16, path: &str) -> std::io::Result<u16> {
+    use std::io::{Read as _, Write as _};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    http_status(&answer).ok_or_else(|| {
+        let first = String::from_utf8_lossy(&answer);
+        std::io::Error::other(format!(
+            "not an HTTP answer: {:?}",
+            first.lines().next().unwrap_or("")
+        ))
+    })
+}
+
+/// The status code of an HTTP/1.x answer.
+fn http_status(answer: &[u8]) -> Option<u16> {
+    let line = answer.split(|&b| b == b'\r').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut words = line.split(' ');
+    words.next()?.strip_prefix("HTTP/1.")?;
+    let code = words.next()?;
+    (code.len() == 3).then(|| code.parse().ok()).flatten()
+}
+
+/// Starts the baseline and waits until `/health` has answered it: the time
+/// from exec to that answer.
+fn start_baseline(
+    binary: &Path,
+    dir: &Path,
+    orchestrator_url: &str,
+    work: &WorkDir,
+    events: &Events,
+) -> Result<(Managed, Duration), FootprintError> {
+    let mut command = demo::child_command(binary);
+    command.arg(format!("{orchestrator_url}/health"));
+    let log = dir.join("baseline.log");
+    let reference = Reference::now();
+    let mut child = Managed::spawn("baseline", command, &log, &work.pids())?;
+    let answered = wait_for_line(
+        &mut child,
+        BASELINE_START,
+        events,
+        "that /health answered",
+        |line, seen| {
+            if !line.starts_with(BASELINE_READY) {
+                return Ok(None);
+            }
+            elapsed(&reference, milestones::answered_at(line), line, seen, &log).map(Some)
+        },
+    )?;
+    Ok((child, answered))
+}
+
+/// From `reference` to a line's `stamp` (read by `seen`).
+fn elapsed(
+    reference: &Reference,
+    stamp: Option<Duration>,
+    line: &str,
+    seen: Instant,
+    log: &Path,
+) -> Result<Duration, FootprintError> {
+    let stamp = stamp.ok_or_else(|| FootprintError::Unstamped {
+        log: log.to_owned(),
+        line: line.to_owned(),
+    })?;
+    reference
+        .elapsed(stamp, seen)
+        .ok_or_else(|| FootprintError::ClockStepped {
+            log: log.to_owned(),
+            line: line.to_owned(),
+        })
+}
+
+/// Which agent: MQTT off, or on against a broker.
+#[derive(Debug)]
+struct Variant {
+    name: &'static str,
+    /// The stem of its files in the run's directory.
+    file: &'static str,
+    identity: &'static str,
+    broker_url: Option<String>,
+}
+
+impl Variant {
+    fn plain() -> Self {
+        Self {
+            name: "agent",
+            file: "agent",
+            identity: IDENTITY,
+            broker_url: None,
+        }
+    }
+
+    fn mqtt(broker_url: String) -> Self {
+        Self {
+            name: "agent-mqtt",
+            file: "agent-mqtt",
+            identity: IDENTITY_MQTT,
+            broker_url: Some(broker_url),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct AgentSettings<'a> {
+    dir: &'a Path,
+    key_file: &'a Path,
+    orchestrator_url: &'a str,
+}
+
+/// The agent's configuration: everything at its defaults (the intervals
+/// of a real deployment) but what it must be told, and the log filter
+/// that shows the milestones.
+fn agent_toml(variant: &Variant, s: &AgentSettings<'_>, state_dir: &Path) -> String {
+    let path = |p: &Path| toml_string(&p.to_string_lossy());
+    let mut text = format!(
+        r#"# Written by `cargo xtask footprint`. Every key: config/agent.example.toml.
+
+[identity]
+ref = {identity}
+key_file = {key_file}
+
+[orchestrator]
+url = {orchestrator}
+
+[machine]
+display_name = {name}
+owner_id = "footprint"
+machine_type = "amr"
+runtime_profile = "ros2"
+
+[state]
+dir = {state_dir}
+
+[log]
+level = {level}
+"#,
+        identity = toml_string(variant.identity),
+        key_file = path(s.key_file),
+        orchestrator = toml_string(s.orchestrator_url),
+        name = toml_string(&format!("footprint-{}", variant.file)),
+        state_dir = path(state_dir),
+        level = toml_string(milestones::LOG_LEVEL),
+    );
+    if let Some(url) = &variant.broker_url {
+        let _ = write!(
+            text,
+            "\n[mqtt]\nenabled = true\nurl = {}\ntopic_prefix = \"peaqos/footprint\"\n",
+            toml_string(url)
+        );
+    }
+    text
+}
+
+/// Starts the agent and waits until it is active: the times from exec to
+/// its first signature and to `active`, from its log stamps.
+fn start_agent(
+    variant: &Variant,
+    binary: &Path,
+    s: &AgentSettings<'_>,
+    timeout: Duration,
+    work: &WorkDir,
+    events: &Events,
+) -> Result<(Managed, StartTimes), FootprintError> {
+    let state_dir = s.dir.join(format!("{}-state", variant.file));
+    std::fs::create_dir(&state_dir).map_err(|source| FootprintError::Io {
+        action: "create",
+        path: state_dir.clone(),
+        source,
+    })?;
+    let config = write(
+        &s.dir.join(format!("{}.toml", variant.file)),
+        &agent_toml(variant, s, &state_dir),
+    )?;
+    let mut command = demo::child_command(binary);
+    // The filter is in the configuration; `RUST_LOG` would win over it.
+    command
+        .env_remove("RUST_LOG")
+        .arg("run")
+        .arg("--config")
+        .arg(&config);
+    let log = s.dir.join(format!("{}.log", variant.file));
+    let reference = Reference::now();
+    let mut child = Managed::spawn(variant.name, command, &log, &work.pids())?;
+    let mut first_signature = None;
+    let start = wait_for_line(
+        &mut child,
+        timeout,
+        events,
+        "`challenge signed` and `state=active`",
+        |line, seen| {
+            let Some(milestone) = milestones::milestone(line) else {
+                return Ok(None);
+            };
+            let elapsed = elapsed(&reference, milestones::time_of_day(line), line, seen, &log)?;
+            match milestone {
+                Milestone::FirstSignature => {
+                    first_signature.get_or_insert(elapsed);
+                    Ok(None)
+                }
+                Milestone::Active => {
+                    let first_signature = first_signature
+                        .ok_or_else(|| FootprintError::ActiveUnsigned { log: log.clone() })?;
+                    Ok(Some(StartTimes {
+                        first_signature,
+                        active: elapsed,
+                    }))
+                }
+            }
+        },
+    )?;
+    Ok((child, start))
+}
+
+/// Reads `child`'s log as it grows until `found` returns a value for a line
+/// (given the moment the line had been read by); fails when the child
+/// exits, a signal arrives, or after `timeout`.
+fn wait_for_line<T>(
+    child: &mut Managed,
+    timeout: Duration,
+    events: &Events,
+    expected: &'static str,
+    mut found: impl FnMut(&str, Instant) -> Result<Option<T>, FootprintError>,
+) -> Result<T, FootprintError> {
+    let mut tail = Tail::new(&child.log);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let lines = tail.lines().map_err(|source| FootprintError::Io {
+            action: "read",
+            path: tail.path().to_owned(),
+            source,
+        })?;
+        let seen = Instant::now();
+        for line in lines {
+            if let Some(value) = found(&line, seen)? {
+                return Ok(value);
+            }
+        }
+        if let Some(signal) = events.interrupted() {
+            return Err(FootprintError::Interrupted(signal));
+        }
+        if let Some(status) = child.exited() {
+            return Err(FootprintError::Exited {
+                what: child.name,
+                status,
+                when: "while starting",
+                log: child.log.clone(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(FootprintError::Timeout {
+                what: child.name,
+                expected,
+                timeout,
+                log: child.log.clone(),
+            });
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A duration such as `60s`, `500ms`, `5m`, `1h`, or whole seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 60s, 500ms or 5m"))?;
+    let duration = match unit {
+        "" | "s" => Duration::from_secs(number),
+        "ms" => Duration::from_millis(number),
+        "m" | "min" => Duration::from_secs(number.saturating_mul(60)),
+        "h" => Duration::from_secs(number.saturating_mul(3600)),
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m or h)")),
+    };
+    if duration.is_zero() {
+        return Err(format!("{text:?}: must be more than zero"));
+    }
+    Ok(duration)
+}
+
+/// The machine the figures are from, in one line.
+fn machine() -> String {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let kernel = read("/proc/sys/kernel/osrelease");
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        matches!(key.trim(), "model name" | "Model" | "Hardware").then(|| value.trim().to_owned())
+    });
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let mut text = format!(
+        "Linux {} {}, {cpus} CPUs",
+        kernel.trim(),
+        std::env::consts::ARCH
+    );
+    if let Some(model) = model {
+        let _ = write!(text, " ({model})");
+    }
+    if let Some(load) = load_average() {
+        let _ = write!(text, ", load average {load:.2} at the start");
+    }
+    text
+}
+
+/// The one-minute load average: other work on the machine makes the
+/// start-up times noisy (memory and idle CPU much less so).
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn broker_name(broker: &Broker) -> String {
+    match broker {
+        Broker::Mosquitto { .. } => "a private Mosquitto".to_owned(),
+        Broker::Embedded { .. } => {
+            "the rumqttd broker embedded in xtask (no Mosquitto installed)".to_owned()
+        }
+    }
+}
+
+/// One line per run, for the progress output.
+fn summary(run: &Run) -> String {
+    let agent = |name: &str, a: &AgentRun| {
+        format!(
+            "{name}: first signature {:.1} ms, active {:.1} ms, VmRSS {} KiB, idle CPU {} ticks",
+            a.start.first_signature.as_secs_f64() * 1000.0,
+            a.start.active.as_secs_f64() * 1000.0,
+            a.idle.end.rss_kib,
+            a.idle.ticks
+        )
+    };
+    let mut text = agent("agent", &run.agent);
+    if let Some(m) = &run.agent_mqtt {
+        text.push_str("; ");
+        text.push_str(&agent("MQTT on", m));
+    }
+    let _ = write!(
+        text,
+        "; baseline: /health answered {:.1} ms, VmRSS {} KiB, idle CPU {} ticks",
+        run.baseline_answer.as_secs_f64() * 1000.0,
+        run.baseline.end.rss_kib,
+        run.baseline.ticks
+    );
+    text
+}
+
+fn say(text: &str) {
+    eprintln!("footprint: {text}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_and_reject() {
+        let parse = |args: &[&str]| {
+            Options::try_parse_from(
+                std::iter::once("cargo xtask footprint").chain(args.iter().copied()),
+            )
+        };
+        let o = parse(&[]).unwrap();
+        assert_eq!(
+            (o.idle, o.runs, o.timeout, o.no_mqtt),
+            (Duration::from_secs(60), 5, Duration::from_secs(30), false)
+        );
+        let o = parse(&["--idle", "5m", "--runs", "1", "--no-mqtt"]).unwrap();
+        assert_eq!(
+            (o.idle, o.runs, o.no_mqtt),
+            (Duration::from_secs(300), 1, true)
+        );
+        for bad in [
+            &["--runs", "0"][..],
+            &["--idle", "soon"],
+            &["--idle", "0s"],
+            &["--idle", "10d"],
+            &["--idl", "5s"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn http_status_lines_are_read() {
+        assert_eq!(
+            http_status(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"),
+            Some(200)
+        );
+        assert_eq!(
+            http_status(b"HTTP/1.1 503 Service Unavailable\r\n\r\n"),
+            Some(503)
+        );
+        assert_eq!(http_status(b"HTTP/2 200\r\n"), None);
+        assert_eq!(http_status(b"SSH-2.0-OpenSSH_9.2\r\n"), None);
+        assert_eq!(http_status(b""), None);
+    }
+
+    #[test]
+    fn durations_take_the_usual_units() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        let err = parse_duration("1.5s").unwrap_err();
+        assert!(
+            err.contains("unknown unit") && err.contains("1.5s"),
+            "{err}"
+        );
+        assert!(parse_duration("s").unwrap_err().contains("not a duration"));
+    }
+
+    #[test]
+    fn the_executables_come_from_their_artifacts() {
+        // The shapes cargo prints for `cargo build --example` (which builds
+        // the package's library too) and for a binary.
+        let messages = [
+            r#"{"reason":"compiler-artifact","target":{"name":"peaqos_agent","kind":["lib"]},"profile":{"test":false},"executable":null}"#,
+            "not json: skipped",
+            r#"{"reason":"compiler-artifact","target":{"name":"footprint_baseline","kind":["example"]},"profile":{"test":false},"executable":"/t/minsize/examples/footprint_baseline"}"#,
+            r#"{"reason":"compiler-artifact","target":{"name":"peaqos-agent","kind":["bin"]},"profile":{"test":true},"executable":"/t/minsize/deps/peaqos_agent-1"}"#,
+            r#"{"reason":"compiler-artifact","target":{"name":"peaqos-agent","kind":["bin"]},"profile":{"test":false},"executable":"/t/minsize/peaqos-agent"}"#,
+            r#"{"reason":"build-finished","success":true}"#,
+        ]
+        .join("\n");
+        assert_eq!(
+            artifact(&messages, BASELINE, "example"),
+            Some(PathBuf::from("/t/minsize/examples/footprint_baseline"))
+        );
+        assert_eq!(
+            artifact(&messages, AGENT, "bin"),
+            Some(PathBuf::from("/t/minsize/peaqos-agent"))
+        );
+        assert_eq!(artifact(&messages, BASELINE, "bin"), None);
+        assert_eq!(artifact(&messages, ORCHESTRATOR, "bin"), None);
+    }
+}
