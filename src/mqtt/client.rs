@@ -16,6 +16,10 @@ use super::config::Protocol;
 /// Capacity of rumqttc's request channel. Publishing uses `try_*` calls, so
 /// a dead or slow broker makes publishes fail fast instead of queueing.
 pub(crate) const REQUEST_CAPACITY: usize = 32;
+/// QoS 1 publishes awaiting their PUBACK. The agent publishes a handful of
+/// messages at a time (status, availability, replies); more wait in the
+/// request queue above.
+const MAX_INFLIGHT: u16 = 32;
 
 /// Everything needed to open one MQTT session.
 pub(crate) struct ConnectSettings {
@@ -150,7 +154,8 @@ pub(crate) fn new(settings: &ConnectSettings) -> (Client, EventLoop) {
                 .set_max_packet_size(
                     settings.max_packet_size as usize,
                     settings.max_packet_size as usize,
-                );
+                )
+                .set_inflight(MAX_INFLIGHT);
             if let Some(user) = &settings.username {
                 o.set_credentials(user.clone(), password_text(settings));
             }
@@ -182,7 +187,11 @@ pub(crate) fn new(settings: &ConnectSettings) -> (Client, EventLoop) {
                 // Also tells the broker not to send us anything larger, so an
                 // oversized message is dropped there instead of breaking our
                 // connection.
-                .set_max_packet_size(Some(settings.max_packet_size));
+                .set_max_packet_size(Some(settings.max_packet_size))
+                // Without a limit rumqttc's v5 state keeps a slot for each of
+                // the 65,536 packet ids (about 13.5 MiB, all written at
+                // start): more than twice the agent's whole footprint.
+                .set_outgoing_inflight_upper_limit(MAX_INFLIGHT);
             if let Some(user) = &settings.username {
                 o.set_credentials(user.clone(), password_text(settings));
             }
