@@ -8,7 +8,9 @@ pub(crate) fn nonce() -> String {
     let n = getrandom::u64().unwrap_or_else(|_| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::from(d.subsec_nanos()) ^ d.as_secs().rotate_left(32))
+            .map_or(0, |d| {
+                u64::from(d.subsec_nanos()) ^ d.as_secs().rotate_left(32)
+            })
     });
     format!("{n:016x}")
 }

@@ -138,7 +138,14 @@ impl Agent {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let handle = match mqtt::spawn(&config, &name, status_rx, cmd_tx, Heartbeat::new("mqtt"), token) {
+                let handle = match mqtt::spawn(
+                    &config,
+                    &name,
+                    status_rx,
+                    cmd_tx,
+                    Heartbeat::new("mqtt"),
+                    token,
+                ) {
                     Ok(h) => h,
                     Err(e) => {
                         let _ = ready_tx.send(Err(error_chain(&e)));

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use peaqos_testkit::{Service, mosquitto_binary, required};
+use peaqos_testkit::{Service, find_program, mosquitto_binary, required};
 
 const VENV: &str = "target/interop-venv";
 const REQUIREMENTS: &str = "tests/interop/requirements.txt";
@@ -14,49 +14,64 @@ pub(crate) fn run(extra: &[String]) -> Result<(), String> {
     let root = crate::workspace_root();
     std::env::set_current_dir(&root).map_err(|e| format!("cd {}: {e}", root.display()))?;
 
-    let mut used = Vec::new();
-    let mut missing = Vec::new();
-
-    match mosquitto_binary() {
-        Some(bin) => used.push(format!("mosquitto ({})", bin.display())),
-        None => missing.push("mosquitto (no binary; MQTT tests skip)".to_owned()),
-    }
-    match postgres_reachable() {
-        Ok(url) => used.push(format!("postgresql ({url})")),
-        Err(why) => missing.push(format!("postgresql ({why}; PostgreSQL tests skip)")),
-    }
     let mut envs: Vec<(String, String)> = Vec::new();
-    match python(required(Service::Python)) {
-        Ok(py) => {
-            used.push(format!("python interop ({})", py.display()));
-            envs.push(("PEAQOS_PYTHON".into(), py.display().to_string()));
+    let probes: Vec<(Service, Result<String, String>)> = vec![
+        (
+            Service::Mosquitto,
+            mosquitto_binary()
+                .map(|bin| format!("mosquitto ({})", bin.display()))
+                .ok_or_else(|| "mosquitto (no binary; MQTT tests skip)".to_owned()),
+        ),
+        (
+            Service::Postgres,
+            postgres_reachable()
+                .map(|url| format!("postgresql ({url})"))
+                .map_err(|why| format!("postgresql ({why}; PostgreSQL tests skip)")),
+        ),
+        (
+            Service::Python,
+            python(required(Service::Python))
+                .map(|py| {
+                    envs.push(("PEAQOS_PYTHON".into(), py.display().to_string()));
+                    format!("python interop ({})", py.display())
+                })
+                .map_err(|why| format!("python interop ({why})")),
+        ),
+        (
+            Service::Systemd,
+            find_program("systemd-analyze")
+                .map(|bin| format!("systemd tools ({})", bin.display()))
+                .ok_or_else(|| "systemd tools (no systemd-analyze; unit checks skip)".to_owned()),
+        ),
+        (
+            Service::Deb,
+            deb_tools()
+                .map(|()| "Debian packaging (cargo deb, dpkg)".to_owned())
+                .map_err(|why| format!("Debian packaging ({why}; the .deb test skips)")),
+        ),
+    ];
+    let (used, missing): (Vec<_>, Vec<_>) = probes.iter().partition(|(_, p)| p.is_ok());
+    let list = |items: &[&(Service, Result<String, String>)]| {
+        if items.is_empty() {
+            "none".to_owned()
+        } else {
+            items
+                .iter()
+                .map(|(_, p)| p.as_ref().map_or_else(Clone::clone, Clone::clone))
+                .collect::<Vec<_>>()
+                .join(", ")
         }
-        Err(why) => missing.push(format!("python interop ({why})")),
-    }
-
+    };
     println!(
-        "real servers used: {}; not used: {}",
-        if used.is_empty() {
-            "none".to_owned()
-        } else {
-            used.join(", ")
-        },
-        if missing.is_empty() {
-            "none".to_owned()
-        } else {
-            missing.join(", ")
-        }
+        "real servers and tools used: {}; not used: {}",
+        list(&used),
+        list(&missing)
     );
-    for service in [Service::Mosquitto, Service::Postgres, Service::Python] {
-        let absent = missing
-            .iter()
-            .any(|m| m.starts_with(service_prefix(service)));
-        if required(service) && absent {
-            return Err(format!(
-                "{} is required by PEAQOS_TEST_REQUIRE but not available",
-                service.name()
-            ));
-        }
+    if let Some((service, _)) = missing.iter().find(|(service, _)| required(*service)) {
+        return Err(format!(
+            "{} is required by PEAQOS_TEST_REQUIRE but not available",
+            service.name()
+        ));
     }
 
     let status = crate::cargo()
@@ -69,17 +84,6 @@ pub(crate) fn run(extra: &[String]) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("cargo test failed ({status})"))
-    }
-}
-
-fn service_prefix(service: Service) -> &'static str {
-    match service {
-        Service::Mosquitto => "mosquitto",
-        Service::Postgres => "postgresql",
-        Service::Python => "python",
-        // Not probed here: their tests say themselves what they skipped.
-        Service::Systemd => "systemd",
-        Service::Deb => "deb",
     }
 }
 
@@ -142,4 +146,20 @@ fn python(create: bool) -> Result<PathBuf, String> {
                 .is_ok_and(|s| s.success())
         })
         .ok_or_else(|| format!("no python with eth-account, paho-mqtt and peaq-os-sdk; pip install -r {REQUIREMENTS}"))
+}
+
+/// `cargo deb` and dpkg, for the package test.
+fn deb_tools() -> Result<(), String> {
+    let cargo_deb = crate::cargo()
+        .args(["deb", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !cargo_deb {
+        return Err("no cargo-deb: packaging/build-debs.sh installs it".to_owned());
+    }
+    find_program("dpkg-deb")
+        .map(|_| ())
+        .ok_or_else(|| "no dpkg-deb".to_owned())
 }
