@@ -131,8 +131,13 @@ fn python(create: bool) -> Result<PathBuf, String> {
             return Err(format!("could not create {VENV} from {REQUIREMENTS}"));
         }
     }
+    // Not canonicalize(): a venv's python is a symlink to the base
+    // interpreter, and resolving it would leave the venv's packages behind.
     let candidates = [
-        venv_python.canonicalize().ok(),
+        venv_python
+            .exists()
+            .then(|| std::path::absolute(&venv_python).ok())
+            .flatten(),
         Some(PathBuf::from("python3")),
     ];
     candidates
