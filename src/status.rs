@@ -205,6 +205,42 @@ pub fn render_human(value: &serde_json::Value) -> String {
 mod tests {
     use super::*;
 
+    /// The README's status payload table is the contract readers code
+    /// against: every field the agent publishes must be in it.
+    #[test]
+    fn the_readme_documents_every_status_field() {
+        const README: &str = include_str!("../README.md");
+        let table = README
+            .split("### The status payload")
+            .nth(1)
+            .and_then(|rest| rest.split("\n### ").next())
+            .expect("README has a \"The status payload\" section");
+        let s = StatusSnapshot::new("did:peaq:1".into(), "0xAb".into(), "boot".into());
+        let v = serde_json::to_value(&s).unwrap();
+        for key in v.as_object().unwrap().keys() {
+            assert!(
+                table.contains(&format!("| `{key}`")) || table.contains(&format!(", `{key}`")),
+                "README's status payload table does not describe `{key}`"
+            );
+        }
+        for state in [
+            "starting",
+            "registering",
+            "activating",
+            "active",
+            "renewing",
+            "backoff",
+        ]
+        .into_iter()
+        .chain(["not_controller", "blocked", "archived", "stopping"])
+        {
+            assert!(
+                README.contains(&format!("`{state}`")),
+                "README lacks state {state}"
+            );
+        }
+    }
+
     #[test]
     fn human_rendering_shows_every_field_and_newer_ones() {
         let mut s = StatusSnapshot::new("did:peaq:1".into(), "0xAb".into(), "boot".into());

@@ -784,6 +784,17 @@ mod tests {
         assert!(ENV_VARS.contains(&"PEAQOS_DB_STATEMENT_TIMEOUT_MS"));
         assert!(ENV_VARS.contains(&"PEAQOS_PROOF_MAX_AGE_SECS"));
     }
+
+    #[test]
+    fn the_readme_documents_every_setting() {
+        const README: &str = include_str!("../../../README.md");
+        for var in ENV_VARS {
+            assert!(
+                README.contains(&format!("| `{var}` |")),
+                "README.md has no configuration row for {var}"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
