@@ -205,38 +205,68 @@ pub fn render_human(value: &serde_json::Value) -> String {
 mod tests {
     use super::*;
 
+    const README: &str = include_str!("../README.md");
+
+    /// The README section under `heading`, up to the next heading of its level.
+    fn readme_section(heading: &str) -> &'static str {
+        README
+            .split(&format!("### {heading}\n"))
+            .nth(1)
+            .and_then(|rest| rest.split("\n### ").next())
+            .unwrap_or_else(|| panic!("README has no \"### {heading}\" section"))
+    }
+
+    /// Whether a README table has a row for `name` (alone or listed with
+    /// others in the first cell).
+    fn has_row(table: &str, name: &str) -> bool {
+        table.contains(&format!("| `{name}`")) || table.contains(&format!(", `{name}`"))
+    }
+
     /// The README's status payload table is the contract readers code
     /// against: every field the agent publishes must be in it.
     #[test]
     fn the_readme_documents_every_status_field() {
-        const README: &str = include_str!("../README.md");
-        let table = README
-            .split("### The status payload")
-            .nth(1)
-            .and_then(|rest| rest.split("\n### ").next())
-            .expect("README has a \"The status payload\" section");
+        let table = readme_section("The status payload");
         let s = StatusSnapshot::new("did:peaq:1".into(), "0xAb".into(), "boot".into());
         let v = serde_json::to_value(&s).unwrap();
         for key in v.as_object().unwrap().keys() {
             assert!(
-                table.contains(&format!("| `{key}`")) || table.contains(&format!(", `{key}`")),
+                has_row(table, key),
                 "README's status payload table does not describe `{key}`"
             );
         }
-        for state in [
-            "starting",
-            "registering",
-            "activating",
-            "active",
-            "renewing",
-            "backoff",
-        ]
-        .into_iter()
-        .chain(["not_controller", "blocked", "archived", "stopping"])
-        {
+    }
+
+    /// Every state the `state` field can take has a row in the README's
+    /// registration loop table.
+    #[test]
+    fn the_readme_documents_every_state() {
+        use AgentState::{
+            Activating, Active, Archived, Backoff, Blocked, NotController, Registering, Renewing,
+            Starting, Stopping,
+        };
+        let all = [
+            Starting,
+            Registering,
+            Activating,
+            Active,
+            Renewing,
+            Backoff,
+            NotController,
+            Blocked,
+            Archived,
+            Stopping,
+        ];
+        // No wildcard: a new state does not compile until it is listed above.
+        match all[0] {
+            Starting | Registering | Activating | Active | Renewing | Backoff | NotController
+            | Blocked | Archived | Stopping => {}
+        }
+        let table = readme_section("The registration loop");
+        for state in all {
             assert!(
-                README.contains(&format!("`{state}`")),
-                "README lacks state {state}"
+                has_row(table, state.as_str()),
+                "README's registration loop table lacks state `{state}`"
             );
         }
     }

@@ -134,10 +134,7 @@ fn python(create: bool) -> Result<PathBuf, String> {
     // Not canonicalize(): a venv's python is a symlink to the base
     // interpreter, and resolving it would leave the venv's packages behind.
     let candidates = [
-        venv_python
-            .exists()
-            .then(|| std::path::absolute(&venv_python).ok())
-            .flatten(),
+        std::path::absolute(&venv_python).ok(),
         Some(PathBuf::from("python3")),
     ];
     candidates
