@@ -9,7 +9,7 @@
 # Extra arguments go to both `cargo deb` calls. The agent is built with the
 # `minsize` profile (opt-level z, fat LTO, panic=abort, stripped), the
 # orchestrator with `release`. Cross-building needs the target's linker; see
-# the README ("Cross-building for boards").
+# docs/agent.md ("Cross-building for boards").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -83,7 +83,7 @@ impl LastError {
 }
 
 /// Everything the status interfaces publish. Serialised as the MQTT
-/// `<prefix>/status` payload (see README, "MQTT interface").
+/// `<prefix>/status` payload (see docs/mqtt.md).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusSnapshot {
@@ -205,40 +205,40 @@ pub fn render_human(value: &serde_json::Value) -> String {
 mod tests {
     use super::*;
 
-    const README: &str = include_str!("../README.md");
+    const AGENT_DOC: &str = include_str!("../docs/agent.md");
+    const MQTT_DOC: &str = include_str!("../docs/mqtt.md");
 
-    /// The README section under `heading`, up to the next heading of its level.
-    fn readme_section(heading: &str) -> &'static str {
-        README
-            .split(&format!("### {heading}\n"))
+    /// The section of `doc` under `## heading`, up to the next `## `.
+    fn doc_section(doc: &'static str, heading: &str) -> &'static str {
+        doc.split(&format!("\n## {heading}\n"))
             .nth(1)
-            .and_then(|rest| rest.split("\n### ").next())
-            .unwrap_or_else(|| panic!("README has no \"### {heading}\" section"))
+            .and_then(|rest| rest.split("\n## ").next())
+            .unwrap_or_else(|| panic!("no \"## {heading}\" section"))
     }
 
-    /// Whether a README table has a row for `name` (alone or listed with
+    /// Whether a documented table has a row for `name` (alone or listed with
     /// others in the first cell).
     fn has_row(table: &str, name: &str) -> bool {
         table.contains(&format!("| `{name}`")) || table.contains(&format!(", `{name}`"))
     }
 
-    /// The README's status payload table is the contract readers code
+    /// The status payload table (docs/mqtt.md) is the contract readers code
     /// against: every field the agent publishes must be in it.
     #[test]
     fn the_readme_documents_every_status_field() {
-        let table = readme_section("The status payload");
+        let table = doc_section(MQTT_DOC, "The status payload");
         let s = StatusSnapshot::new("did:peaq:1".into(), "0xAb".into(), "boot".into());
         let v = serde_json::to_value(&s).unwrap();
         for key in v.as_object().unwrap().keys() {
             assert!(
                 has_row(table, key),
-                "README's status payload table does not describe `{key}`"
+                "docs/mqtt.md's status payload table does not describe `{key}`"
             );
         }
     }
 
-    /// Every state the `state` field can take has a row in the README's
-    /// registration loop table.
+    /// Every state the `state` field can take has a row in the registration
+    /// loop table (docs/agent.md).
     #[test]
     fn the_readme_documents_every_state() {
         use AgentState::{
@@ -262,11 +262,11 @@ mod tests {
             Starting | Registering | Activating | Active | Renewing | Backoff | NotController
             | Blocked | Archived | Stopping => {}
         }
-        let table = readme_section("The registration loop");
+        let table = doc_section(AGENT_DOC, "The registration loop");
         for state in all {
             assert!(
                 has_row(table, state.as_str()),
-                "README's registration loop table lacks state `{state}`"
+                "docs/agent.md's registration loop table lacks state `{state}`"
             );
         }
     }

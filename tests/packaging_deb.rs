@@ -154,6 +154,7 @@ fn check_contents(dpkg_deb: &Path, deb: &Path) {
         ("usr/lib/tmpfiles.d/peaqos-agent.conf", "-rw-r--r--"),
         ("etc/peaqos-agent/agent.toml", "-rw-r--r--"),
         ("usr/share/doc/peaqos-agent/README.Debian", "-rw-r--r--"),
+        ("usr/share/doc/peaqos-agent/mqtt.md", "-rw-r--r--"),
         ("usr/share/doc/peaqos-agent/copyright", "-rw-r--r--"),
     ] {
         let (actual_mode, owner) = entry(path);

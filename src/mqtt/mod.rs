@@ -1,4 +1,4 @@
-//! The local MQTT interface (see the README's "MQTT interface").
+//! The local MQTT interface (its contract: docs/mqtt.md).
 //!
 //! The agent connects to the site broker as a client and keeps there, under
 //! `<prefix>` (default `peaqos/<machine topic level>`):
