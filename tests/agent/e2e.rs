@@ -6,12 +6,10 @@
 //! a wrong key. Intervals are configured in milliseconds so that the whole
 //! file runs in seconds.
 
-mod agent_support;
-
 use std::time::Duration;
 
-use agent_support::orchestrator::{FakeMcr, Orchestrator, SlowLink, state_file};
-use agent_support::{FAST_RENEWAL, Running, config_text, start, stored_machine_id, write_key};
+use crate::support::orchestrator::{FakeMcr, Orchestrator, SlowLink, state_file};
+use crate::support::{FAST_RENEWAL, Running, config_text, start, stored_machine_id, write_key};
 use peaqos_agent::config::Config;
 use peaqos_agent::status::AgentState;
 use peaqos_protocol::{Address, SecretKey};
@@ -19,6 +17,7 @@ use peaqos_protocol::{Address, SecretKey};
 const ID: &str = "did:peaq:4242";
 const WAIT: Duration = Duration::from_secs(10);
 const STOP: Duration = Duration::from_secs(2);
+const CHALLENGES: &str = "/api/v1/machine-identity/challenges";
 
 /// A machine: its key and state directory, agents started from them.
 struct Machine {
@@ -222,8 +221,15 @@ async fn expiry_during_downtime_is_repaired_at_start() {
         .machine_id
         .unwrap();
     agent.stop(STOP).await;
-    tokio::time::sleep(lifetime + Duration::from_millis(200)).await;
-    assert_eq!(orch.machine(&id).await.1["item"]["status"], "degraded");
+    // The proof lapses while the agent is down.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while orch.machine(&id).await.1["item"]["status"] != "degraded" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the record never read degraded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let mut agent = robot.start(&orch.url(), "");
     agent.wait_state(AgentState::Active, WAIT).await;
@@ -281,11 +287,24 @@ async fn an_orchestrator_outage_is_waited_out() {
 
     orch.stop().await;
     let down = agent.wait_state(AgentState::Backoff, WAIT).await;
+    let mut failed_at = down.last_error.as_ref().unwrap().at;
     assert_eq!(down.last_error.unwrap().code, "NETWORK");
     assert!(down.next_attempt_at.is_some());
-    // Still retrying (bounded backoff), never given up.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(agent.status.borrow().state, AgentState::Backoff);
+    // Still retrying (bounded backoff), never given up: two more attempts
+    // fail, and the agent backs off again after each.
+    for _ in 0..2 {
+        let again = agent
+            .wait_for("another failed attempt", WAIT, |s| {
+                s.last_error.as_ref().is_some_and(|e| e.at > failed_at)
+            })
+            .await;
+        let error = again.last_error.unwrap();
+        assert_eq!(
+            (again.state, error.code.as_str()),
+            (AgentState::Backoff, "NETWORK")
+        );
+        failed_at = error.at;
+    }
 
     orch.restart().await;
     let back = agent.wait_state(AgentState::Active, WAIT).await;
@@ -355,7 +374,7 @@ async fn a_challenge_expiring_on_a_slow_link_is_retried_once_at_once() {
     );
     let states = agent.record_states();
     agent.wait_state(AgentState::Active, WAIT).await;
-    assert_eq!(link.count("POST", "/api/v1/machine-identity/challenges"), 2);
+    assert_eq!(link.count("POST", CHALLENGES), 2);
     assert_eq!(link.count("POST", "/api/v1/machines"), 2);
     let states = states.lock().unwrap().clone();
     assert!(
@@ -370,16 +389,26 @@ async fn a_wrong_key_is_never_activated_and_says_why() {
     let orch = Orchestrator::start(|_| {}).await;
     let owner = SecretKey::generate().unwrap().address();
     orch.set_controllers(ID, &[owner]);
+    // The link counts the agent's requests.
+    let link = SlowLink::start(&orch.url(), Duration::ZERO).await;
     let impostor = Machine::new();
-    let mut agent = impostor.start(&orch.url(), "");
+    let mut agent = impostor.start(&link.url(), "");
     let refused = agent.wait_state(AgentState::NotController, WAIT).await;
     assert_eq!(
         refused.last_error.as_ref().unwrap().code,
         "MACHINE_IDENTITY_PROOF_INVALID"
     );
-    // Retried slowly, still refused, nothing created.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(agent.status.borrow().state, AgentState::NotController);
+    // Retried slowly, still refused, nothing created: two more challenges
+    // have been answered (the agent sees the controller list in each and
+    // submits nothing).
+    let tried = link.count("POST", CHALLENGES);
+    link.wait_count("POST", CHALLENGES, tried + 2, WAIT).await;
+    assert_eq!(link.count("POST", "/api/v1/machines"), 0);
+    let still = agent.wait_state(AgentState::NotController, WAIT).await;
+    assert_eq!(
+        still.last_error.unwrap().code,
+        "MACHINE_IDENTITY_PROOF_INVALID"
+    );
     assert!(orch.machine_ids().await.is_empty());
     agent.stop(STOP).await;
 }
@@ -401,7 +430,9 @@ async fn an_operator_block_is_respected() {
     let orch = Orchestrator::start(|_| {}).await;
     let robot = Machine::new();
     orch.set_controllers(ID, &[robot.address()]);
-    let mut agent = robot.start(&orch.url(), "");
+    // The link counts the agent's requests.
+    let link = SlowLink::start(&orch.url(), Duration::ZERO).await;
+    let mut agent = robot.start(&link.url(), "");
     let id = agent
         .wait_state(AgentState::Active, WAIT)
         .await
@@ -414,8 +445,12 @@ async fn an_operator_block_is_respected() {
     );
     agent.wait_state(AgentState::Blocked, WAIT).await;
     // A blocked record could be re-activated with a fresh proof; the agent
-    // must not do it.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // must not do it: two more checks of the record (every 300 ms) come
+    // and go without a write.
+    let record = format!("/api/v1/machines/{id}");
+    let (reads, writes) = (link.count("GET", &record), link.count("PATCH", &record));
+    link.wait_count("GET", &record, reads + 2, WAIT).await;
+    assert_eq!(link.count("PATCH", &record), writes, "{:?}", link.seen);
     assert_eq!(orch.machine(&id).await.1["item"]["status"], "blocked");
     assert_eq!(agent.status.borrow().state, AgentState::Blocked);
     agent.stop(STOP).await;

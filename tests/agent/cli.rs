@@ -1,15 +1,13 @@
 //! The `peaqos-agent` binary as operators and packages use it: keygen,
 //! address, check, run with bad input, and SIGTERM.
 
-mod agent_support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use agent_support::fake::Fake;
-use agent_support::{FAST_RENEWAL, config_text, write_key};
+use crate::support::fake::Fake;
+use crate::support::{FAST_RENEWAL, config_text, write_key};
 use peaqos_protocol::MachineStatus;
 
 const BIN: &str = env!("CARGO_BIN_EXE_peaqos-agent");

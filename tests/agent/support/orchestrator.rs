@@ -15,12 +15,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use peaqos_orchestrator::Config;
 use peaqos_protocol::Address;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub struct Orchestrator {
-    pub dir: tempfile::TempDir,
-    pub addr: SocketAddr,
+pub(crate) struct Orchestrator {
+    /// Holds the database and the registry file.
+    _dir: tempfile::TempDir,
+    pub(crate) addr: SocketAddr,
     config: Config,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
@@ -28,7 +30,7 @@ pub struct Orchestrator {
 
 impl Orchestrator {
     /// Starts with a registry file; `tune` adjusts the configuration.
-    pub async fn start(tune: impl FnOnce(&mut Config)) -> Self {
+    pub(crate) async fn start(tune: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let registry = dir.path().join("registry.toml");
         std::fs::write(&registry, "[identities]\n").unwrap();
@@ -45,7 +47,7 @@ impl Orchestrator {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut me = Self {
-            dir,
+            _dir: dir,
             addr,
             config,
             stop: CancellationToken::new(),
@@ -66,12 +68,12 @@ impl Orchestrator {
         }));
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Stops the server (in-flight requests finish) and waits for it.
-    pub async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         self.stop.cancel();
         if let Some(task) = self.task.take() {
             tokio::time::timeout(Duration::from_secs(5), task)
@@ -82,7 +84,7 @@ impl Orchestrator {
     }
 
     /// Starts again on the same port, with the same database.
-    pub async fn restart(&mut self) {
+    pub(crate) async fn restart(&mut self) {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let listener = loop {
             match tokio::net::TcpListener::bind(self.addr).await {
@@ -101,7 +103,7 @@ impl Orchestrator {
     }
 
     /// Rewrites the registry (atomically, so a reader never sees half).
-    pub fn set_controllers(&self, identity: &str, controllers: &[Address]) {
+    pub(crate) fn set_controllers(&self, identity: &str, controllers: &[Address]) {
         let list: Vec<String> = controllers
             .iter()
             .map(|a| format!("\"{}\"", a.checksummed()))
@@ -114,7 +116,7 @@ impl Orchestrator {
     }
 
     /// `GET /api/v1/machines/{id}` as an independent client sees it.
-    pub async fn machine(&self, id: &str) -> (u16, serde_json::Value) {
+    pub(crate) async fn machine(&self, id: &str) -> (u16, serde_json::Value) {
         let r = http()
             .get(format!("{}/api/v1/machines/{id}", self.url()))
             .send()
@@ -125,7 +127,7 @@ impl Orchestrator {
     }
 
     /// Ids of every machine in the list (all pages).
-    pub async fn machine_ids(&self) -> Vec<String> {
+    pub(crate) async fn machine_ids(&self) -> Vec<String> {
         let v: serde_json::Value = http()
             .get(format!("{}/api/v1/machines?limit=500", self.url()))
             .send()
@@ -143,7 +145,7 @@ impl Orchestrator {
     }
 
     /// An operator's PATCH.
-    pub async fn patch(&self, id: &str, body: serde_json::Value) -> u16 {
+    pub(crate) async fn patch(&self, id: &str, body: serde_json::Value) -> u16 {
         http()
             .patch(format!("{}/api/v1/machines/{id}", self.url()))
             .json(&body)
@@ -171,23 +173,20 @@ fn http() -> reqwest::Client {
 
 /// A fake MCR API: `GET /machine/{did}` answers a profile naming `operator`
 /// as the controller, or 503 while `down`.
-pub struct FakeMcr {
-    pub addr: SocketAddr,
-    pub down: Arc<AtomicBool>,
-    pub requests: Arc<AtomicUsize>,
+pub(crate) struct FakeMcr {
+    pub(crate) addr: SocketAddr,
+    pub(crate) down: Arc<AtomicBool>,
     stop: CancellationToken,
 }
 
 impl FakeMcr {
-    pub async fn start(machine_id: &str, operator: Address) -> Self {
+    pub(crate) async fn start(machine_id: &str, operator: Address) -> Self {
         let down = Arc::new(AtomicBool::new(false));
-        let requests = Arc::new(AtomicUsize::new(0));
-        let (d, n) = (down.clone(), requests.clone());
+        let d = down.clone();
         let machine_id = machine_id.to_owned();
         let app = axum::Router::new().fallback(move || {
-            let (d, n, machine_id) = (d.clone(), n.clone(), machine_id.clone());
+            let (d, machine_id) = (d.clone(), machine_id.clone());
             async move {
-                n.fetch_add(1, Ordering::SeqCst);
                 if d.load(Ordering::SeqCst) {
                     return (StatusCode::SERVICE_UNAVAILABLE, "maintenance").into_response();
                 }
@@ -213,15 +212,10 @@ impl FakeMcr {
                 .await
                 .unwrap();
         });
-        Self {
-            addr,
-            down,
-            requests,
-            stop,
-        }
+        Self { addr, down, stop }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 }
@@ -234,12 +228,14 @@ impl Drop for FakeMcr {
 
 /// A forwarding proxy in front of an orchestrator that can hold back the
 /// next N requests carrying an identity proof (a slow uplink).
-pub struct SlowLink {
-    pub addr: SocketAddr,
-    pub hold_next_proofs: Arc<AtomicUsize>,
-    pub hold_for: Duration,
-    /// (method, path) of every request seen.
-    pub seen: Arc<Mutex<Vec<(String, String)>>>,
+pub(crate) struct SlowLink {
+    pub(crate) addr: SocketAddr,
+    pub(crate) hold_next_proofs: Arc<AtomicUsize>,
+    /// (method, path) of every request answered, in order.
+    pub(crate) seen: Arc<Mutex<Vec<(String, String)>>>,
+    /// Bumped as each request has been answered (so the agent has its
+    /// answer, or is about to).
+    answered: watch::Receiver<u64>,
     stop: CancellationToken,
 }
 
@@ -249,16 +245,13 @@ struct LinkState {
     hold_next_proofs: Arc<AtomicUsize>,
     hold_for: Duration,
     seen: Arc<Mutex<Vec<(String, String)>>>,
+    answered: Arc<watch::Sender<u64>>,
     client: reqwest::Client,
 }
 
 async fn forward(State(link): State<LinkState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body: Bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
-    link.seen
-        .lock()
-        .unwrap()
-        .push((parts.method.to_string(), parts.uri.path().to_owned()));
     if body.windows(13).any(|w| w == b"identityProof")
         && link
             .hold_next_proofs
@@ -275,6 +268,7 @@ async fn forward(State(link): State<LinkState>, request: Request) -> Response {
         }
     }
     let Ok(resp) = req.send().await else {
+        link.answered(&parts);
         return StatusCode::BAD_GATEWAY.into_response();
     };
     let mut out = Response::builder().status(resp.status().as_u16());
@@ -283,17 +277,32 @@ async fn forward(State(link): State<LinkState>, request: Request) -> Response {
             out = out.header(name, value);
         }
     }
-    out.body(axum::body::Body::from(resp.bytes().await.unwrap()))
-        .unwrap()
+    let response = out
+        .body(axum::body::Body::from(resp.bytes().await.unwrap()))
+        .unwrap();
+    link.answered(&parts);
+    response
+}
+
+impl LinkState {
+    fn answered(&self, request: &axum::http::request::Parts) {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((request.method.to_string(), request.uri.path().to_owned()));
+        self.answered.send_modify(|n| *n += 1);
+    }
 }
 
 impl SlowLink {
-    pub async fn start(upstream: &str, hold_for: Duration) -> Self {
+    pub(crate) async fn start(upstream: &str, hold_for: Duration) -> Self {
+        let (answered_tx, answered) = watch::channel(0);
         let state = LinkState {
             upstream: upstream.to_owned(),
             hold_next_proofs: Arc::new(AtomicUsize::new(0)),
             hold_for,
             seen: Arc::new(Mutex::new(Vec::new())),
+            answered: Arc::new(answered_tx),
             client: http(),
         };
         let app = axum::Router::new()
@@ -312,23 +321,45 @@ impl SlowLink {
         Self {
             addr,
             hold_next_proofs: state.hold_next_proofs,
-            hold_for,
             seen: state.seen,
+            answered,
             stop,
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub fn count(&self, method: &str, path: &str) -> usize {
+    pub(crate) fn count(&self, method: &str, path: &str) -> usize {
         self.seen
             .lock()
             .unwrap()
             .iter()
             .filter(|(m, p)| m == method && p == path)
             .count()
+    }
+}
+
+impl SlowLink {
+    /// Waits until `method path` has been answered at least `n` times in
+    /// all; panics after `timeout`.
+    pub(crate) async fn wait_count(&self, method: &str, path: &str, n: usize, timeout: Duration) {
+        let mut answered = self.answered.clone();
+        let waited = tokio::time::timeout(timeout, async {
+            loop {
+                if self.count(method, path) >= n {
+                    return;
+                }
+                answered.changed().await.unwrap();
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "timed out after {timeout:?} waiting for {n} × {method} {path}; seen: {:?}",
+            self.seen.lock().unwrap()
+        );
     }
 }
 
@@ -339,6 +370,6 @@ impl Drop for SlowLink {
 }
 
 /// Where the state file of a test agent lives.
-pub fn state_file(dir: &std::path::Path) -> PathBuf {
+pub(crate) fn state_file(dir: &std::path::Path) -> PathBuf {
     dir.join("state").join("state.json")
 }

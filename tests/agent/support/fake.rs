@@ -2,7 +2,7 @@
 //! told to misbehave in ways the real one never does on purpose: answer 429
 //! with `Retry-After`, send a challenge text that is not a challenge, stall a
 //! response, let a challenge expire in transit. Tests of the normal flows run
-//! against the real orchestrator (`agent_e2e.rs`).
+//! against the real orchestrator (`e2e.rs`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use peaqos_protocol::{
@@ -20,25 +21,30 @@ use peaqos_protocol::{
     ProofMethod, ResolutionSource, Signature, Timestamp, UpdateMachineRequest,
 };
 use serde_json::json;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// A fault to answer every API request with, until cleared.
 #[derive(Debug, Clone)]
-pub struct Fault {
-    pub status: u16,
-    pub code: &'static str,
-    pub retry_after: Option<u64>,
+pub(crate) struct Fault {
+    pub(crate) status: u16,
+    pub(crate) code: &'static str,
+    pub(crate) retry_after: Option<u64>,
 }
 
 #[derive(Debug, Default)]
-pub struct Counters {
-    pub challenges: usize,
-    pub creates: usize,
-    pub gets: usize,
-    pub patches: usize,
-    pub patches_with_proof: usize,
+pub(crate) struct Counters {
+    /// API requests received (counted before any delay or fault).
+    pub(crate) requests: usize,
+    /// When each of them arrived.
+    pub(crate) arrivals: Vec<std::time::Instant>,
+    pub(crate) challenges: usize,
+    pub(crate) creates: usize,
+    pub(crate) gets: usize,
+    pub(crate) patches: usize,
+    pub(crate) patches_with_proof: usize,
     /// Challenge messages the fake issued and saw signed.
-    pub signed_hostile: usize,
+    pub(crate) signed_hostile: usize,
 }
 
 struct Stored {
@@ -52,28 +58,31 @@ struct Issued {
     used: bool,
 }
 
-pub struct FakeState {
-    pub controllers: HashMap<IdentityRef, Vec<Address>>,
-    pub proof_max_age: Option<Duration>,
-    pub challenge_ttl: Duration,
-    pub fault: Option<Fault>,
+pub(crate) struct FakeState {
+    pub(crate) controllers: HashMap<IdentityRef, Vec<Address>>,
+    pub(crate) proof_max_age: Option<Duration>,
+    pub(crate) challenge_ttl: Duration,
+    pub(crate) fault: Option<Fault>,
     /// The next N submitted challenges are treated as expired on arrival.
-    pub expire_next: usize,
+    pub(crate) expire_next: usize,
     /// Challenge messages become arbitrary text the key must not sign.
-    pub hostile_message: bool,
+    pub(crate) hostile_message: bool,
     /// Every API response is delayed this long.
-    pub delay: Duration,
+    pub(crate) delay: Duration,
     /// Leave the machine id out of `MACHINE_IDENTITY_EXISTS` details.
-    pub hide_existing_id: bool,
-    pub counters: Counters,
+    pub(crate) hide_existing_id: bool,
+    pub(crate) counters: Counters,
     challenges: HashMap<String, Issued>,
     machines: HashMap<String, Stored>,
     next_id: u64,
 }
 
-pub struct Fake {
+pub(crate) struct Fake {
     state: Arc<Mutex<FakeState>>,
-    pub addr: SocketAddr,
+    /// Bumped after every request is counted, so that a test can wait for
+    /// the agent's next request instead of sleeping through a window.
+    counted: watch::Receiver<u64>,
+    pub(crate) addr: SocketAddr,
     stop: CancellationToken,
 }
 
@@ -102,7 +111,7 @@ fn item<T: serde::Serialize>(status: StatusCode, value: T) -> Response {
 }
 
 impl Fake {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let state = Arc::new(Mutex::new(FakeState {
             controllers: HashMap::new(),
             proof_max_age: None,
@@ -117,12 +126,17 @@ impl Fake {
             machines: HashMap::new(),
             next_id: 1,
         }));
+        let (counted_tx, counted) = watch::channel(0);
         let app = axum::Router::new()
             .route("/health", get(|| async { Json(json!({"ok": true})) }))
             .route("/api/v1/machine-identity/challenges", post(challenge))
             .route("/api/v1/machines", post(create))
             .route("/api/v1/machines/{id}", get(read).patch(update))
-            .with_state(state.clone());
+            .with_state(state.clone())
+            .layer(middleware::from_fn(count_requests(
+                state.clone(),
+                counted_tx,
+            )));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -133,28 +147,33 @@ impl Fake {
                 .await
                 .unwrap();
         });
-        Self { state, addr, stop }
+        Self {
+            state,
+            counted,
+            addr,
+            stop,
+        }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, FakeState> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, FakeState> {
         self.state.lock().unwrap()
     }
 
-    pub fn set_controllers(&self, identity: &str, controllers: &[Address]) {
+    pub(crate) fn set_controllers(&self, identity: &str, controllers: &[Address]) {
         self.lock()
             .controllers
             .insert(IdentityRef::parse(identity).unwrap(), controllers.to_vec());
     }
 
-    pub fn machine(&self, id: &str) -> Option<Machine> {
+    pub(crate) fn machine(&self, id: &str) -> Option<Machine> {
         self.lock().machines.get(id).map(|s| s.machine.clone())
     }
 
-    pub fn machines(&self) -> Vec<Machine> {
+    pub(crate) fn machines(&self) -> Vec<Machine> {
         self.lock()
             .machines
             .values()
@@ -162,11 +181,61 @@ impl Fake {
             .collect()
     }
 
+    /// Waits until the counters satisfy `pred` (checked after each request
+    /// arrives and after each answer); panics after `timeout`.
+    pub(crate) async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Counters) -> bool,
+    ) {
+        let mut counted = self.counted.clone();
+        let waited = tokio::time::timeout(timeout, async {
+            loop {
+                if pred(&self.lock().counters) {
+                    return;
+                }
+                counted.changed().await.unwrap();
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "timed out after {timeout:?} waiting for {what}; counters: {:?}",
+            self.lock().counters
+        );
+    }
+
     /// An operator's write, bypassing the API.
-    pub fn set_status(&self, id: &str, status: MachineStatus) {
+    pub(crate) fn set_status(&self, id: &str, status: MachineStatus) {
         self.lock().machines.get_mut(id).unwrap().machine.status = status;
     }
 }
+
+/// Counts each request as it arrives and wakes [`Fake::wait_until`] then
+/// and again once its answer is ready (the handler has counted it too).
+fn count_requests(
+    state: Shared,
+    counted: watch::Sender<u64>,
+) -> impl Fn(Request, Next) -> BoxFuture<Response> + Clone {
+    let counted = Arc::new(counted);
+    move |request, next| {
+        let (state, counted) = (state.clone(), counted.clone());
+        Box::pin(async move {
+            {
+                let counters = &mut state.lock().unwrap().counters;
+                counters.requests += 1;
+                counters.arrivals.push(std::time::Instant::now());
+            }
+            counted.send_modify(|n| *n += 1);
+            let response = next.run(request).await;
+            counted.send_modify(|n| *n += 1);
+            response
+        })
+    }
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 async fn gate(state: &Shared) -> Option<Response> {
     let (delay, fault) = {

@@ -3,8 +3,6 @@
 //! answers commands), and Mosquitto's own command-line clients as the
 //! independent peers that observe it.
 
-#![allow(dead_code, unreachable_pub)] // each test binary uses a different subset
-
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -21,23 +19,23 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Every wait in these tests is bounded by this.
-pub const WAIT: Duration = Duration::from_secs(10);
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
 /// Separates fields in `mosquitto_sub -F` output.
 const SEP: char = '\u{1f}';
 
 /// Mosquitto's command-line clients.
 #[derive(Debug, Clone)]
-pub struct Tools {
-    pub sub: PathBuf,
-    pub publish: PathBuf,
-    pub rr: PathBuf,
+pub(crate) struct Tools {
+    pub(crate) sub: PathBuf,
+    pub(crate) publish: PathBuf,
+    pub(crate) rr: PathBuf,
     /// `-u USER -P PASSWORD`, when the broker wants them.
-    pub auth: Vec<String>,
+    pub(crate) auth: Vec<String>,
 }
 
 impl Tools {
     /// The same tools, connecting as `user`.
-    pub fn as_user(&self, user: &str, password: &str) -> Self {
+    pub(crate) fn as_user(&self, user: &str, password: &str) -> Self {
         Self {
             auth: vec!["-u".into(), user.into(), "-P".into(), password.into()],
             ..self.clone()
@@ -47,7 +45,7 @@ impl Tools {
 
 /// A private broker plus its clients, or `None` (one skip line) when
 /// Mosquitto is not installed.
-pub fn broker(test: &str, extra_config: &str) -> Option<(Mosquitto, Tools)> {
+pub(crate) fn broker(test: &str, extra_config: &str) -> Option<(Mosquitto, Tools)> {
     let broker = Mosquitto::start(test, extra_config)?;
     let tools = available_or_skip(
         Service::Mosquitto,
@@ -66,7 +64,7 @@ pub fn broker(test: &str, extra_config: &str) -> Option<(Mosquitto, Tools)> {
 }
 
 /// An enabled config for `broker` with test-friendly timings.
-pub fn config(broker: &Mosquitto, protocol: Protocol) -> MqttConfig {
+pub(crate) fn config(broker: &Mosquitto, protocol: Protocol) -> MqttConfig {
     let mut config: MqttConfig = toml::from_str(&format!(
         r#"
         enabled = true
@@ -84,7 +82,7 @@ pub fn config(broker: &Mosquitto, protocol: Protocol) -> MqttConfig {
 }
 
 /// A snapshot such as the registration loop publishes.
-pub fn snapshot() -> StatusSnapshot {
+pub(crate) fn snapshot() -> StatusSnapshot {
     let mut s = StatusSnapshot::new(
         "did:peaq:4242".to_owned(),
         "0x8fd379246834eac74B8419FfdA202CF8051F7A03".to_owned(),
@@ -96,7 +94,7 @@ pub fn snapshot() -> StatusSnapshot {
 
 /// How the stand-in registration loop answers `Reregister`.
 #[derive(Debug, Clone)]
-pub enum Answer {
+pub(crate) enum Answer {
     Ok,
     Err(&'static str),
     /// Keep the command without answering (to see the timeout).
@@ -105,20 +103,20 @@ pub enum Answer {
 
 /// The agent's MQTT interface on a thread of its own, as `run` starts it.
 #[derive(Debug)]
-pub struct Agent {
-    pub status: watch::Sender<StatusSnapshot>,
-    pub commands_received: Arc<AtomicUsize>,
+pub(crate) struct Agent {
+    pub(crate) status: watch::Sender<StatusSnapshot>,
+    pub(crate) commands_received: Arc<AtomicUsize>,
     shutdown: CancellationToken,
     thread: Option<thread::JoinHandle<()>>,
 }
 
 impl Agent {
-    pub fn start(config: &MqttConfig, machine_name: &str, answer: Answer) -> Self {
+    pub(crate) fn start(config: &MqttConfig, machine_name: &str, answer: Answer) -> Self {
         Self::try_start(config, machine_name, answer).unwrap()
     }
 
     /// Starts and reports how long `mqtt::spawn` took to return.
-    pub fn try_start(
+    pub(crate) fn try_start(
         config: &MqttConfig,
         machine_name: &str,
         answer: Answer,
@@ -179,20 +177,20 @@ impl Agent {
     }
 
     /// Changes the status as the registration loop does (bumping `seq`).
-    pub fn update(&self, change: impl FnOnce(&mut StatusSnapshot)) {
+    pub(crate) fn update(&self, change: impl FnOnce(&mut StatusSnapshot)) {
         self.status.send_modify(|s| {
             change(s);
             s.seq += 1;
         });
     }
 
-    pub fn seq(&self) -> u64 {
+    pub(crate) fn seq(&self) -> u64 {
         self.status.borrow().seq
     }
 
     /// Cancels the interface and waits for its task to end; returns how
     /// long that took.
-    pub fn stop(&mut self) -> Duration {
+    pub(crate) fn stop(&mut self) -> Duration {
         let started = Instant::now();
         // As the registration loop does when it winds down.
         self.update(|s| s.state = AgentState::Stopping);
@@ -203,7 +201,7 @@ impl Agent {
         started.elapsed()
     }
 
-    pub fn commands(&self) -> usize {
+    pub(crate) fn commands(&self) -> usize {
         self.commands_received.load(Ordering::SeqCst)
     }
 }
@@ -217,7 +215,7 @@ impl Drop for Agent {
     }
 }
 
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -230,16 +228,16 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// One message seen by `mosquitto_sub`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Seen {
-    pub retain: bool,
-    pub topic: String,
+pub(crate) struct Seen {
+    pub(crate) retain: bool,
+    pub(crate) topic: String,
     /// MQTT 5 correlation data (as text), empty if none.
-    pub correlation: String,
-    pub payload: String,
+    pub(crate) correlation: String,
+    pub(crate) payload: String,
 }
 
 impl Seen {
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.payload)
             .unwrap_or_else(|e| panic!("{} is not JSON ({e}): {}", self.topic, self.payload))
     }
@@ -248,11 +246,11 @@ impl Seen {
 /// A running `mosquitto_sub` (MQTT 5, Retain As Published) whose output is
 /// collected on a thread.
 #[derive(Debug)]
-pub struct Watch {
+pub(crate) struct Watch {
     child: Child,
     rx: std_mpsc::Receiver<Seen>,
     /// Everything received (sync markers aside), in order.
-    pub seen: Vec<Seen>,
+    pub(crate) seen: Vec<Seen>,
     /// Received but not yet returned by [`Watch::wait`].
     pending: std::collections::VecDeque<Seen>,
     port: u16,
@@ -263,7 +261,7 @@ pub struct Watch {
 impl Watch {
     /// Subscribes to `filters` (plus a private sync topic) and returns once
     /// the subscription provably works.
-    pub fn start(broker: &Mosquitto, tools: &Tools, filters: &[&str]) -> Self {
+    pub(crate) fn start(broker: &Mosquitto, tools: &Tools, filters: &[&str]) -> Self {
         let mut cmd = Command::new(&tools.sub);
         cmd.args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
             .args(&tools.auth)
@@ -317,7 +315,7 @@ impl Watch {
 
     /// Publishes a marker and waits until it comes back: everything the
     /// broker accepted before now has been delivered to this subscriber.
-    pub fn sync(&mut self) {
+    pub(crate) fn sync(&mut self) {
         let deadline = Instant::now() + WAIT;
         self.syncs += 1;
         let marker = format!("test-sync/{}", self.syncs);
@@ -352,13 +350,13 @@ impl Watch {
     }
 
     /// The next message matching `pred`, within [`WAIT`].
-    pub fn wait(&mut self, what: &str, pred: impl Fn(&Seen) -> bool) -> Seen {
+    pub(crate) fn wait(&mut self, what: &str, pred: impl Fn(&Seen) -> bool) -> Seen {
         self.next_until(Instant::now() + WAIT, pred)
             .unwrap_or_else(|| panic!("timed out waiting for {what}; seen: {:#?}", self.seen))
     }
 
     /// Everything seen so far on `topic`.
-    pub fn on(&self, topic: &str) -> Vec<&Seen> {
+    pub(crate) fn on(&self, topic: &str) -> Vec<&Seen> {
         self.seen.iter().filter(|s| s.topic == topic).collect()
     }
 }
@@ -371,7 +369,7 @@ impl Drop for Watch {
 }
 
 /// `mosquitto_pub` at QoS 1 (it returns once the broker has the message).
-pub fn publish(port: u16, tools: &Tools, args: &[&str]) {
+pub(crate) fn publish(port: u16, tools: &Tools, args: &[&str]) {
     let status = Command::new(&tools.publish)
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
         .args(&tools.auth)
@@ -385,7 +383,7 @@ pub fn publish(port: u16, tools: &Tools, args: &[&str]) {
 
 /// The retained message on `topic` once it satisfies `pred` (polling a
 /// fresh subscriber, as a reader that connects later would see it).
-pub fn wait_retained(
+pub(crate) fn wait_retained(
     broker: &Mosquitto,
     tools: &Tools,
     topic: &str,
@@ -423,7 +421,7 @@ pub fn wait_retained(
 
 /// `mosquitto_rr` (MQTT 5 request/response): the answer, or `None` when
 /// nothing came within `secs`.
-pub fn request(
+pub(crate) fn request(
     port: u16,
     tools: &Tools,
     topic: &str,

@@ -1,24 +1,38 @@
 //! The broker-side protections: the shipped ACL (`config/mosquitto-acl.conf`,
-//! loaded verbatim by Mosquitto with a password file) and TLS to the broker
-//! (certificates made with the `openssl` command).
-
-mod mqtt_support;
+//! loaded verbatim by Mosquitto with a password file, plus a test-only
+//! observer that may read everything) and TLS to the broker (certificates
+//! made with the `openssl` command).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use mqtt_support::{Agent, Answer, Tools, WAIT, broker, config, publish, request, wait_retained};
+use crate::support::{Agent, Answer, Tools, WAIT, broker, config, publish, request, wait_retained};
 use peaqos_agent::mqtt::{self, CommandName, MqttConfig, MqttError, Protocol};
 use peaqos_testkit::{Mosquitto, Service, available_or_skip, find_program};
 
-const USERS: [&str; 3] = ["peaqos-agent", "peaqos-reader", "peaqos-admin"];
+const USERS: [&str; 4] = ["peaqos-agent", "peaqos-reader", "peaqos-admin", OBSERVER];
+/// Not in the shipped ACL: appended for the tests, to see what the shipped
+/// users must not be able to write.
+const OBSERVER: &str = "test-observer";
 
 fn password(user: &str) -> String {
     format!("pw-of-{user}")
 }
 
-fn acl_file() -> PathBuf {
+fn shipped_acl() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mosquitto-acl.conf")
+}
+
+/// The shipped ACL unchanged, then the observer's rules.
+fn acl_file(dir: &Path) -> PathBuf {
+    let shipped = std::fs::read_to_string(shipped_acl()).unwrap();
+    let path = dir.join("acl.conf");
+    std::fs::write(
+        &path,
+        format!("{shipped}\nuser {OBSERVER}\ntopic read #\ntopic readwrite test-sync/#\n"),
+    )
+    .unwrap();
+    path
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -67,7 +81,7 @@ impl AclSetup {
         let extra = format!(
             "allow_anonymous false\npassword_file {}\nacl_file {}\n",
             passwd.display(),
-            acl_file().display()
+            acl_file(dir.path()).display()
         );
         let (broker, tools) = broker(test, &extra)?;
         let secret = dir.path().join("mqtt-password");
@@ -131,7 +145,7 @@ fn the_shipped_acl_lets_readers_ask_but_only_the_admin_command() {
     // `peaqos-agent status` runs with the agent's own credentials.
     let answer = runtime()
         .block_on(mqtt::query_status(&setup.cfg, "robot-7", WAIT))
-        .unwrap_or_else(|e| panic!("{}", mqtt_support::error_chain(&e)));
+        .unwrap_or_else(|e| panic!("{}", crate::support::error_chain(&e)));
     assert_eq!(answer["identity"], "did:peaq:4242");
 
     // A reader can neither command nor forge the status.
@@ -177,7 +191,6 @@ fn the_shipped_acl_confines_the_agent_user_and_wants_its_password() {
     };
     let port = setup.broker.port();
     let agent_user = setup.user("peaqos-agent");
-    let admin = setup.user("peaqos-admin");
 
     // The agent's user cannot write another machine's topics, nor command.
     publish(
@@ -195,14 +208,26 @@ fn the_shipped_acl_confines_the_agent_user_and_wants_its_password() {
             r#"{"id":"x1"}"#,
         ],
     );
+    // The observer may read robot-8's status. Retained messages come in the
+    // order of the subscriptions, so the first message answers whether a
+    // forged status was kept, with the marker retained after it as proof
+    // that the answer is complete.
+    let observer = setup.user(OBSERVER);
+    publish(
+        port,
+        &observer,
+        &["-r", "-t", "test-sync/acl", "-m", "marker"],
+    );
     let found = Command::new(&setup.tools.sub)
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(&admin.auth)
-        .args(["-t", "peaqos/robot-8/status", "-C", "1", "-W", "1"])
+        .args(&observer.auth)
+        .args(["-t", "peaqos/robot-8/status", "-t", "test-sync/acl"])
+        .args(["-C", "1", "-W", "10", "-F", "%t %p"])
         .output()
         .unwrap();
-    assert!(
-        found.stdout.is_empty(),
+    assert_eq!(
+        String::from_utf8_lossy(&found.stdout).trim_end(),
+        "test-sync/acl marker",
         "the agent user wrote robot-8's status"
     );
     assert!(setup.ask(&setup.user("peaqos-reader"), "reader-3"));
@@ -377,7 +402,7 @@ fn mqtts_with_a_ca_file_and_optional_client_certificate() {
     let mut other = cfg.clone();
     other.ca_file = Some(pki.path("other-ca.pem").into());
     let err = rt.block_on(mqtt::check_broker(&other, WAIT)).unwrap_err();
-    let chain = mqtt_support::error_chain(&err);
+    let chain = crate::support::error_chain(&err);
     assert!(matches!(err, MqttError::Connect { .. }), "{chain}");
     assert!(chain.to_lowercase().contains("certificate"), "{chain}");
 

@@ -36,7 +36,12 @@ fn run_child(scenario: &str, watchdog_env: &[(&str, String)]) -> (Vec<Message>, 
 
     let started = Instant::now();
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "watchdog::child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, scenario)
         .env("NOTIFY_SOCKET", &path)
         .env_remove("WATCHDOG_USEC")

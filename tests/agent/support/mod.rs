@@ -1,12 +1,8 @@
 //! Helpers shared by the agent's integration tests: keys, configurations,
 //! a running agent with its status, and bounded waits.
 
-// Each test binary uses a different subset of these helpers, and `pub`
-// here means "shared between test files", which the lint cannot see.
-#![allow(dead_code, unreachable_pub)]
-
-pub mod fake;
-pub mod orchestrator;
+pub(crate) mod fake;
+pub(crate) mod orchestrator;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -15,13 +11,13 @@ use std::time::Duration;
 use peaqos_agent::config::Config;
 use peaqos_agent::run::{Agent, RunError};
 use peaqos_agent::status::{AgentState, Command, StatusSnapshot};
-use peaqos_protocol::{Address, SecretKey};
+use peaqos_protocol::SecretKey;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// A controller key written to `<dir>/<name>.key` with mode 0600.
-pub fn write_key(dir: &Path, name: &str) -> (SecretKey, PathBuf) {
+pub(crate) fn write_key(dir: &Path, name: &str) -> (SecretKey, PathBuf) {
     let key = SecretKey::generate().unwrap();
     let path = dir.join(format!("{name}.key"));
     std::fs::write(&path, format!("{}\n", key.to_hex().as_str())).unwrap();
@@ -30,7 +26,7 @@ pub fn write_key(dir: &Path, name: &str) -> (SecretKey, PathBuf) {
 }
 
 /// Intervals short enough for tests, long enough not to spin.
-pub const FAST_RENEWAL: &str = r#"
+pub(crate) const FAST_RENEWAL: &str = r#"
 [renewal]
 check_interval = "300ms"
 backoff_initial = "50ms"
@@ -39,7 +35,13 @@ slow_retry = "300ms"
 "#;
 
 /// The text of an agent configuration.
-pub fn config_text(url: &str, identity: &str, key: &Path, state_dir: &Path, extra: &str) -> String {
+pub(crate) fn config_text(
+    url: &str,
+    identity: &str,
+    key: &Path,
+    state_dir: &Path,
+    extra: &str,
+) -> String {
     format!(
         r#"
 [identity]
@@ -67,20 +69,26 @@ dir = "{state}"
     )
 }
 
-pub fn config(url: &str, identity: &str, key: &Path, state_dir: &Path, extra: &str) -> Config {
+pub(crate) fn config(
+    url: &str,
+    identity: &str,
+    key: &Path,
+    state_dir: &Path,
+    extra: &str,
+) -> Config {
     let text = config_text(url, identity, key, state_dir, extra);
     Config::from_texts(vec![(PathBuf::from("agent.toml"), text)]).unwrap()
 }
 
 /// An agent running in this process.
-pub struct Running {
-    pub status: watch::Receiver<StatusSnapshot>,
-    pub commands: mpsc::Sender<Command>,
-    pub shutdown: CancellationToken,
+pub(crate) struct Running {
+    pub(crate) status: watch::Receiver<StatusSnapshot>,
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) shutdown: CancellationToken,
     handle: JoinHandle<Result<(), RunError>>,
 }
 
-pub fn start(config: Config) -> Running {
+pub(crate) fn start(config: Config) -> Running {
     let agent = Agent::new(config).unwrap();
     let status = agent.status();
     let commands = agent.commands();
@@ -97,7 +105,7 @@ pub fn start(config: Config) -> Running {
 impl Running {
     /// Waits until the status satisfies `pred`; panics with the last status
     /// after `timeout`.
-    pub async fn wait_for(
+    pub(crate) async fn wait_for(
         &mut self,
         what: &str,
         timeout: Duration,
@@ -115,14 +123,18 @@ impl Running {
         }
     }
 
-    pub async fn wait_state(&mut self, state: AgentState, timeout: Duration) -> StatusSnapshot {
+    pub(crate) async fn wait_state(
+        &mut self,
+        state: AgentState,
+        timeout: Duration,
+    ) -> StatusSnapshot {
         self.wait_for(state.as_str(), timeout, |s| s.state == state)
             .await
     }
 
     /// Records every state the agent publishes from now on (a state that
     /// lasts more than a moment cannot be missed).
-    pub fn record_states(&self) -> std::sync::Arc<std::sync::Mutex<Vec<AgentState>>> {
+    pub(crate) fn record_states(&self) -> std::sync::Arc<std::sync::Mutex<Vec<AgentState>>> {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![self.status.borrow().state]));
         let mut rx = self.status.clone();
         let out = seen.clone();
@@ -136,7 +148,7 @@ impl Running {
     }
 
     /// Asks for a renewal and returns the loop's answer.
-    pub async fn reregister(&self, timeout: Duration) -> Result<(), String> {
+    pub(crate) async fn reregister(&self, timeout: Duration) -> Result<(), String> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Reregister { reply })
@@ -149,7 +161,7 @@ impl Running {
     }
 
     /// Asks for a renewal without waiting for the answer.
-    pub fn reregister_nowait(&self) {
+    pub(crate) fn reregister_nowait(&self) {
         let (reply, _answer) = oneshot::channel();
         self.commands
             .try_send(Command::Reregister { reply })
@@ -157,7 +169,7 @@ impl Running {
     }
 
     /// Cancels and checks the agent stops within `within`.
-    pub async fn stop(self, within: Duration) -> StatusSnapshot {
+    pub(crate) async fn stop(self, within: Duration) -> StatusSnapshot {
         self.shutdown.cancel();
         let started = std::time::Instant::now();
         tokio::time::timeout(within, self.handle)
@@ -170,12 +182,8 @@ impl Running {
     }
 }
 
-pub fn address(key: &SecretKey) -> Address {
-    key.address()
-}
-
 /// The machine id in the state file, if any.
-pub fn stored_machine_id(state_dir: &Path) -> Option<String> {
+pub(crate) fn stored_machine_id(state_dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(state_dir.join("state.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["machineId"].as_str().map(str::to_owned)

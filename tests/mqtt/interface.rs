@@ -3,12 +3,10 @@
 //! and availability, queries, commands, Home Assistant discovery, broker
 //! restarts and malformed input.
 
-mod mqtt_support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mqtt_support::{Agent, Answer, WAIT, Watch, broker, config, publish, request, wait_retained};
+use crate::support::{Agent, Answer, WAIT, Watch, broker, config, publish, request, wait_retained};
 use peaqos_agent::mqtt::{self, CommandName, MqttError, Protocol};
 use peaqos_agent::status::AgentState;
 use peaqos_protocol::MachineStatus;
@@ -400,7 +398,6 @@ fn a_broker_that_keeps_failing_is_retried_with_backoff_not_in_a_tight_loop() {
     // every attempt fails right after connecting. No Mosquitto needed.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    listener.set_nonblocking(true).unwrap();
     let mut cfg: peaqos_agent::mqtt::MqttConfig = toml::from_str(&format!(
         "enabled = true\nurl = \"mqtt://127.0.0.1:{port}\"\n\
          reconnect_min = \"200ms\"\nreconnect_max = \"400ms\"\n"
@@ -408,28 +405,36 @@ fn a_broker_that_keeps_failing_is_retried_with_backoff_not_in_a_tight_loop() {
     .unwrap();
     cfg.protocol = Protocol::V5;
     let agent = Agent::start(&cfg, "r1", Answer::Ok);
-    let window = Duration::from_millis(1500);
-    let started = Instant::now();
-    let mut attempts = 0;
-    while started.elapsed() < window {
-        match listener.accept() {
-            Ok((socket, _)) => {
-                attempts += 1;
-                drop(socket);
+    // Six attempts, each accepted and closed at once on a thread of its
+    // own, timed as they arrive.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..6 {
+            let (socket, _) = listener.accept().unwrap();
+            if tx.send(Instant::now()).is_err() {
+                return;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("accept: {e}"),
+            drop(socket);
         }
-    }
+    });
+    let arrivals: Vec<Instant> = (0..6)
+        .map(|n| {
+            rx.recv_timeout(WAIT)
+                .unwrap_or_else(|_| panic!("attempt {} never came", n + 1))
+        })
+        .collect();
     drop(agent);
-    // Delays of 100-200 ms, then 200-400 ms: a handful of attempts, where
-    // reconnecting at once makes hundreds.
-    assert!(
-        (2..=15).contains(&attempts),
-        "{attempts} attempts in {window:?}"
-    );
+    // Full jitter under 200 ms, then 400 ms, never below a tenth of
+    // reconnect_min: every gap is at least 20 ms, where reconnecting at once
+    // takes well under one. (Lower bounds: a slow machine only lengthens
+    // the gaps.)
+    for pair in arrivals.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(20),
+            "reconnected after {gap:?}: {arrivals:?}"
+        );
+    }
 }
 
 #[test]
@@ -658,7 +663,7 @@ fn the_status_command_api_answers_and_reports_an_offline_agent() {
         wait_retained(&broker, &tools, "peaqos/r1/availability", |p| p == "online");
         let answer = rt
             .block_on(mqtt::query_status(&cfg, "r1", WAIT))
-            .unwrap_or_else(|e| panic!("MQTT {protocol}: {}", mqtt_support::error_chain(&e)));
+            .unwrap_or_else(|e| panic!("MQTT {protocol}: {}", crate::support::error_chain(&e)));
         assert_eq!(answer["state"], "active");
         assert_eq!(answer["seq"], agent.seq());
         assert!(answer.get("correlationId").is_none());

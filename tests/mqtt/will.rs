@@ -5,13 +5,11 @@
 //! No orchestrator runs here: the agent keeps retrying registration, and
 //! MQTT must work regardless.
 
-mod mqtt_support;
-
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mqtt_support::{Tools, broker, wait_retained};
+use crate::support::{Tools, broker, wait_retained};
 use peaqos_testkit::Mosquitto;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_peaqos-agent");
