@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line with the whole chain ("what: why: detail").
-            let chain = peaqos_orchestrator::http::error_chain(e.as_ref());
+            let chain = peaqos_orchestrator::error_chain(e.as_ref());
             eprintln!("peaqos-orchestrator: {chain}");
             ExitCode::FAILURE
         }

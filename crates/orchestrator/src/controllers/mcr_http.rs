@@ -110,7 +110,7 @@ impl McrHttpSource {
     /// `base` is the API's base URL (`https://mcr.example/v1`); `timeout`
     /// bounds each request from connect to the last byte.
     pub fn new(base: &str, timeout: Duration) -> Result<Self, McrClientError> {
-        crate::install_crypto_provider();
+        crate::tls::install_crypto_provider();
         let client = reqwest::Client::builder()
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .timeout(timeout)

@@ -9,7 +9,8 @@ use axum::routing::get;
 use peaqos_protocol::{ErrorCode, paths};
 use serde_json::json;
 
-use super::{ApiError, AppState, error_chain};
+use super::{ApiError, AppState};
+use crate::error_chain::error_chain;
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -1,0 +1,217 @@
+//! Start-up and shutdown: opening the store and the controller source,
+//! serving until told to stop, and the background collection of expired
+//! challenges.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::auth::{ApiKeys, ApiKeysError};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, ConfigError, VerificationMode};
+use crate::controllers::address::NoSource;
+use crate::controllers::mcr_http::McrClientError;
+use crate::controllers::{
+    ControllerCache, ControllerSource, McrHttpSource, RegistryError, RegistrySource, Resolver,
+};
+use crate::error_chain::error_chain;
+use crate::http;
+use crate::metrics::Metrics;
+use crate::rate_limit::RateLimiter;
+use crate::store::{self, StoreError};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    #[error("cannot open the database (DATABASE_URL)")]
+    Store(#[source] StoreError),
+    #[error("cannot use the controller registry (PEAQOS_MCR_REGISTRY_FILE)")]
+    Registry(#[from] RegistryError),
+    #[error("cannot use the API keys (PEAQOS_API_KEYS_FILE)")]
+    ApiKeys(#[from] ApiKeysError),
+    #[error("cannot set up the MCR client (PEAQOS_MCR_API_URL)")]
+    McrClient(#[from] McrClientError),
+    #[error("cannot read the listening address")]
+    LocalAddr(#[source] std::io::Error),
+    #[error("the HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then lets
+/// in-flight requests finish.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    Server::new(config).run(listener, shutdown).await
+}
+
+/// Called once the server is ready to answer, with its address.
+pub type ReadyHook = Box<dyn FnOnce(SocketAddr) + Send>;
+
+/// [`run`] with more control: the clock (tests, benchmarks) and a hook
+/// called when the server is ready (systemd's `READY=1`).
+pub struct Server {
+    config: Config,
+    clock: Arc<dyn Clock>,
+    on_ready: Option<ReadyHook>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.config)
+            .field("clock", &self.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            clock: Arc::new(SystemClock),
+            on_ready: None,
+        }
+    }
+
+    /// Calls `hook` once the store is open and the server accepts requests.
+    #[must_use]
+    pub fn on_ready(mut self, hook: impl FnOnce(SocketAddr) + Send + 'static) -> Self {
+        self.on_ready = Some(Box::new(hook));
+        self
+    }
+
+    /// Reads time from `clock` instead of the system clock.
+    #[must_use]
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let Self {
+            config,
+            clock,
+            on_ready,
+        } = self;
+        config.check()?;
+        let store = store::open(&config.database_url, &config.pool_settings())
+            .await
+            .map_err(Error::Store)?;
+        let source: Arc<dyn ControllerSource> = match (&config.mcr_api_url, &config.registry_file) {
+            (Some(url), _) => Arc::new(McrHttpSource::new(url, config.mcr_timeout)?),
+            (None, Some(path)) => Arc::new(RegistrySource::open(path)?),
+            (None, None) => {
+                tracing::warn!(
+                    "neither PEAQOS_MCR_API_URL nor PEAQOS_MCR_REGISTRY_FILE is set: \
+                     only address-form identities (did:peaq:0x...) resolve"
+                );
+                Arc::new(NoSource)
+            }
+        };
+        let api_keys = match (&config.require_api_auth, &config.api_keys_file) {
+            (true, Some(path)) => Some(ApiKeys::load(path)?),
+            _ => None,
+        };
+        if config.verification == VerificationMode::Disabled {
+            tracing::warn!(
+                "!!! PEAQOS_MACHINE_IDENTITY_VERIFICATION=disabled: machine writes are accepted \
+                 WITHOUT identity proofs. Development only; never run this in production. !!!"
+            );
+        }
+        if api_keys.is_none() {
+            tracing::warn!("API-key auth is off (PEAQOS_REQUIRE_API_AUTH): the API is public");
+        }
+        let metrics = Arc::new(Metrics::new());
+        let cache = ControllerCache::new(
+            Arc::clone(&source),
+            config.mcr_cache_ttl,
+            Arc::clone(&clock),
+            Arc::clone(&metrics),
+        );
+        let app = Arc::new(App {
+            limiter: RateLimiter::new(
+                config.challenge_rate_per_minute,
+                config.challenge_burst,
+                Arc::clone(&clock),
+            ),
+            store: Arc::clone(&store),
+            resolver: Arc::new(Resolver::new(cache)),
+            clock,
+            metrics,
+            api_keys,
+            config,
+        });
+        let local = listener.local_addr().map_err(Error::LocalAddr)?;
+        tracing::info!(
+            addr = %local,
+            controllers = source.name(),
+            database = store.backend().name(),
+            verification = ?app.config.verification,
+            "peaqos-orchestrator listening"
+        );
+        if let Some(hook) = on_ready {
+            hook(local);
+        }
+        let stop = CancellationToken::new();
+        let collector = tokio::spawn(collect_expired_challenges(Arc::clone(&app), stop.clone()));
+        let served = axum::serve(
+            listener,
+            http::router(Arc::clone(&app)).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
+        stop.cancel();
+        let _ = collector.await;
+        store.close().await;
+        tracing::info!("peaqos-orchestrator stopped");
+        served.map_err(Error::Serve)
+    }
+}
+
+/// Deletes expired challenges periodically, so that storage stays bounded.
+///
+/// A challenge is kept for one more TTL after it expires: a proof that
+/// arrives late (a slow link) must get `MACHINE_IDENTITY_PROOF_EXPIRED`, which
+/// tells the client to re-challenge, not `..._PROOF_INVALID` for a challenge
+/// that was already collected. Storage stays bounded by the challenges
+/// issued within two TTLs (the pending cap counts only unexpired ones).
+async fn collect_expired_challenges(app: Arc<App>, stop: CancellationToken) {
+    let period = app
+        .config
+        .challenge_ttl
+        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let grace = i64::try_from(app.config.challenge_ttl.as_millis()).unwrap_or(i64::MAX);
+        let now = app.now();
+        let cutoff =
+            peaqos_protocol::Timestamp::from_unix_millis(now.unix_millis().saturating_sub(grace))
+                .unwrap_or(now);
+        match app.store.delete_expired_challenges(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => {
+                app.metrics.challenges_collected.inc_by(n);
+                tracing::debug!(deleted = n, "expired challenges collected");
+            }
+            Err(e) => tracing::warn!(error = %error_chain(&e), "challenge collection failed"),
+        }
+    }
+}
