@@ -125,6 +125,9 @@ pub enum ClientBuildError {
     ApiKey(#[source] SecretError),
     #[error("the orchestrator API key file holds characters not allowed in an HTTP header")]
     ApiKeyFormat,
+    #[cfg(feature = "tls")]
+    #[error("cannot set up TLS to the orchestrator")]
+    Tls(#[source] crate::tls::TlsError),
     #[error("cannot set up the HTTP client")]
     Http(#[source] reqwest::Error),
 }
@@ -170,14 +173,25 @@ impl Client {
             // One orchestrator, a request every few minutes: no pool to keep.
             .pool_max_idle_per_host(1)
             .redirect(reqwest::redirect::Policy::none());
-        // A plain-HTTP orchestrator needs no trust store. Loading the system's
-        // anyway costs about 5 ms and 330 KiB at start, and on a board
-        // without ca-certificates it would stop the agent for nothing.
         #[cfg(feature = "tls")]
-        let builder = if config.url.scheme() == "http" {
-            builder.tls_certs_only(Vec::new())
-        } else {
-            builder
+        let builder = match &config.ca_file {
+            // A plain-HTTP orchestrator needs no trust store. Loading the
+            // system's anyway costs about 5 ms and 330 KiB at start, and on
+            // a board without ca-certificates it would stop the agent for
+            // nothing.
+            _ if config.url.scheme() == "http" => builder.tls_certs_only(Vec::new()),
+            // The same PEM loading as the broker's TLS; the CA file replaces
+            // the system's roots (see `OrchestratorConfig::ca_file`).
+            Some(ca_file) => {
+                let client_auth = config
+                    .client_cert_file
+                    .as_deref()
+                    .zip(config.client_key_file.as_deref());
+                let tls = crate::tls::client_config(ca_file, client_auth)
+                    .map_err(ClientBuildError::Tls)?;
+                builder.tls_backend_preconfigured(tls)
+            }
+            None => builder,
         };
         let http = builder.build().map_err(ClientBuildError::Http)?;
         Ok(Self {

@@ -77,6 +77,76 @@ pub struct OrchestratorConfig {
     /// Whole request, connect included.
     #[serde(default = "default_request_timeout", deserialize_with = "positive")]
     pub request_timeout: Duration,
+    /// PEM CA certificate(s) an `https://` orchestrator's certificate must
+    /// chain to. They replace the system's roots: an orchestrator behind a
+    /// private CA is then trusted through that CA alone, and no public CA
+    /// can vouch for an impostor.
+    #[serde(default, deserialize_with = "non_empty_path")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for orchestrators that require one.
+    #[serde(default, deserialize_with = "non_empty_path")]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`: a path or `credential:NAME`.
+    #[serde(default, deserialize_with = "non_empty_option")]
+    pub client_key_file: Option<String>,
+}
+
+impl OrchestratorConfig {
+    /// Rules across the TLS keys. The files themselves are read when the
+    /// client is built, at start, where a missing or bad one stops the
+    /// agent with the file named.
+    fn check(&self) -> Result<(), CheckError> {
+        let invalid = |key: &str, message: &str| CheckError {
+            key: format!("orchestrator.{key}"),
+            message: message.to_owned(),
+        };
+        let keys = [
+            ("ca_file", self.ca_file.is_some()),
+            ("client_cert_file", self.client_cert_file.is_some()),
+            ("client_key_file", self.client_key_file.is_some()),
+        ];
+        for (key, set) in keys {
+            if !set {
+                continue;
+            }
+            if !cfg!(feature = "tls") {
+                return Err(invalid(
+                    key,
+                    "needs TLS, but this build of peaqos-agent has no TLS support \
+                     (built without the `tls` feature)",
+                ));
+            }
+            if self.url.scheme() != "https" {
+                return Err(invalid(
+                    key,
+                    "only used with an https:// url (this url is plain http://)",
+                ));
+            }
+        }
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "client_key_file",
+                    "client_cert_file is set, so client_key_file is needed too",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "client_cert_file",
+                    "client_key_file is set, so client_cert_file is needed too",
+                ));
+            }
+            _ => {}
+        }
+        if self.client_cert_file.is_some() && self.ca_file.is_none() {
+            return Err(invalid(
+                "ca_file",
+                "a client certificate needs ca_file too (the CA certificate(s) of the \
+                 orchestrator; for a public certificate use /etc/ssl/certs/ca-certificates.crt)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[machine]`: the record's fields. Optional lists and maps left out of
@@ -193,6 +263,10 @@ fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 
 fn non_empty_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     non_empty(d).map(Some)
+}
+
+fn non_empty_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    non_empty(d).map(|p| Some(PathBuf::from(p)))
 }
 
 fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -408,6 +482,7 @@ impl Config {
 
     /// Rules that involve more than one key.
     pub fn check(&self) -> Result<(), CheckError> {
+        self.orchestrator.check()?;
         self.mqtt.check().map_err(|e| CheckError {
             key: format!("mqtt.{}", e.key),
             message: e.problem,
@@ -682,6 +757,88 @@ labels = { site = "berlin" }
         assert_eq!(c.identity.key_file, "credential:controller-key");
         assert_eq!(c.renewal.backoff_max, Duration::from_secs(300));
         assert!(!c.mqtt.enabled);
+    }
+
+    #[test]
+    fn orchestrator_tls_files_are_checked_together() {
+        let https = MAIN.replace(
+            "url = \"http://127.0.0.1:8080\"",
+            "url = \"https://orchestrator.fleet.example\"",
+        );
+        let with = |keys: &str| {
+            https.replace(
+                "url = \"https://orchestrator.fleet.example\"",
+                &format!("url = \"https://orchestrator.fleet.example\"\n{keys}"),
+            )
+        };
+        let ok = load(&[(
+            "agent.toml",
+            &with(
+                "ca_file = \"/etc/peaqos-agent/orchestrator-ca.pem\"\n\
+                 client_cert_file = \"/etc/peaqos-agent/client.pem\"\n\
+                 client_key_file = \"credential:orchestrator-client-key\"",
+            ),
+        )]);
+        if cfg!(feature = "tls") {
+            let c = ok.unwrap();
+            let o = &c.orchestrator;
+            assert_eq!(
+                o.ca_file.as_deref(),
+                Some(Path::new("/etc/peaqos-agent/orchestrator-ca.pem"))
+            );
+            assert_eq!(
+                o.client_key_file.as_deref(),
+                Some("credential:orchestrator-client-key")
+            );
+        } else {
+            let (_, key, message) = invalid(ok.unwrap_err());
+            assert_eq!(key, "orchestrator.url", "{message}");
+        }
+
+        let cases = [
+            (
+                with("client_cert_file = \"/c.pem\"\nca_file = \"/ca.pem\""),
+                "orchestrator.client_key_file",
+                "client_key_file is needed",
+            ),
+            (
+                with("client_key_file = \"/k.pem\"\nca_file = \"/ca.pem\""),
+                "orchestrator.client_cert_file",
+                "client_cert_file is needed",
+            ),
+            (
+                with("client_cert_file = \"/c.pem\"\nclient_key_file = \"/k.pem\""),
+                "orchestrator.ca_file",
+                "needs ca_file",
+            ),
+            (
+                MAIN.replace(
+                    "url = \"http://127.0.0.1:8080\"",
+                    "url = \"http://127.0.0.1:8080\"\nca_file = \"/ca.pem\"",
+                ),
+                "orchestrator.ca_file",
+                if cfg!(feature = "tls") {
+                    "only used with an https:// url"
+                } else {
+                    "built without the `tls` feature"
+                },
+            ),
+            (
+                with("ca_file = \"\""),
+                "orchestrator.ca_file",
+                "must not be empty",
+            ),
+        ];
+        for (text, want_key, want) in cases {
+            if !cfg!(feature = "tls") && text.contains("https://") {
+                // Such a build refuses the https url itself first.
+                continue;
+            }
+            let (loc, key, message) = invalid(load(&[("agent.toml", &text)]).unwrap_err());
+            assert_eq!(key, want_key, "{message}");
+            assert!(message.contains(want), "{key}: {message}");
+            assert_eq!(loc.file, PathBuf::from("agent.toml"));
+        }
     }
 
     #[test]

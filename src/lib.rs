@@ -20,5 +20,7 @@ pub mod secrets;
 pub mod state;
 pub mod status;
 pub mod systemd;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use run::{Agent, RunError, run};

@@ -17,8 +17,6 @@ mod random;
 mod rate;
 mod request;
 mod service;
-#[cfg(feature = "tls")]
-mod tls;
 mod topics;
 
 use std::time::Duration;
@@ -27,12 +25,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+#[cfg(feature = "tls")]
+pub use crate::tls::TlsError;
 pub use client::ConnectionError;
 pub use config::{
     CommandName, CommandsConfig, HomeAssistantConfig, MqttConfig, MqttConfigError, Protocol,
 };
-#[cfg(feature = "tls")]
-pub use tls::TlsError;
 pub use topics::topic_level;
 
 use crate::secrets::SecretError;
@@ -209,13 +207,13 @@ fn prepare(
     };
     #[cfg(feature = "tls")]
     let tls = match (&config.ca_file, url.tls) {
-        (Some(ca), true) => Some(tls::client_config(
+        (Some(ca), true) => Some(std::sync::Arc::new(crate::tls::client_config(
             ca,
             config
                 .client_cert_file
                 .as_deref()
                 .zip(config.client_key_file.as_deref()),
-        )?),
+        )?)),
         _ => None,
     };
     Ok(Prepared {

@@ -1,5 +1,7 @@
-//! TLS to the broker (`mqtts://`): rustls with the ring provider, trusting
-//! only the configured CA file.
+//! TLS client settings from PEM files, for the broker (`mqtts://`) and the
+//! orchestrator (`https://` with `ca_file`): rustls with the ring provider,
+//! trusting only the configured CA file, with an optional client
+//! certificate.
 //!
 //! The client config is built with an explicit provider instead of rustls'
 //! process-wide default, so it works whether or not anything else in the
@@ -8,7 +10,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rumqttc::tokio_rustls::rustls;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -31,21 +32,21 @@ pub enum TlsError {
     },
     #[error("no usable CA certificate in {path}")]
     NoUsableCa { path: PathBuf },
-    #[error("cannot read the MQTT client key")]
+    #[error("cannot read the client key")]
     Key(#[source] SecretError),
-    #[error("the MQTT client key {path} holds no PEM private key")]
+    #[error("the client key {path} holds no PEM private key")]
     NoKey { path: PathBuf },
     #[error("rustls refused the TLS settings")]
     Rustls(#[source] rustls::Error),
 }
 
-/// Builds the client config: roots from `ca_file`, and a client
-/// certificate when one is configured (`key_location` may be
+/// Builds the client config: roots from `ca_file` (and nothing else), and a
+/// client certificate when one is configured (`key_location` may be
 /// `credential:NAME`).
 pub(crate) fn client_config(
     ca_file: &Path,
     client_auth: Option<(&Path, &str)>,
-) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     let (added, _ignored) = roots.add_parsable_certificates(read_certs(ca_file)?);
     if added == 0 {
@@ -72,7 +73,7 @@ pub(crate) fn client_config(
                 .map_err(TlsError::Rustls)?
         }
     };
-    Ok(Arc::new(config))
+    Ok(config)
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
