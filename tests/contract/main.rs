@@ -1,0 +1,18 @@
+//! The agent against an orchestrator that we did not shape: "FleetHub", a
+//! test double written from the published wire contract alone
+//! (`double.rs`), with its own challenge text and every liberty the
+//! contract allows. The real `peaqos-agent` binary (`agent.rs`) is driven
+//! through the loop a fleet lives through (`scenarios.rs`): registration,
+//! degradation, proof expiry without `expiresAt`, a lost record, a lost
+//! state file, an outage, a removed and restored controller; and over TLS
+//! with a private CA and client certificates (`tls.rs`).
+//!
+//! The agent is watched the way an operator watches it: its log lines on
+//! stderr, its state file, and what the server holds. Every wait is
+//! bounded; every scenario counts the challenges it cost.
+
+mod agent;
+mod double;
+mod scenarios;
+#[cfg(feature = "tls")]
+mod tls;
