@@ -62,6 +62,8 @@ pub(crate) struct Quirks {
     pub(crate) challenge_ttl: Duration,
     /// Most items on one page of `GET /machines`, whatever `limit` asks.
     pub(crate) max_page: usize,
+    /// A `machineType` this hub refuses with `VALIDATION_ERROR`.
+    pub(crate) refused_machine_type: Option<&'static str>,
 }
 
 impl Default for Quirks {
@@ -76,6 +78,7 @@ impl Default for Quirks {
             stale_verdict: StaleVerdict::ProofExpired,
             challenge_ttl: Duration::from_secs(300),
             max_page: 100,
+            refused_machine_type: None,
         }
     }
 }
@@ -589,6 +592,13 @@ async fn create_machine(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -
     let display_name = string_field(&q, &body, "displayName")?;
     let owner_id = string_field(&q, &body, "ownerId")?;
     let machine_type = string_field(&q, &body, "machineType")?;
+    if q.refused_machine_type == Some(machine_type.as_str()) {
+        return Err(validation(
+            &q,
+            "machineType",
+            "this hub does not take machines of this type",
+        ));
+    }
     let runtime_profile = string_field(&q, &body, "runtimeProfile")?;
     let identity = body
         .get("identityRef")

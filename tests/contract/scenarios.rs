@@ -75,6 +75,36 @@ async fn start(quirks: Quirks) -> (Double, Device, AgentProcess) {
     (double, device, agent)
 }
 
+/// Watches three more attempts (each one request to `endpoint`): they come
+/// at `slow_retry`, not at backoff speed.
+async fn assert_slow_retries(double: &Double, agent: &AgentProcess, endpoint: Endpoint) {
+    let mut seen = vec![(Instant::now(), double.count(endpoint))];
+    while seen.len() < 4 {
+        let (_, last) = *seen.last().unwrap();
+        let next = poll(
+            "another slow retry",
+            WAIT,
+            || {
+                let n = double.count(endpoint);
+                (n > last).then_some(n)
+            },
+            || agent.log(),
+        )
+        .await;
+        assert_eq!(next, last + 1, "one {endpoint:?} per attempt");
+        seen.push((Instant::now(), next));
+    }
+    // The first gap may have started mid-wait.
+    for pair in seen[1..].windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            gap >= SLOW_RETRY.mul_f64(0.8),
+            "retried after {gap:?}, expected about {SLOW_RETRY:?}\n{}",
+            agent.log()
+        );
+    }
+}
+
 fn other_address() -> Address {
     SecretKey::generate().unwrap().address()
 }
@@ -311,32 +341,8 @@ async fn a_removed_controller_is_reported_retried_slowly_and_recovers() {
     double.set_controllers(ID, &[other_address()]);
     agent.wait_line(mark, "state=not_controller", WAIT).await;
 
-    // Watch three more attempts: each costs at most one challenge, and they
-    // come at `slow_retry`, not at backoff speed.
-    let mut seen = vec![(Instant::now(), double.count(Endpoint::CreateChallenge))];
-    while seen.len() < 4 {
-        let (_, last) = *seen.last().unwrap();
-        let next = poll(
-            "another slow retry",
-            SLOW_RETRY * 3,
-            || {
-                let n = double.count(Endpoint::CreateChallenge);
-                (n > last).then_some(n)
-            },
-            || agent.log(),
-        )
-        .await;
-        assert_eq!(next, last + 1, "one challenge per attempt");
-        seen.push((Instant::now(), next));
-    }
-    for pair in seen[1..].windows(2) {
-        let gap = pair[1].0 - pair[0].0;
-        assert!(
-            gap >= SLOW_RETRY.mul_f64(0.8),
-            "retried after {gap:?}, expected about {SLOW_RETRY:?}\n{}",
-            agent.log()
-        );
-    }
+    // Each attempt costs one challenge, refused by the agent itself.
+    assert_slow_retries(&double, &agent, Endpoint::CreateChallenge).await;
     assert_eq!(
         double.record(&first.id).unwrap().signer(),
         Some(device.address())
@@ -354,5 +360,23 @@ async fn a_removed_controller_is_reported_retried_slowly_and_recovers() {
         "{}",
         agent.log()
     );
+    agent.stop().await;
+}
+
+/// A refusal of the record's fields, under a status our orchestrator does
+/// not use for it (422): the operator's problem, retried slowly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_validation_error_as_422_is_retried_slowly_and_reported() {
+    let quirks = Quirks {
+        refused_machine_type: Some("amr"),
+        ..Quirks::default()
+    };
+    let (double, _device, mut agent) = start(quirks).await;
+    agent
+        .wait_line(0, "error_code=VALIDATION_ERROR", WAIT)
+        .await;
+    assert_slow_retries(&double, &agent, Endpoint::CreateMachine).await;
+    assert!(double.records().is_empty());
+    assert_eq!(double.proofs_accepted(), 0);
     agent.stop().await;
 }
