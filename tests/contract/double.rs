@@ -192,6 +192,7 @@ impl Double {
         Self::serve(quirks, None).await
     }
 
+    #[cfg(feature = "tls")]
     /// HTTPS with the given server configuration (which decides whether a
     /// client certificate is required).
     pub(crate) async fn start_tls(
