@@ -180,7 +180,12 @@ fn agent_unit_notifies_feeds_a_watchdog_and_starts_without_the_network() {
     // The optional secrets the config can name: relative names, looked up
     // in the credential store and skipped (not a start failure) when absent,
     // so that the agent starts without them.
-    for name in ["mqtt-password", "mqtt-client-key", "orchestrator-api-key"] {
+    for name in [
+        "mqtt-password",
+        "mqtt-client-key",
+        "orchestrator-api-key",
+        "orchestrator-client-key",
+    ] {
         assert!(
             credentials.contains(&format!("{name}:peaqos-agent.{name}").as_str()),
             "{name}: {credentials:?}"
