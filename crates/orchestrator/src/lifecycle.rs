@@ -1,8 +1,8 @@
-//! The machine lifecycle rules the wire contract leaves open (README,
-//! "Rules the contract leaves open"), in one place and without I/O: which
-//! status a PATCH may set, identity immutability, what `blocked` and `draft`
-//! may become, activation with a stored proof, what a list shows, and when
-//! a record reads `degraded`.
+//! The machine lifecycle rules the wire contract leaves open
+//! (docs/orchestrator.md, "Rules the contract leaves open"), in one place
+//! and without I/O: which status a PATCH may set, identity immutability,
+//! what `blocked` and `draft` may become, activation with a stored proof,
+//! what a list shows, and when a record reads `degraded`.
 //!
 //! The service layer fetches what these rules need (the record, fresh
 //! controllers, the time) and asks them; the HTTP edge maps a [`Refusal`] to
