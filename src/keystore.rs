@@ -175,7 +175,7 @@ fn derive(
                 )));
             }
             let log_n = u8::try_from(p.n.trailing_zeros()).unwrap_or(u8::MAX);
-            let params = scrypt::Params::new(log_n, p.r, p.p, 32)
+            let params = scrypt::Params::new(log_n, p.r, p.p)
                 .map_err(|_| KeystoreError::Unsupported("scrypt parameters".into()))?;
             let salt = unhex("kdfparams.salt", &p.salt)?;
             scrypt::scrypt(password, &salt, &params, out.as_mut())

@@ -1,9 +1,12 @@
 //! The broker address: `mqtt://host[:port]` or `mqtts://host[:port]`.
 //!
-//! Parsed by hand: the `url` crate (rumqttc's `url` feature) would add size
-//! to the agent binary for two schemes and a port.
+//! Parsed with the `url` crate, which the agent links anyway (reqwest's
+//! `Url` is its type), so that the corner cases of authorities (IPv6
+//! literals, user info, ports) are handled as everywhere else.
 
 use std::fmt;
+
+use url::{Host, Url};
 
 /// A parsed broker URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,59 +19,73 @@ pub(crate) struct BrokerUrl {
 
 impl BrokerUrl {
     pub(crate) fn parse(text: &str) -> Result<Self, String> {
-        let (tls, rest) = if let Some(rest) = text.strip_prefix("mqtt://") {
-            (false, rest)
-        } else if let Some(rest) = text.strip_prefix("mqtts://") {
-            (true, rest)
-        } else {
-            return Err(format!(
-                "{text:?} is not a broker URL (expected mqtt://host[:port] or mqtts://host[:port])"
-            ));
+        let url = match Url::parse(text) {
+            Ok(url) => url,
+            // Whatever else is wrong, the text may hold a password: say
+            // only that credentials do not belong there.
+            Err(_) if has_user_info(text) => return Err(CREDENTIALS.to_owned()),
+            Err(url::ParseError::InvalidPort) => {
+                return Err(format!(
+                    "{text:?}: the port is not a number from 1 to 65535"
+                ));
+            }
+            Err(url::ParseError::EmptyHost) => return Err(format!("{text:?} has no host")),
+            Err(url::ParseError::InvalidIpv6Address) => {
+                return Err(format!("{text:?}: not a valid IPv6 address in [ ]"));
+            }
+            Err(_) => return Err(not_a_broker_url(text)),
         };
-        let authority = rest.strip_suffix('/').unwrap_or(rest);
-        if authority.contains('@') {
-            return Err(
-                "credentials do not belong in the URL; use username and password_file".to_owned(),
-            );
+        let tls = match url.scheme() {
+            "mqtt" => false,
+            "mqtts" => true,
+            _ => return Err(not_a_broker_url(text)),
+        };
+        // `mqtt:host`, without the `//`.
+        if url.cannot_be_a_base() {
+            return Err(not_a_broker_url(text));
         }
-        if authority.contains(['/', '?', '#']) {
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(CREDENTIALS.to_owned());
+        }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
             return Err(format!(
                 "{text:?} has a path or query; a broker URL is only mqtt[s]://host[:port]"
             ));
         }
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("{text:?}: unclosed [ in an IPv6 address"))?;
-            (host, after.strip_prefix(':'))
-        } else {
-            match authority.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (authority, None),
-            }
+        let host = match url.host() {
+            None | Some(Host::Domain("")) => return Err(format!("{text:?} has no host")),
+            Some(Host::Domain(name)) => name.to_owned(),
+            Some(Host::Ipv4(ip)) => ip.to_string(),
+            Some(Host::Ipv6(ip)) => ip.to_string(),
         };
-        if host.is_empty() {
-            return Err(format!("{text:?} has no host"));
-        }
-        let port =
-            match port {
-                None => {
-                    if tls {
-                        8883
-                    } else {
-                        1883
-                    }
-                }
-                Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
-                    format!("{text:?}: port {p:?} is not a number from 1 to 65535")
-                })?,
-            };
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-            tls,
-        })
+        let port = match url.port() {
+            None if tls => 8883,
+            None => 1883,
+            Some(0) => {
+                return Err(format!(
+                    "{text:?}: the port is not a number from 1 to 65535"
+                ));
+            }
+            Some(port) => port,
+        };
+        Ok(Self { host, port, tls })
     }
+}
+
+const CREDENTIALS: &str = "credentials do not belong in the URL; use username and password_file";
+
+fn not_a_broker_url(text: &str) -> String {
+    format!("{text:?} is not a broker URL (expected mqtt://host[:port] or mqtts://host[:port])")
+}
+
+/// Whether the authority of `text` (between `://` and the next `/`, `?`
+/// or `#`) has an `@`, i.e. user info, perhaps with a password.
+fn has_user_info(text: &str) -> bool {
+    text.split_once("://").is_some_and(|(_, rest)| {
+        rest.split(['/', '?', '#'])
+            .next()
+            .is_some_and(|authority| authority.contains('@'))
+    })
 }
 
 impl fmt::Display for BrokerUrl {
@@ -81,7 +98,6 @@ impl fmt::Display for BrokerUrl {
         }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +139,33 @@ mod tests {
         }
         let err = BrokerUrl::parse("mqtt://user:pw@host").unwrap_err();
         assert!(!err.contains("pw"), "the error repeats a password: {err}");
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        let err = |text: &str| BrokerUrl::parse(text).unwrap_err();
+        for (text, says) in [
+            ("tcp://host", "not a broker URL"),
+            ("mqtt:host", "not a broker URL"),
+            ("127.0.0.1:1883", "not a broker URL"),
+            ("mqtt://", "no host"),
+            ("mqtt://:1883", "no host"),
+            ("mqtt://host:0", "port"),
+            ("mqtt://host:port", "port"),
+            ("mqtt://host:99999", "port"),
+            ("mqtt://host/topic", "path"),
+            ("mqtt://host?x=1", "path or query"),
+            ("mqtt://[::1", "IPv6"),
+            ("mqtt://user:pw@host", "credentials"),
+        ] {
+            let error = err(text);
+            assert!(error.contains(says), "{text:?}: {error}");
+        }
+        // Credentials are named before anything else that is wrong, and
+        // never repeated.
+        let error = err("mqtt://user:s3cret@host:99999");
+        assert!(error.contains("credentials"), "{error}");
+        assert!(!error.contains("s3cret"), "{error}");
     }
 
     #[test]
