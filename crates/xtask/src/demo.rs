@@ -84,6 +84,13 @@ pub(crate) fn run(args: &[String]) -> Result<(), DemoError> {
         std::iter::once("cargo xtask demo").chain(args.iter().map(String::as_str)),
     )
     .unwrap_or_else(|e| e.exit());
+    #[cfg(not(feature = "embedded-broker"))]
+    if broker::wants_embedded(options.embedded_broker) {
+        return Err(DemoError::Spawn {
+            program: "cargo (building xtask with its embedded broker)".into(),
+            source: crate::with_embedded_broker("demo", args),
+        });
+    }
     let root = crate::workspace_root();
     let binaries = if options.test_build {
         say("building peaqos-agent and peaqos-orchestrator (cargo test --workspace --no-run)");

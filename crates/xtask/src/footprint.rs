@@ -88,6 +88,13 @@ pub(crate) fn run(args: &[String]) -> Result<(), FootprintError> {
     if !cfg!(target_os = "linux") {
         return Err(FootprintError::NotLinux);
     }
+    #[cfg(not(feature = "embedded-broker"))]
+    if !options.no_mqtt && broker::wants_embedded(false) {
+        return Err(FootprintError::Demo(crate::demo::DemoError::Spawn {
+            program: "cargo (building xtask with its embedded broker)".into(),
+            source: crate::with_embedded_broker("footprint", args),
+        }));
+    }
     let root = crate::workspace_root();
     let binaries = build(&root)?;
     let sizes = Sizes {

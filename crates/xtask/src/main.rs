@@ -48,6 +48,39 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs `cargo xtask <task> <args>` again from an xtask built with the
+/// embedded MQTT broker (`cargo run -p xtask --features embedded-broker`),
+/// in place of this process: its output, exit status and signals are the
+/// task's own. Returns only when that cannot start.
+#[cfg(not(feature = "embedded-broker"))]
+pub(crate) fn with_embedded_broker(task: &str, args: &[String]) -> std::io::Error {
+    use std::os::unix::process::CommandExt as _;
+    /// Set for the xtask started here, so that a build that still lacks
+    /// the broker fails instead of looping.
+    const REEXEC_ENV: &str = "PEAQOS_XTASK_EMBEDDED_BROKER";
+    if std::env::var_os(REEXEC_ENV).is_some() {
+        return std::io::Error::other("xtask was rebuilt without its embedded broker");
+    }
+    eprintln!(
+        "xtask: {task} needs the embedded MQTT broker; building xtask with it \
+         (cargo feature embedded-broker, once)"
+    );
+    cargo()
+        .args([
+            "run",
+            "--package",
+            "xtask",
+            "--features",
+            "embedded-broker",
+            "--",
+        ])
+        .arg(task)
+        .args(args)
+        .current_dir(workspace_root())
+        .env(REEXEC_ENV, "1")
+        .exec()
+}
+
 /// The workspace root (this crate is `crates/xtask`).
 pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

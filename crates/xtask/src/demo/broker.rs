@@ -1,7 +1,10 @@
 //! The demo's MQTT broker: a private Mosquitto when it is installed (as on
 //! a robot), otherwise rumqttd inside the xtask process, so that nothing
-//! has to be installed. Either listens on 127.0.0.1 only.
+//! has to be installed. Either listens on 127.0.0.1 only. rumqttd is built
+//! only with the `embedded-broker` feature; the tasks ask for it up front
+//! ([`wants_embedded`], `crate::with_embedded_broker`).
 
+#[cfg(feature = "embedded-broker")]
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,6 +28,13 @@ pub(crate) enum Broker {
     },
     /// rumqttd's threads; they end with the xtask process (rumqttd has no
     /// way to stop a broker).
+    #[cfg_attr(
+        not(feature = "embedded-broker"),
+        expect(
+            dead_code,
+            reason = "rumqttd is built only with the embedded-broker feature"
+        )
+    )]
     Embedded { port: u16, why: &'static str },
 }
 
@@ -60,6 +70,12 @@ impl Broker {
 /// (`PEAQOS_MOSQUITTO=/nonexistent` hides an installed one).
 fn mosquitto() -> Option<PathBuf> {
     peaqos_testkit::mosquitto_binary().filter(|p| p.is_file())
+}
+
+/// Whether [`start`] will run the embedded broker.
+#[cfg(not(feature = "embedded-broker"))]
+pub(crate) fn wants_embedded(force_embedded: bool) -> bool {
+    force_embedded || mosquitto().is_none()
 }
 
 /// Starts the broker. `interrupted` is polled while waiting for it.
@@ -116,6 +132,15 @@ pub(crate) fn start(
     }
 }
 
+#[cfg(not(feature = "embedded-broker"))]
+fn start_embedded(
+    why: &'static str,
+    _interrupted: &dyn Fn() -> Option<&'static str>,
+) -> Result<Broker, DemoError> {
+    Err(DemoError::NoEmbeddedBroker(why))
+}
+
+#[cfg(feature = "embedded-broker")]
 fn start_embedded(
     why: &'static str,
     interrupted: &dyn Fn() -> Option<&'static str>,
@@ -160,6 +185,7 @@ fn start_embedded(
 
 /// One MQTT 5 listener (the agent and `peaqos-agent status` speak MQTT 5 by
 /// default); limits well above what the demo's few clients need.
+#[cfg(feature = "embedded-broker")]
 fn embedded_config(port: u16) -> rumqttd::Config {
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 10_000,

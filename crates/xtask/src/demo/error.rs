@@ -53,6 +53,11 @@ pub(crate) enum DemoError {
     },
     #[error("the agent's status answer over MQTT is not the expected one: {0}")]
     UnexpectedStatus(String),
+    #[cfg(not(feature = "embedded-broker"))]
+    #[error(
+        "this xtask was built without the embedded MQTT broker, which it needs ({0}); run it as `cargo xtask`, which builds it"
+    )]
+    NoEmbeddedBroker(&'static str),
     #[error("stopped by {0} before the demo was up")]
     Interrupted(&'static str),
     #[error("cannot start the async runtime")]
