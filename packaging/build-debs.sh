@@ -5,22 +5,47 @@
 #   packaging/build-debs.sh                          # this machine's architecture
 #   packaging/build-debs.sh --target aarch64-unknown-linux-gnu
 #   packaging/build-debs.sh --target armv7-unknown-linux-gnueabihf
+#   packaging/build-debs.sh --only peaqos-agent      # one of the two
 #
-# Extra arguments go to both `cargo deb` calls. The agent is built with the
-# `minsize` profile (opt-level z, fat LTO, panic=abort, stripped), the
-# orchestrator with `release`. Cross-building needs the target's linker; see
-# docs/agent.md ("Cross-building for boards").
+# Other arguments go to every `cargo deb` call: `--no-build` packages the
+# executables already built (`cargo xtask arm --debs` does that, so that
+# each is compiled once), `--output DIR` puts the packages elsewhere. The
+# agent is built with the `minsize` profile (opt-level z, fat LTO,
+# panic=abort, stripped), the orchestrator with `release`. Cross-building
+# needs the target's toolchain: .ci/install-tools installs it (docs/agent.md,
+# "Cross-building for boards").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CARGO_DEB_VERSION=3.8.0
+
+packages=(peaqos-agent peaqos-orchestrator)
+args=()
+while (($#)); do
+    case "$1" in
+        --only)
+            case "${2:-}" in
+                peaqos-agent | peaqos-orchestrator) packages=("$2") ;;
+                *)
+                    echo "build-debs.sh: --only takes peaqos-agent or peaqos-orchestrator, not '${2:-}'" >&2
+                    exit 2
+                    ;;
+            esac
+            shift 2
+            ;;
+        *)
+            args+=("$1")
+            shift
+            ;;
+    esac
+done
 
 if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
     echo "--- installing cargo-deb $CARGO_DEB_VERSION"
     cargo install --locked "cargo-deb@$CARGO_DEB_VERSION"
 fi
 
-echo "--- peaqos-agent"
-cargo deb -p peaqos-agent --locked "$@"
-echo "--- peaqos-orchestrator"
-cargo deb -p peaqos-orchestrator --locked "$@"
+for package in "${packages[@]}"; do
+    echo "--- $package"
+    cargo deb -p "$package" --locked ${args[@]+"${args[@]}"}
+done

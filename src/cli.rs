@@ -85,6 +85,12 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_man_pages_are_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/man");
+        peaqos_testkit::man::check_or_write(Cli::command(), &dir);
+    }
+
+    #[test]
     fn address_takes_config_or_key_not_both() {
         assert!(Cli::try_parse_from(["peaqos-agent", "address", "--key", "k"]).is_ok());
         assert!(

@@ -156,10 +156,24 @@ fn check_contents(dpkg_deb: &Path, deb: &Path) {
         ("usr/share/doc/peaqos-agent/README.Debian", "-rw-r--r--"),
         ("usr/share/doc/peaqos-agent/mqtt.md", "-rw-r--r--"),
         ("usr/share/doc/peaqos-agent/copyright", "-rw-r--r--"),
+        // lintian reads its overrides from here (each with its reason).
+        ("usr/share/lintian/overrides/peaqos-agent", "-rw-r--r--"),
     ] {
         let (actual_mode, owner) = entry(path);
         assert_eq!(actual_mode, mode, "{path}");
         assert!(owner == "root/root" || owner == "0/0", "{path}: {owner}");
+    }
+    // A man page for the command and one per subcommand (packaging/man,
+    // rendered from the clap parser), compressed as Debian wants them.
+    let pages = std::fs::read_dir(repo().join("packaging/man"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|f| f.starts_with("peaqos-agent"))
+        .collect::<Vec<_>>();
+    assert!(pages.len() > 1, "{pages:?}");
+    for page in pages {
+        let (mode, _) = entry(&format!("usr/share/man/man1/{page}.gz"));
+        assert_eq!(mode, "-rw-r--r--", "{page}");
     }
     // The key is generated on the machine, never shipped.
     assert!(!listing.contains("controller.key"), "{listing}");

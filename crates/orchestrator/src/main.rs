@@ -2,20 +2,12 @@
 //! environment, logs to stderr/journald, stops gracefully on SIGTERM/SIGINT.
 //! Once it listens, it prints `listening on http://<address>` on stdout.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::Parser as _;
 use peaqos_orchestrator::Config;
-
-#[derive(Debug, Parser)]
-#[command(version, about = "peaqOS orchestrator: machines & identity API")]
-struct Args {
-    /// TOML settings file; environment variables override it.
-    #[arg(long, value_name = "FILE", env = "PEAQOS_ORCHESTRATOR_CONFIG")]
-    config: Option<PathBuf>,
-}
+use peaqos_orchestrator::cli::Args;
 
 fn main() -> ExitCode {
     let args = Args::parse();

@@ -6,6 +6,8 @@
 //! what it skipped and passes; with `PEAQOS_TEST_REQUIRE` naming the service
 //! (CI sets `mosquitto,postgres,python`), a missing service fails the test.
 
+pub mod man;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

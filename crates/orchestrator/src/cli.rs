@@ -1,0 +1,36 @@
+//! The command line (clap): the orchestrator takes its settings from the
+//! environment and an optional file. In the library so that a test can
+//! render the package's man page from it.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Serves the peaqOS Machine Markets machines & identity API. Settings come
+/// from the environment (`PEAQOS_*`, `DATABASE_URL`), over an optional TOML
+/// file; once it listens it prints `listening on http://<address>` on
+/// stdout.
+#[derive(Debug, Parser)]
+#[command(
+    name = "peaqos-orchestrator",
+    version,
+    about = "peaqOS orchestrator: machines & identity API"
+)]
+pub struct Args {
+    /// TOML settings file; environment variables override it.
+    #[arg(long, value_name = "FILE", env = "PEAQOS_ORCHESTRATOR_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_packaged_man_page_is_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/man");
+        peaqos_testkit::man::check_or_write(Args::command(), &dir);
+    }
+}
