@@ -8,47 +8,30 @@
 //! Everything lives in one directory (default `target/demo/`): the key,
 //! the configurations, the database, the agent's state and every log.
 
-// `pub(crate)`: `cargo xtask footprint` reuses the process, event, broker
-// and directory handling.
-pub(crate) mod broker;
-mod build;
+mod config;
 mod error;
-pub(crate) mod events;
-pub(crate) mod process;
-pub(crate) mod workdir;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::Value;
 
-use self::broker::Broker;
-use self::build::Binaries;
+use self::config::{AgentSettings, IDENTITY, TOPIC_PREFIX};
 pub(crate) use self::error::DemoError;
-use self::events::{Event, Events};
-use self::process::{Managed, STOP_GRACE};
-use self::workdir::{AgentSettings, IDENTITY, TOPIC_PREFIX, WorkDir};
+use crate::harness::agent::{self, Agent};
+use crate::harness::broker::{self, Broker};
+use crate::harness::cargo::{AGENT, ORCHESTRATOR};
+use crate::harness::events::{Event, Events};
+use crate::harness::orchestrator::{self, Orchestrator};
+use crate::harness::process::{Managed, STOP_GRACE, child_command};
+use crate::harness::workdir::WorkDir;
+use crate::harness::{HarnessError, print_tail};
 
 /// Proof lifetime the demo's orchestrator grants, so that the agent is seen
 /// renewing its proof (at about two thirds of it) while the demo runs.
 const PROOF_LIFETIME_SECS: u64 = 120;
-/// How long the orchestrator may take to accept connections (it runs its
-/// database migrations first).
-const ORCHESTRATOR_START: Duration = Duration::from_secs(30);
-/// Environment the children must not inherit: settings of the orchestrator
-/// and agent that would override the demo's, and systemd's hand-overs.
-const STRIPPED_ENV: [&str; 7] = [
-    "DATABASE_URL",
-    "STATE_DIRECTORY",
-    "CREDENTIALS_DIRECTORY",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "JOURNAL_STREAM",
-];
 
 /// Brings up an orchestrator, an MQTT broker and an agent on this machine
 /// and shows the agent becoming active; runs until Ctrl-C, which stops all
@@ -86,24 +69,19 @@ pub(crate) fn run(args: &[String]) -> Result<(), DemoError> {
     .unwrap_or_else(|e| e.exit());
     #[cfg(not(feature = "embedded-broker"))]
     if broker::wants_embedded(options.embedded_broker) {
-        return Err(DemoError::Spawn {
+        return Err(HarnessError::Spawn {
             program: "cargo (building xtask with its embedded broker)".into(),
             source: crate::with_embedded_broker("demo", args),
-        });
+        }
+        .into());
     }
     let root = crate::workspace_root();
-    let binaries = if options.test_build {
-        say("building peaqos-agent and peaqos-orchestrator (cargo test --workspace --no-run)");
-        build::build(&root, build::Build::AsTests)?
-    } else {
-        say("building peaqos-agent and peaqos-orchestrator (cargo build, debug profile)");
-        build::build(&root, build::Build::Binaries)?
-    };
+    let binaries = build(&root, options.test_build)?;
     let dir = options
         .dir
         .clone()
         .unwrap_or_else(|| root.join("target").join("demo"));
-    let (work, leftovers) = WorkDir::prepare(&dir)?;
+    let (work, leftovers) = WorkDir::prepare(&dir, "demo")?;
     for (name, pid) in leftovers {
         say(&format!(
             "stopped {name} (pid {pid}), left running by an earlier demo that was killed"
@@ -111,13 +89,44 @@ pub(crate) fn run(args: &[String]) -> Result<(), DemoError> {
     }
     say(&format!("working directory {}", work.path().display()));
     let result = serve(&options, &binaries, &work);
-    if matches!(&result, Err(e) if !matches!(e, DemoError::Interrupted(_))) {
+    if matches!(&result, Err(e) if !matches!(e, DemoError::Harness(HarnessError::Interrupted(_)))) {
         // Everything has stopped by now; the logs say why it went wrong.
         for log in ["orchestrator.log", "agent.log", "mosquitto.log"] {
             print_tail(&work.file(log), 15);
         }
     }
     result
+}
+
+/// The two executables the demo runs.
+#[derive(Debug)]
+struct Binaries {
+    agent: PathBuf,
+    orchestrator: PathBuf,
+}
+
+/// `cargo build -p peaqos-agent -p peaqos-orchestrator` (what a user
+/// needs, and no more), or with `test_build` `cargo test --workspace
+/// --no-run`: the binaries as the test suite builds them. The suite's own
+/// run of the demo uses the latter: the test build has other features
+/// (dev-dependencies unify into it), so `cargo build` would compile about
+/// a hundred crates a second time (measured: 74 s in a fresh CI run),
+/// while this is a no-op there.
+fn build(root: &Path, test_build: bool) -> Result<Binaries, DemoError> {
+    let args: &[&str] = if test_build {
+        &["test", "--workspace", "--no-run"]
+    } else {
+        &["build", "-p", AGENT, "-p", ORCHESTRATOR]
+    };
+    say(&format!(
+        "building peaqos-agent and peaqos-orchestrator (cargo {})",
+        args.join(" ")
+    ));
+    let built = crate::harness::cargo::cargo(root, args)?;
+    Ok(Binaries {
+        agent: built.executable(AGENT, "bin")?,
+        orchestrator: built.executable(ORCHESTRATOR, "bin")?,
+    })
 }
 
 fn serve(options: &Options, binaries: &Binaries, work: &WorkDir) -> Result<(), DemoError> {
@@ -142,7 +151,7 @@ fn serve(options: &Options, binaries: &Binaries, work: &WorkDir) -> Result<(), D
 #[derive(Debug)]
 struct Stack {
     agent: Managed,
-    orchestrator: Managed,
+    orchestrator: Orchestrator,
     broker: Broker,
     /// The controller address of the fresh key.
     address: String,
@@ -160,24 +169,25 @@ impl Stack {
     ) -> Result<Self, DemoError> {
         let interrupted = || events.interrupted();
         let key_file = work.file("controller.key");
-        let address = keygen(&binaries.agent, &key_file)?;
+        let address = Agent::native(&binaries.agent).keygen(&key_file)?;
         say(&format!(
             "controller key {} (fresh), address {address}",
             key_file.display()
         ));
-        let registry = work.write("registry.toml", &workdir::registry_toml(&address))?;
+        let registry = work.write("registry.toml", &config::registry_toml(&address))?;
         say(&format!(
             "registry {}: {IDENTITY} is controlled by {address}",
             registry.display()
         ));
 
-        let (orchestrator, orchestrator_url) =
+        let orchestrator =
             start_orchestrator(&binaries.orchestrator, work, &registry, &interrupted)?;
+        let orchestrator_url = orchestrator.url();
         say(&format!(
             "orchestrator {orchestrator_url} (pid {}; SQLite {}; log {})",
-            orchestrator.pid(),
+            orchestrator.child.pid(),
             work.file("orchestrator.db").display(),
-            orchestrator.log.display()
+            orchestrator.child.log.display()
         ));
 
         let broker = broker::start(work, options.embedded_broker, &interrupted)?;
@@ -190,7 +200,7 @@ impl Stack {
         let state_dir = work.create_dir("agent-state")?;
         let config = work.write(
             "agent.toml",
-            &workdir::agent_toml(&AgentSettings {
+            &config::agent_toml(&AgentSettings {
                 key_file: &key_file,
                 state_dir: &state_dir,
                 orchestrator_url: &orchestrator_url,
@@ -238,7 +248,7 @@ impl Stack {
         loop {
             match events.next(Duration::from_millis(200)) {
                 Some(Event::Signal(name)) => return Ok(Some(name)),
-                Some(Event::Status(status)) => {
+                Some(Event::Status(_, status)) => {
                     for line in shown.lines(&status) {
                         println!("{line}");
                     }
@@ -294,18 +304,19 @@ impl Stack {
         };
         for child in [
             Some(&mut self.agent),
-            Some(&mut self.orchestrator),
+            Some(&mut self.orchestrator.child),
             mosquitto,
         ]
         .into_iter()
         .flatten()
         {
             if let Some(status) = child.exited() {
-                return Err(DemoError::Exited {
+                return Err(HarnessError::Exited {
                     what: child.name,
                     status,
                     log: child.log.clone(),
-                });
+                }
+                .into());
             }
         }
         Ok(())
@@ -320,8 +331,8 @@ impl Stack {
                 self.agent.stop(STOP_GRACE, hurry).to_string(),
             ),
             (
-                self.orchestrator.name,
-                self.orchestrator.stop(STOP_GRACE, hurry).to_string(),
+                self.orchestrator.child.name,
+                self.orchestrator.child.stop(STOP_GRACE, hurry).to_string(),
             ),
         ];
         match &mut self.broker {
@@ -336,142 +347,28 @@ impl Stack {
     }
 }
 
-/// `peaqos-agent keygen --out FILE`: the new key's address.
-pub(crate) fn keygen(agent: &Path, key_file: &Path) -> Result<String, DemoError> {
-    let mut command = child_command(agent);
-    command
-        .arg("keygen")
-        .arg("--out")
-        .arg(key_file)
-        .stderr(Stdio::inherit());
-    let output = command.output().map_err(|source| DemoError::Spawn {
-        program: agent.display().to_string(),
-        source,
-    })?;
-    if !output.status.success() {
-        return Err(DemoError::Failed {
-            command: format!("peaqos-agent keygen --out {}", key_file.display()),
-            status: output.status,
-        });
-    }
-    let address = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    let hex = address.strip_prefix("0x").unwrap_or_default();
-    if hex.len() != 40 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(DemoError::BadAddress(address));
-    }
-    Ok(address)
-}
-
+/// The orchestrator with its SQLite database in the demo directory and
+/// the registry naming the fresh key.
 fn start_orchestrator(
     binary: &Path,
     work: &WorkDir,
     registry: &Path,
     interrupted: &dyn Fn() -> Option<&'static str>,
-) -> Result<(Managed, String), DemoError> {
+) -> Result<Orchestrator, HarnessError> {
     let database = format!("sqlite://{}", work.file("orchestrator.db").display());
-    // A port may be taken between our probe and the server's bind: retry.
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let port = free_port();
-        let mut command = child_command(binary);
-        command
-            .env("PEAQOS_LISTEN_ADDR", format!("127.0.0.1:{port}"))
-            .env("DATABASE_URL", &database)
-            .env("PEAQOS_MCR_REGISTRY_FILE", registry)
-            // Registry edits take effect within seconds.
-            .env("PEAQOS_MCR_CACHE_TTL_SECS", "2")
-            .env("PEAQOS_PROOF_MAX_AGE_SECS", PROOF_LIFETIME_SECS.to_string());
-        let mut child = Managed::spawn(
-            "orchestrator",
-            command,
-            &work.file("orchestrator.log"),
-            &work.pids(),
-        )?;
-        match wait_listening(&mut child, port, ORCHESTRATOR_START, interrupted) {
-            Ok(()) => return Ok((child, format!("http://127.0.0.1:{port}"))),
-            Err(DemoError::Exited { .. }) if attempt < 3 => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// The same program, without the environment that would change what the
-/// demo configures (`PEAQOS_*`, `DATABASE_URL`, systemd's variables).
-pub(crate) fn child_command(program: &Path) -> Command {
-    let mut command = Command::new(program);
-    for (name, _) in std::env::vars_os() {
-        let strip = name
-            .to_str()
-            .is_some_and(|n| n.starts_with("PEAQOS_") || STRIPPED_ENV.contains(&n));
-        if strip {
-            command.env_remove(name);
-        }
-    }
+    let mut command = child_command(binary);
     command
-}
-
-/// A loopback port that was free a moment ago.
-pub(crate) fn free_port() -> u16 {
-    peaqos_testkit::free_port()
-}
-
-/// Waits until `child` accepts connections on `127.0.0.1:port`; fails as
-/// soon as it exits, on a signal, or after `timeout`.
-pub(crate) fn wait_listening(
-    child: &mut Managed,
-    port: u16,
-    timeout: Duration,
-    interrupted: &dyn Fn() -> Option<&'static str>,
-) -> Result<(), DemoError> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(signal) = interrupted() {
-            return Err(DemoError::Interrupted(signal));
-        }
-        if let Some(status) = child.exited() {
-            return Err(DemoError::Exited {
-                what: child.name,
-                status,
-                log: child.log.clone(),
-            });
-        }
-        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(DemoError::NotListening {
-                what: child.name.to_owned(),
-                port,
-                timeout,
-                log: child.log.display().to_string(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `peaqos-agent status --config FILE [--json]`: the agent's answer to a
-/// `status/get` query over MQTT.
-fn ask_status(agent: &Path, config: &Path, json: bool) -> Result<String, DemoError> {
-    let mut command = child_command(agent);
-    command
-        .args(["status", "--timeout", "5s", "--config"])
-        .arg(config)
-        .args(json.then_some("--json"))
-        .stderr(Stdio::inherit());
-    let output = command.output().map_err(|source| DemoError::Spawn {
-        program: agent.display().to_string(),
-        source,
-    })?;
-    if !output.status.success() {
-        return Err(DemoError::Failed {
-            command: format!("peaqos-agent status --config {}", config.display()),
-            status: output.status,
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        .env("DATABASE_URL", &database)
+        .env("PEAQOS_MCR_REGISTRY_FILE", registry)
+        // Registry edits take effect within seconds.
+        .env("PEAQOS_MCR_CACHE_TTL_SECS", "2")
+        .env("PEAQOS_PROOF_MAX_AGE_SECS", PROOF_LIFETIME_SECS.to_string());
+    orchestrator::start(
+        command,
+        &work.file("orchestrator.log"),
+        &work.pids(),
+        interrupted,
+    )
 }
 
 fn show_status_answer(agent: &Path, config: &Path) -> Result<(), DemoError> {
@@ -479,7 +376,7 @@ fn show_status_answer(agent: &Path, config: &Path) -> Result<(), DemoError> {
         "the agent's answer over MQTT (peaqos-agent status --config {}):",
         config.display()
     ));
-    for line in ask_status(agent, config, false)?.lines() {
+    for line in Agent::native(agent).status(config, false)?.lines() {
         println!("  {line}");
     }
     Ok(())
@@ -491,26 +388,9 @@ fn check_status_answer(agent: &Path, config: &Path, address: &str) -> Result<(),
         "the agent's answer over MQTT (peaqos-agent status --json --config {}):",
         config.display()
     ));
-    let text = ask_status(agent, config, true)?;
+    let text = Agent::native(agent).status(config, true)?;
     print!("{text}");
-    let answer: Value = serde_json::from_str(&text)
-        .map_err(|e| DemoError::UnexpectedStatus(format!("not JSON ({e})")))?;
-    let expect = [
-        ("state", "active"),
-        ("identity", IDENTITY),
-        ("controllerAddress", address),
-    ];
-    for (field, want) in expect {
-        if answer[field] != want {
-            return Err(DemoError::UnexpectedStatus(format!(
-                "{field} is {}, not {want:?}",
-                answer[field]
-            )));
-        }
-    }
-    if !answer["machineId"].is_string() {
-        return Err(DemoError::UnexpectedStatus("no machineId".into()));
-    }
+    agent::expect_active(&text, IDENTITY, address)?;
     Ok(())
 }
 
@@ -628,18 +508,6 @@ impl StatusLines {
 
 fn say(text: &str) {
     println!("demo: {text}");
-}
-
-/// The last `lines` lines of a log, to stderr.
-pub(crate) fn print_tail(path: &Path, lines: usize) {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return;
-    };
-    let all: Vec<&str> = text.lines().collect();
-    eprintln!("--- last lines of {}:", path.display());
-    for line in &all[all.len().saturating_sub(lines)..] {
-        eprintln!("{line}");
-    }
 }
 
 #[cfg(test)]

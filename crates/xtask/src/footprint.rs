@@ -12,6 +12,11 @@
 //! idle; at the end of the idle period, resident memory and the CPU time
 //! spent idle.
 //!
+//! Beside the x86-64 sizes, the agent's size for each board (aarch64,
+//! armv7), cross-built as `cargo xtask arm` builds it, when this machine
+//! has the toolchain (`.ci/install-tools`); the table says what is missing
+//! otherwise.
+//!
 //! Linux only: it reads `/proc/<pid>/stat` and `/proc/<pid>/status`.
 //! Children run in process groups of their own and are stopped on every
 //! way out (the demo's process handling, including its `pids` file for a
@@ -20,26 +25,31 @@
 mod error;
 mod milestones;
 mod procfs;
-mod report;
+pub(crate) mod report;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 
 pub(crate) use self::error::FootprintError;
-use self::milestones::{Milestone, Reference, Tail};
+use self::milestones::{Milestone, Reference};
 use self::report::{AgentRun, Idle, Report, Run, Sizes, StartTimes};
-use crate::demo::broker::{self, Broker};
-use crate::demo::events::{Event, Events};
-use crate::demo::process::{Managed, STOP_GRACE, StopOutcome};
-use crate::demo::workdir::{WorkDir, toml_string};
-use crate::demo::{self, DemoError};
+use crate::arm::{
+    self,
+    toolchain::{self, BOARDS},
+};
+use crate::harness::agent::Agent;
+use crate::harness::broker::{self, Broker};
+use crate::harness::cargo::{AGENT, ORCHESTRATOR};
+use crate::harness::events::{Event, Events};
+use crate::harness::log::Tail;
+use crate::harness::orchestrator::{self, Orchestrator};
+use crate::harness::print_tail;
+use crate::harness::process::{Managed, STOP_GRACE, StopOutcome, child_command};
+use crate::harness::workdir::{WorkDir, toml_string};
 
-const AGENT: &str = "peaqos-agent";
-const ORCHESTRATOR: &str = "peaqos-orchestrator";
 const BASELINE: &str = "footprint_baseline";
 /// What the baseline prints once `/health` has answered
 /// (examples/footprint_baseline.rs).
@@ -48,9 +58,9 @@ const BASELINE_READY: &str = "footprint_baseline: idle until SIGTERM";
 /// the two do not take each other's record. The run's key controls both.
 const IDENTITY: &str = "did:peaq:4242";
 const IDENTITY_MQTT: &str = "did:peaq:4243";
-/// How long the orchestrator may take to listen (it migrates its database
-/// first) and the baseline to get its answer.
-const ORCHESTRATOR_START: Duration = Duration::from_secs(30);
+/// How long the orchestrator may take to answer `/ready` once it listens,
+/// and the baseline to get its answer.
+const ORCHESTRATOR_READY: Duration = Duration::from_secs(30);
 const BASELINE_START: Duration = Duration::from_secs(10);
 /// How often logs are read while waiting. The figures come from the
 /// agent's log stamps; this only decides when the wait ends.
@@ -90,16 +100,19 @@ pub(crate) fn run(args: &[String]) -> Result<(), FootprintError> {
     }
     #[cfg(not(feature = "embedded-broker"))]
     if !options.no_mqtt && broker::wants_embedded(false) {
-        return Err(FootprintError::Demo(crate::demo::DemoError::Spawn {
-            program: "cargo (building xtask with its embedded broker)".into(),
-            source: crate::with_embedded_broker("footprint", args),
-        }));
+        return Err(FootprintError::Harness(
+            crate::harness::HarnessError::Spawn {
+                program: "cargo (building xtask with its embedded broker)".into(),
+                source: crate::with_embedded_broker("footprint", args),
+            },
+        ));
     }
     let root = crate::workspace_root();
     let binaries = build(&root)?;
     let sizes = Sizes {
         agent: file_size(&binaries.agent)?,
         baseline: file_size(&binaries.baseline)?,
+        boards: board_sizes(&root)?,
     };
     say(&format!(
         "stripped executables: {} {} B, baseline {} B",
@@ -107,7 +120,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), FootprintError> {
         report::thousands(sizes.agent as f64, 0),
         report::thousands(sizes.baseline as f64, 0)
     ));
-    let (work, leftovers) = WorkDir::prepare(&root.join("target").join("footprint"))?;
+    let (work, leftovers) = WorkDir::prepare(&root.join("target").join("footprint"), "footprint")?;
     for (name, pid) in leftovers {
         say(&format!(
             "stopped {name} (pid {pid}), left running by an earlier run that was killed"
@@ -123,7 +136,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), FootprintError> {
         Err(e) => {
             // Everything has stopped by now; the log says why.
             if let Some(log) = e.log() {
-                demo::print_tail(log, 15);
+                print_tail(log, 15);
             }
             return Err(e);
         }
@@ -191,10 +204,11 @@ fn measure_run(
 ) -> Result<Run, FootprintError> {
     let dir = work.create_dir(&format!("run-{n}"))?;
     let key_file = dir.join("controller.key");
-    let address = demo::keygen(&binaries.agent, &key_file)?;
+    let address = Agent::native(&binaries.agent).keygen(&key_file)?;
     let registry = write(&dir.join("registry.toml"), &registry_toml(&address))?;
-    let (mut orchestrator, url) =
+    let mut orchestrator =
         start_orchestrator(&binaries.orchestrator, &dir, &registry, work, events)?;
+    let url = orchestrator.url();
     let (mut baseline, baseline_answer) =
         start_baseline(&binaries.baseline, &dir, &url, work, events)?;
     let start = |variant: &Variant| -> Result<(Managed, StartTimes), FootprintError> {
@@ -222,7 +236,7 @@ fn measure_run(
     };
     let before_baseline = procfs::sample(baseline.pid(), "baseline")?;
     {
-        let mut watched = vec![&mut orchestrator, &mut baseline, &mut agent];
+        let mut watched = vec![&mut orchestrator.child, &mut baseline, &mut agent];
         if let Some((child, _)) = &mut mqtt {
             watched.push(child);
         }
@@ -257,7 +271,7 @@ fn measure_run(
     if let Some((child, _)) = mqtt.as_mut() {
         children.push(child);
     }
-    children.extend([&mut agent, &mut baseline, &mut orchestrator]);
+    children.extend([&mut agent, &mut baseline, &mut orchestrator.child]);
     for child in children {
         match child.stop(STOP_GRACE, &hurry) {
             StopOutcome::Stopped(status) if status.success() => {}
@@ -308,22 +322,23 @@ fn build(root: &Path) -> Result<Binaries, FootprintError> {
     say(
         "building peaqos-agent and the baseline (--profile minsize), peaqos-orchestrator (--release)",
     );
-    let agent = cargo_build(root, &["--profile", "minsize", "-p", AGENT], AGENT, "bin")?;
+    let cargo = |args: &[&str]| crate::harness::cargo::cargo(root, args);
+    let agent = cargo(&["build", "--profile", "minsize", "-p", AGENT])?.executable(AGENT, "bin")?;
     // A cargo call of its own: an example builds with the package's
     // dev-dependencies, whose features (tokio's `test-util`, hyper's
     // `server` ...) would otherwise reach the agent's executable too.
-    let baseline = cargo_build(
-        root,
-        &["--profile", "minsize", "-p", AGENT, "--example", BASELINE],
+    let baseline = cargo(&[
+        "build",
+        "--profile",
+        "minsize",
+        "-p",
+        AGENT,
+        "--example",
         BASELINE,
-        "example",
-    )?;
-    let orchestrator = cargo_build(
-        root,
-        &["--release", "-p", ORCHESTRATOR],
-        ORCHESTRATOR,
-        "bin",
-    )?;
+    ])?
+    .executable(BASELINE, "example")?;
+    let orchestrator =
+        cargo(&["build", "--release", "-p", ORCHESTRATOR])?.executable(ORCHESTRATOR, "bin")?;
     Ok(Binaries {
         agent,
         baseline,
@@ -331,51 +346,27 @@ fn build(root: &Path) -> Result<Binaries, FootprintError> {
     })
 }
 
-/// `cargo build ARGS` in `root`; the executable of target `name` of kind
-/// `kind`, from cargo's own report (so that `CARGO_TARGET_DIR` just works).
-fn cargo_build(
-    root: &Path,
-    args: &[&str],
-    name: &'static str,
-    kind: &'static str,
-) -> Result<PathBuf, FootprintError> {
-    let output = crate::cargo()
-        .arg("build")
-        .args(args)
-        .arg("--message-format=json-render-diagnostics")
-        .current_dir(root)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|source| DemoError::Spawn {
-            program: "cargo".into(),
-            source,
-        })?;
-    if !output.status.success() {
-        return Err(DemoError::Failed {
-            command: format!("cargo build {}", args.join(" ")),
-            status: output.status,
-        }
-        .into());
+/// The agent cross-built for each board whose toolchain this machine has
+/// (the build `cargo xtask arm` runs); for the others, what is missing.
+fn board_sizes(root: &Path) -> Result<Vec<report::BoardSize>, FootprintError> {
+    let mut sizes = Vec::new();
+    for board in BOARDS {
+        let size = match toolchain::find(&[board], false) {
+            Ok(_) => {
+                say(&format!(
+                    "cross-building peaqos-agent (--profile minsize) for {}",
+                    board.target
+                ));
+                Ok(file_size(&arm::build_agent(root, Some(&board))?)?)
+            }
+            Err(missing) => Err(format!(
+                "missing {} (.ci/install-tools installs it)",
+                missing.join(", ")
+            )),
+        };
+        sizes.push((board.target, size));
     }
-    artifact(&String::from_utf8_lossy(&output.stdout), name, kind)
-        .ok_or(FootprintError::NoArtifact { name, kind })
-}
-
-/// The `executable` of cargo's `compiler-artifact` message for target
-/// `name` of kind `kind` (`bin`, `example`).
-fn artifact(messages: &str, name: &str, kind: &str) -> Option<PathBuf> {
-    messages
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
-        .filter(|m| m["profile"]["test"] == false)
-        .filter(|m| {
-            m["target"]["kind"]
-                .as_array()
-                .is_some_and(|kinds| kinds.iter().any(|k| k == kind))
-        })
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+    Ok(sizes)
 }
 
 fn file_size(path: &Path) -> Result<u64, FootprintError> {
@@ -410,45 +401,32 @@ fn registry_toml(address: &str) -> String {
     )
 }
 
-/// A free loopback port, the run's database and registry; retried when
-/// the port is taken between the probe and the orchestrator's bind.
+/// The run's orchestrator (its database and registry in `dir`), once it
+/// answers `/ready`.
 fn start_orchestrator(
     binary: &Path,
     dir: &Path,
     registry: &Path,
     work: &WorkDir,
     events: &Events,
-) -> Result<(Managed, String), FootprintError> {
+) -> Result<Orchestrator, FootprintError> {
     let database = format!("sqlite://{}", dir.join("orchestrator.db").display());
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let port = demo::free_port();
-        let mut command = demo::child_command(binary);
-        command
-            .env("PEAQOS_LISTEN_ADDR", format!("127.0.0.1:{port}"))
-            .env("DATABASE_URL", &database)
-            .env("PEAQOS_MCR_REGISTRY_FILE", registry)
-            // Its CPU is not measured, but it shares the machine with the
-            // agent it serves.
-            .env("RUST_LOG", "warn");
-        let mut child = Managed::spawn(
-            "orchestrator",
-            command,
-            &dir.join("orchestrator.log"),
-            &work.pids(),
-        )?;
-        match demo::wait_listening(&mut child, port, ORCHESTRATOR_START, &|| {
-            events.interrupted()
-        }) {
-            Ok(()) => {
-                wait_ready(&mut child, port, ORCHESTRATOR_START, events)?;
-                return Ok((child, format!("http://127.0.0.1:{port}")));
-            }
-            Err(DemoError::Exited { .. }) if attempt < 3 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let mut command = child_command(binary);
+    command
+        .env("DATABASE_URL", &database)
+        .env("PEAQOS_MCR_REGISTRY_FILE", registry)
+        // Its CPU is not measured, but it shares the machine with the
+        // agent it serves.
+        .env("RUST_LOG", "warn");
+    let mut orchestrator = orchestrator::start(
+        command,
+        &dir.join("orchestrator.log"),
+        &work.pids(),
+        &|| events.interrupted(),
+    )?;
+    let port = orchestrator.addr.port();
+    wait_ready(&mut orchestrator.child, port, ORCHESTRATOR_READY, events)?;
+    Ok(orchestrator)
 }
 
 /// Polls the orchestrator's `GET /ready` (its store and controller source
@@ -532,7 +510,7 @@ fn start_baseline(
     work: &WorkDir,
     events: &Events,
 ) -> Result<(Managed, Duration), FootprintError> {
-    let mut command = demo::child_command(binary);
+    let mut command = child_command(binary);
     command.arg(format!("{orchestrator_url}/health"));
     let log = dir.join("baseline.log");
     let reference = Reference::now();
@@ -673,7 +651,7 @@ fn start_agent(
         &s.dir.join(format!("{}.toml", variant.file)),
         &agent_toml(variant, s, &state_dir),
     )?;
-    let mut command = demo::child_command(binary);
+    let mut command = child_command(binary);
     // The filter is in the configuration; `RUST_LOG` would win over it.
     command
         .env_remove("RUST_LOG")
@@ -917,30 +895,5 @@ mod tests {
             "{err}"
         );
         assert!(parse_duration("s").unwrap_err().contains("not a duration"));
-    }
-
-    #[test]
-    fn the_executables_come_from_their_artifacts() {
-        // The shapes cargo prints for `cargo build --example` (which builds
-        // the package's library too) and for a binary.
-        let messages = [
-            r#"{"reason":"compiler-artifact","target":{"name":"peaqos_agent","kind":["lib"]},"profile":{"test":false},"executable":null}"#,
-            "not json: skipped",
-            r#"{"reason":"compiler-artifact","target":{"name":"footprint_baseline","kind":["example"]},"profile":{"test":false},"executable":"/t/minsize/examples/footprint_baseline"}"#,
-            r#"{"reason":"compiler-artifact","target":{"name":"peaqos-agent","kind":["bin"]},"profile":{"test":true},"executable":"/t/minsize/deps/peaqos_agent-1"}"#,
-            r#"{"reason":"compiler-artifact","target":{"name":"peaqos-agent","kind":["bin"]},"profile":{"test":false},"executable":"/t/minsize/peaqos-agent"}"#,
-            r#"{"reason":"build-finished","success":true}"#,
-        ]
-        .join("\n");
-        assert_eq!(
-            artifact(&messages, BASELINE, "example"),
-            Some(PathBuf::from("/t/minsize/examples/footprint_baseline"))
-        );
-        assert_eq!(
-            artifact(&messages, AGENT, "bin"),
-            Some(PathBuf::from("/t/minsize/peaqos-agent"))
-        );
-        assert_eq!(artifact(&messages, BASELINE, "bin"), None);
-        assert_eq!(artifact(&messages, ORCHESTRATOR, "bin"), None);
     }
 }

@@ -4,8 +4,11 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod arm;
 mod demo;
 mod footprint;
+mod harness;
+mod man;
 mod test;
 
 const USAGE: &str = "usage: cargo xtask <task>\n\n\
@@ -15,6 +18,10 @@ const USAGE: &str = "usage: cargo xtask <task>\n\n\
     footprint [--idle 60s] [--runs 5]\n                 \
     the agent's size, memory, idle CPU and start-up time against a\n                 \
     baseline, as a markdown table (minutes; Linux only: reads /proc)\n  \
+    arm [--debs]   cross-build the minsize agent for aarch64 and armv7, run each\n                 \
+    under qemu-user to `active` against the x86-64 orchestrator; --debs\n                 \
+    also makes every Debian package from those builds and lints them\n  \
+    man            rewrite packaging/man/*.1 from the command lines (clap)\n  \
     test [ARGS]    run the whole test suite (cargo test --workspace ARGS), saying\n                 \
     which real servers it used; PEAQOS_TEST_REQUIRE=mosquitto,postgres,python\n                 \
     makes a missing one a failure";
@@ -27,6 +34,8 @@ fn main() -> ExitCode {
         Some("test") => test::run(&rest).map_err(Into::into),
         Some("demo") => demo::run(&rest).map_err(Into::into),
         Some("footprint") => footprint::run(&rest).map_err(Into::into),
+        Some("arm") => arm::run(&rest).map_err(Into::into),
+        Some("man") => man::run(&rest).map_err(Into::into),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);

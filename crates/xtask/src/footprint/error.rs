@@ -6,21 +6,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use crate::demo::DemoError;
+use crate::harness::HarnessError;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum FootprintError {
-    /// Building, starting and stopping processes: the demo's errors.
+    /// Building, starting and stopping processes.
     #[error(transparent)]
-    Demo(DemoError),
+    Harness(HarnessError),
     #[error("stopped by {0}")]
     Interrupted(&'static str),
     #[error("`cargo xtask footprint` reads /proc: it runs on Linux only")]
     NotLinux,
-    #[error("another `cargo xtask footprint` is running in {0}")]
-    Busy(PathBuf),
-    #[error("{0} was not made by `cargo xtask footprint` and is not empty; remove it")]
-    ForeignDir(PathBuf),
     #[error("cannot {action} {path}")]
     Io {
         action: &'static str,
@@ -33,11 +29,6 @@ pub(crate) enum FootprintError {
         url: String,
         timeout: Duration,
         source: std::io::Error,
-    },
-    #[error("`cargo build` did not name the {kind} `{name}` in its output")]
-    NoArtifact {
-        name: &'static str,
-        kind: &'static str,
     },
     #[error("cannot read {path} of the {what} (pid {pid})")]
     Proc {
@@ -78,14 +69,11 @@ pub(crate) enum FootprintError {
     ActiveUnsigned { log: PathBuf },
 }
 
-impl From<DemoError> for FootprintError {
-    /// The demo's errors that name the demo say it our way.
-    fn from(e: DemoError) -> Self {
+impl From<HarnessError> for FootprintError {
+    fn from(e: HarnessError) -> Self {
         match e {
-            DemoError::Interrupted(signal) => Self::Interrupted(signal),
-            DemoError::Busy(dir) => Self::Busy(dir),
-            DemoError::ForeignDir(dir) => Self::ForeignDir(dir),
-            other => Self::Demo(other),
+            HarnessError::Interrupted(signal) => Self::Interrupted(signal),
+            other => Self::Harness(other),
         }
     }
 }
@@ -98,8 +86,8 @@ impl FootprintError {
             | Self::Timeout { log, .. }
             | Self::Unstamped { log, .. }
             | Self::ClockStepped { log, .. }
-            | Self::ActiveUnsigned { log, .. }
-            | Self::Demo(DemoError::Exited { log, .. }) => Some(log),
+            | Self::ActiveUnsigned { log, .. } => Some(log),
+            Self::Harness(e) => e.log(),
             _ => None,
         }
     }

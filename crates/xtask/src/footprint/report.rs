@@ -9,11 +9,16 @@ use super::procfs::Sample;
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// Stripped executables, in bytes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Sizes {
     pub(crate) agent: u64,
     pub(crate) baseline: u64,
+    pub(crate) boards: Vec<BoardSize>,
 }
+
+/// The agent cross-built for a board (`cargo xtask arm`'s build): its
+/// Rust target, and its size or why it was not built.
+pub(crate) type BoardSize = (&'static str, Result<u64, String>);
 
 /// From exec to the agent's milestones.
 #[derive(Debug, Clone, Copy)]
@@ -324,6 +329,29 @@ impl Report {
             }
             out.push('\n');
         }
+        if !self.sizes.boards.is_empty() {
+            out.push_str(
+                "\nThe agent for the boards (stripped, `--profile minsize --target ...`, \
+                 the same sources; `cargo xtask arm` runs them under qemu-user):\n\n\
+                 | target | stripped executable | / x86-64 |\n|---|---:|---:|\n",
+            );
+            let _ = writeln!(
+                out,
+                "| x86_64-unknown-linux-gnu (above) | {} | 1.00 |",
+                bytes(self.sizes.agent)
+            );
+            for (target, size) in &self.sizes.boards {
+                let _ = match size {
+                    Ok(size) => writeln!(
+                        out,
+                        "| {target} | {} | {} |",
+                        bytes(*size),
+                        ratio(*size as f64, self.sizes.agent as f64)
+                    ),
+                    Err(why) => writeln!(out, "| {target} | not built: {why} | |"),
+                };
+            }
+        }
         out
     }
 }
@@ -414,6 +442,13 @@ mod tests {
             sizes: Sizes {
                 agent: 3_000_000,
                 baseline: 2_000_000,
+                boards: vec![
+                    ("aarch64-unknown-linux-gnu", Ok(2_700_000)),
+                    (
+                        "armv7-unknown-linux-gnueabihf",
+                        Err("no arm-linux-gnueabihf-gcc".into()),
+                    ),
+                ],
             },
             runs,
         }
@@ -463,6 +498,14 @@ mod tests {
             "| CPU time during the 60 s idle (utime+stime) | 20 ms (0–20) | 0 ms | – | near zero |"
         );
         assert_eq!(line(&text, "2. "), "2. 20.0 / 30.0");
+        assert_eq!(
+            line(&text, "| aarch64"),
+            "| aarch64-unknown-linux-gnu | 2,700,000 B (2.57 MiB) | 0.90 |"
+        );
+        assert_eq!(
+            line(&text, "| armv7"),
+            "| armv7-unknown-linux-gnueabihf | not built: no arm-linux-gnueabihf-gcc | |"
+        );
     }
 
     #[test]

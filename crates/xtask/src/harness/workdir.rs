@@ -1,26 +1,23 @@
-//! The demo directory: locked while a demo runs, emptied at start (only if
-//! an earlier demo made it), and the files the demo writes into it.
+//! A task's working directory (`target/demo`, `target/footprint`,
+//! `target/arm` ...): locked while the task runs, emptied at start (only if
+//! an xtask task made it), with the files the task writes into it and the
+//! `pids` of the children it started.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::FlockOperation;
 
-use super::error::DemoError;
+use super::error::HarnessError;
 use super::process::PidFile;
 
-/// Marks a directory as the demo's, and is locked while a demo runs in it.
-const LOCK_FILE: &str = "demo.lock";
+/// Marks a directory as an xtask task's, and is locked while one runs in
+/// it. Directories made before the tasks shared this module have
+/// `demo.lock` instead.
+const LOCK_FILE: &str = "xtask.lock";
+const OLD_LOCK_FILE: &str = "demo.lock";
 
-/// The demo identity: a plain `did:peaq:<decimal>`, so that its controller
-/// must come from the registry file (an address-form identity controls
-/// itself and would need none).
-pub(crate) const IDENTITY: &str = "did:peaq:4242";
-/// The machine's display name; its MQTT topics are below [`TOPIC_PREFIX`].
-pub(crate) const MACHINE_NAME: &str = "demo-robot";
-pub(crate) const TOPIC_PREFIX: &str = "peaqos/demo-robot";
-
-/// A locked, empty demo directory.
+/// A locked, empty working directory.
 #[derive(Debug)]
 pub(crate) struct WorkDir {
     path: PathBuf,
@@ -29,35 +26,38 @@ pub(crate) struct WorkDir {
 }
 
 impl WorkDir {
-    /// Creates or takes over `path`: locks it, stops what a killed earlier
-    /// demo left running there (reported as `(name, pid)`), and removes
-    /// everything else in it.
-    pub(crate) fn prepare(path: &Path) -> Result<(Self, Vec<(String, u32)>), DemoError> {
+    /// Creates or takes over `path` for `cargo xtask {task}`: locks it,
+    /// stops what a killed earlier run left running there (reported as
+    /// `(name, pid)`), and removes everything else in it.
+    pub(crate) fn prepare(
+        path: &Path,
+        task: &'static str,
+    ) -> Result<(Self, Vec<(String, u32)>), HarnessError> {
         let io = |action, path: &Path| {
             let path = path.to_owned();
-            move |source| DemoError::Io {
+            move |source| HarnessError::Io {
                 action,
                 path,
                 source,
             }
         };
         if path.to_str().is_none() {
-            return Err(DemoError::NonUtf8Path(path.to_owned()));
+            return Err(HarnessError::NonUtf8Path(path.to_owned()));
         }
         std::fs::create_dir_all(path).map_err(io("create", path))?;
         let path = path.canonicalize().map_err(io("resolve", path))?;
         let lock_path = path.join(LOCK_FILE);
-        let ours = lock_path.exists();
+        let ours = lock_path.exists() || path.join(OLD_LOCK_FILE).exists();
         let empty = std::fs::read_dir(&path)
             .map_err(io("list", &path))?
             .next()
             .is_none();
         if !ours && !empty {
-            return Err(DemoError::ForeignDir(path));
+            return Err(HarnessError::ForeignDir { dir: path, task });
         }
         let lock = File::create(&lock_path).map_err(io("create", &lock_path))?;
         if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
-            return Err(DemoError::Busy(path));
+            return Err(HarnessError::Busy { dir: path, task });
         }
         let leftovers = PidFile::new(path.join("pids")).stop_leftovers();
         for entry in std::fs::read_dir(&path).map_err(io("list", &path))? {
@@ -88,9 +88,9 @@ impl WorkDir {
         PidFile::new(self.file("pids"))
     }
 
-    pub(crate) fn write(&self, name: &str, text: &str) -> Result<PathBuf, DemoError> {
+    pub(crate) fn write(&self, name: &str, text: &str) -> Result<PathBuf, HarnessError> {
         let path = self.file(name);
-        std::fs::write(&path, text).map_err(|source| DemoError::Io {
+        std::fs::write(&path, text).map_err(|source| HarnessError::Io {
             action: "write",
             path: path.clone(),
             source,
@@ -98,13 +98,13 @@ impl WorkDir {
         Ok(path)
     }
 
-    pub(crate) fn create_dir(&self, name: &str) -> Result<PathBuf, DemoError> {
+    pub(crate) fn create_dir(&self, name: &str) -> Result<PathBuf, HarnessError> {
         use std::os::unix::fs::DirBuilderExt as _;
         let path = self.file(name);
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
-            .map_err(|source| DemoError::Io {
+            .map_err(|source| HarnessError::Io {
                 action: "create",
                 path: path.clone(),
                 source,
@@ -117,75 +117,6 @@ impl WorkDir {
 /// serde_json writes (`\"`, `\\`, `\n`, `\t`, `\u00XX` ...).
 pub(crate) fn toml_string(text: &str) -> String {
     serde_json::Value::from(text).to_string()
-}
-
-/// The controller registry: the demo identity, controlled by `address`.
-pub(crate) fn registry_toml(address: &str) -> String {
-    format!(
-        "# Written by `cargo xtask demo`: which addresses control which identity\n\
-         # (the orchestrator's PEAQOS_MCR_REGISTRY_FILE; re-read when it changes).\n\
-         [identities]\n\
-         {} = [{}]\n",
-        toml_string(IDENTITY),
-        toml_string(address)
-    )
-}
-
-/// Where the agent finds its key, orchestrator, broker and state.
-#[derive(Debug)]
-pub(crate) struct AgentSettings<'a> {
-    pub(crate) key_file: &'a Path,
-    pub(crate) state_dir: &'a Path,
-    pub(crate) orchestrator_url: &'a str,
-    pub(crate) broker_url: &'a str,
-}
-
-/// The agent's configuration: the example's keys, with intervals short
-/// enough that a person watching sees every step.
-pub(crate) fn agent_toml(s: &AgentSettings<'_>) -> String {
-    let path = |p: &Path| toml_string(&p.to_string_lossy());
-    format!(
-        r#"# Written by `cargo xtask demo`. Every key: config/agent.example.toml.
-
-[identity]
-ref = {identity}
-key_file = {key_file}
-
-[orchestrator]
-url = {orchestrator}
-connect_timeout = "2s"
-request_timeout = "5s"
-
-[machine]
-display_name = {name}
-owner_id = "demo"
-machine_type = "amr"
-runtime_profile = "demo"
-
-[state]
-dir = {state_dir}
-
-[renewal]
-check_interval = "30s"
-backoff_initial = "200ms"
-backoff_max = "5s"
-slow_retry = "5s"
-
-[mqtt]
-enabled = true
-url = {broker}
-topic_prefix = {prefix}
-reconnect_min = "200ms"
-reconnect_max = "5s"
-"#,
-        identity = toml_string(IDENTITY),
-        key_file = path(s.key_file),
-        orchestrator = toml_string(s.orchestrator_url),
-        name = toml_string(MACHINE_NAME),
-        state_dir = path(s.state_dir),
-        broker = toml_string(s.broker_url),
-        prefix = toml_string(TOPIC_PREFIX),
-    )
 }
 
 #[cfg(test)]
@@ -203,8 +134,8 @@ mod tests {
     fn a_foreign_directory_is_never_emptied() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("precious.txt"), "keep me").unwrap();
-        let err = WorkDir::prepare(dir.path()).unwrap_err();
-        assert!(matches!(err, DemoError::ForeignDir(_)), "{err}");
+        let err = WorkDir::prepare(dir.path(), "demo").unwrap_err();
+        assert!(matches!(err, HarnessError::ForeignDir { .. }), "{err}");
         assert!(dir.path().join("precious.txt").exists());
     }
 
@@ -212,17 +143,17 @@ mod tests {
     fn our_directory_is_emptied_and_locked() {
         let dir = tempfile::tempdir().unwrap();
         let demo = dir.path().join("demo");
-        let (work, leftovers) = WorkDir::prepare(&demo).unwrap();
+        let (work, leftovers) = WorkDir::prepare(&demo, "demo").unwrap();
         assert!(leftovers.is_empty());
         work.write("agent.toml", "old").unwrap();
         work.create_dir("agent-state").unwrap();
         assert!(matches!(
-            WorkDir::prepare(&demo).unwrap_err(),
-            DemoError::Busy(_)
+            WorkDir::prepare(&demo, "demo").unwrap_err(),
+            HarnessError::Busy { .. }
         ));
         drop(work);
 
-        let (work, _) = WorkDir::prepare(&demo).unwrap();
+        let (work, _) = WorkDir::prepare(&demo, "demo").unwrap();
         let left: Vec<_> = std::fs::read_dir(work.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())

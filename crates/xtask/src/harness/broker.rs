@@ -1,8 +1,14 @@
-//! The demo's MQTT broker: a private Mosquitto when it is installed (as on
+//! The tasks' MQTT broker: a private Mosquitto when it is installed (as on
 //! a robot), otherwise rumqttd inside the xtask process, so that nothing
 //! has to be installed. Either listens on 127.0.0.1 only. rumqttd is built
 //! only with the `embedded-broker` feature; the tasks ask for it up front
 //! ([`wants_embedded`], `crate::with_embedded_broker`).
+//!
+//! Unlike the orchestrator, neither can be started on port 0 and asked
+//! which port it got: Mosquitto's `listener 0` means a unix socket, and
+//! rumqttd reports nothing. So the broker gets a port that was free a
+//! moment ago, and Mosquitto, which exits at once if another process took
+//! it meanwhile, is started again on another (at most three times).
 
 #[cfg(feature = "embedded-broker")]
 use std::collections::HashMap;
@@ -10,10 +16,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use super::error::DemoError;
+use super::error::HarnessError;
 use super::process::Managed;
 use super::workdir::WorkDir;
-use super::{free_port, wait_listening};
 
 /// How long a broker may take to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,7 +88,7 @@ pub(crate) fn start(
     work: &WorkDir,
     force_embedded: bool,
     interrupted: &dyn Fn() -> Option<&'static str>,
-) -> Result<Broker, DemoError> {
+) -> Result<Broker, HarnessError> {
     let binary = if force_embedded { None } else { mosquitto() };
     let Some(binary) = binary else {
         let why = if force_embedded {
@@ -93,7 +98,6 @@ pub(crate) fn start(
         };
         return start_embedded(why, interrupted);
     };
-    // A port may be taken between our probe and the broker's bind: retry.
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -101,7 +105,7 @@ pub(crate) fn start(
         let conf = work.write(
             "mosquitto.conf",
             &format!(
-                "# Written by `cargo xtask demo`: a private broker on the loopback interface.\n\
+                "# Written by `cargo xtask`: a private broker on the loopback interface.\n\
                  listener {port} 127.0.0.1\n\
                  allow_anonymous true\n\
                  persistence false\n\
@@ -126,7 +130,7 @@ pub(crate) fn start(
                     child,
                 });
             }
-            Err(DemoError::Exited { .. }) if attempt < 3 => {}
+            Err(HarnessError::Exited { .. }) if attempt < 3 => {}
             Err(e) => return Err(e),
         }
     }
@@ -136,22 +140,22 @@ pub(crate) fn start(
 fn start_embedded(
     why: &'static str,
     _interrupted: &dyn Fn() -> Option<&'static str>,
-) -> Result<Broker, DemoError> {
-    Err(DemoError::NoEmbeddedBroker(why))
+) -> Result<Broker, HarnessError> {
+    Err(HarnessError::NoEmbeddedBroker(why))
 }
 
 #[cfg(feature = "embedded-broker")]
 fn start_embedded(
     why: &'static str,
     interrupted: &dyn Fn() -> Option<&'static str>,
-) -> Result<Broker, DemoError> {
+) -> Result<Broker, HarnessError> {
     let port = free_port();
     let mut broker = rumqttd::Broker::new(embedded_config(port));
     let thread = std::thread::Builder::new()
         .name("rumqttd".into())
         // Its error is large and only ever shown as text.
         .spawn(move || broker.start().map_err(|e| e.to_string()))
-        .map_err(|source| DemoError::Spawn {
+        .map_err(|source| HarnessError::Spawn {
             program: "the embedded broker's thread".into(),
             source,
         })?;
@@ -159,7 +163,7 @@ fn start_embedded(
     let deadline = std::time::Instant::now() + START_TIMEOUT;
     loop {
         if let Some(signal) = interrupted() {
-            return Err(DemoError::Interrupted(signal));
+            return Err(HarnessError::Interrupted(signal));
         }
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return Ok(Broker::Embedded { port, why });
@@ -172,7 +176,7 @@ fn start_embedded(
                 Some(_) => "none; rumqttd stopped".into(),
                 None => "none".into(),
             };
-            return Err(DemoError::NotListening {
+            return Err(HarnessError::NotListening {
                 what: "the embedded MQTT broker".into(),
                 port,
                 timeout: START_TIMEOUT,
@@ -184,7 +188,7 @@ fn start_embedded(
 }
 
 /// One MQTT 5 listener (the agent and `peaqos-agent status` speak MQTT 5 by
-/// default); limits well above what the demo's few clients need.
+/// default); limits well above what a task's few clients need.
 #[cfg(feature = "embedded-broker")]
 fn embedded_config(port: u16) -> rumqttd::Config {
     let connections = rumqttd::ConnectionSettings {
@@ -213,5 +217,46 @@ fn embedded_config(port: u16) -> rumqttd::Config {
         },
         v5: Some(HashMap::from([("demo".to_owned(), server)])),
         ..rumqttd::Config::default()
+    }
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    peaqos_testkit::free_port()
+}
+
+/// Waits until `child` accepts connections on `127.0.0.1:port`; fails as
+/// soon as it exits, on a signal, or after `timeout`.
+fn wait_listening(
+    child: &mut Managed,
+    port: u16,
+    timeout: Duration,
+    interrupted: &dyn Fn() -> Option<&'static str>,
+) -> Result<(), HarnessError> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(signal) = interrupted() {
+            return Err(HarnessError::Interrupted(signal));
+        }
+        if let Some(status) = child.exited() {
+            return Err(HarnessError::Exited {
+                what: child.name,
+                status,
+                log: child.log.clone(),
+            });
+        }
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(HarnessError::NotListening {
+                what: child.name.to_owned(),
+                port,
+                timeout,
+                log: child.log.display().to_string(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -1,4 +1,4 @@
-//! The demo's child processes: each in a process group of its own, so that
+//! The tasks' child processes: each in a process group of its own, so that
 //! Ctrl-C in the terminal reaches only xtask (which stops them in order:
 //! the agent first, so that it can still say `offline` on the broker) and so
 //! that a signal to the group also reaches anything a child started.
@@ -7,8 +7,8 @@
 //! when dropped (an error or a panic in xtask). A SIGKILL of xtask itself
 //! cannot be caught: its children live on. Without `unsafe` there is no
 //! `PR_SET_PDEATHSIG`, so instead every child is recorded (pid and start
-//! time, which together name one process) in `pids` in the demo directory,
-//! and the next demo in that directory stops those still running.
+//! time, which together name one process) in `pids` in the task's
+//! directory, and the next run in that directory stops those still running.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -18,7 +18,34 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
 
-use super::error::DemoError;
+use super::error::HarnessError;
+
+/// Environment the children must not inherit: settings of the orchestrator
+/// and agent that would override the task's, and systemd's hand-overs.
+const STRIPPED_ENV: [&str; 7] = [
+    "DATABASE_URL",
+    "STATE_DIRECTORY",
+    "CREDENTIALS_DIRECTORY",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "JOURNAL_STREAM",
+];
+
+/// `program`, without the environment that would change what the task
+/// configures (`PEAQOS_*`, `DATABASE_URL`, systemd's variables).
+pub(crate) fn child_command(program: &Path) -> Command {
+    let mut command = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        let strip = name
+            .to_str()
+            .is_some_and(|n| n.starts_with("PEAQOS_") || STRIPPED_ENV.contains(&n));
+        if strip {
+            command.env_remove(name);
+        }
+    }
+    command
+}
 
 /// How long a child may take to stop after SIGTERM before it gets SIGKILL.
 pub(crate) const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -41,9 +68,9 @@ impl Managed {
         mut command: Command,
         log: &Path,
         pids: &PidFile,
-    ) -> Result<Self, DemoError> {
+    ) -> Result<Self, HarnessError> {
         use std::os::unix::process::CommandExt as _;
-        let io = |action, source| DemoError::Io {
+        let io = |action, source| HarnessError::Io {
             action,
             path: log.to_owned(),
             source,
@@ -55,7 +82,7 @@ impl Managed {
             .stdout(out)
             .stderr(err)
             .process_group(0);
-        let child = command.spawn().map_err(|source| DemoError::Spawn {
+        let child = command.spawn().map_err(|source| HarnessError::Spawn {
             program: command.get_program().to_string_lossy().into_owned(),
             source,
         })?;
@@ -132,7 +159,7 @@ impl std::fmt::Display for StopOutcome {
     }
 }
 
-/// `pids` in the demo directory: one line per child, `pid start-time name`.
+/// `pids` in the task's directory: one line per child, `pid start-time name`.
 #[derive(Debug)]
 pub(crate) struct PidFile {
     path: PathBuf,
@@ -143,7 +170,7 @@ impl PidFile {
         Self { path }
     }
 
-    fn add(&self, name: &str, pid: u32) -> Result<(), DemoError> {
+    fn add(&self, name: &str, pid: u32) -> Result<(), HarnessError> {
         // Read right after the fork: the start time does not change at exec.
         let Some(started) = start_time(pid) else {
             return Ok(());
@@ -152,12 +179,12 @@ impl PidFile {
             .create(true)
             .append(true)
             .open(&self.path)
-            .map_err(|source| DemoError::Io {
+            .map_err(|source| HarnessError::Io {
                 action: "write",
                 path: self.path.clone(),
                 source,
             })?;
-        writeln!(file, "{pid} {started} {name}").map_err(|source| DemoError::Io {
+        writeln!(file, "{pid} {started} {name}").map_err(|source| HarnessError::Io {
             action: "write",
             path: self.path.clone(),
             source,

@@ -1,9 +1,9 @@
-//! What the demo waits for, as one stream of events: SIGINT/SIGTERM, and
-//! the agent's status and availability as published on the broker (read by
-//! an MQTT 5 client of our own, as any dashboard on the robot would).
+//! What a task waits for, as one stream of events: SIGINT/SIGTERM, and
+//! the agents' status and availability as published on the broker (read
+//! by MQTT 5 clients of our own, as any dashboard on the robot would).
 //!
 //! A small tokio runtime (one worker thread) runs the signal handlers and
-//! the MQTT client; the demo itself stays synchronous and reads the events
+//! the MQTT clients; the task itself stays synchronous and reads the events
 //! from a channel.
 
 use std::sync::Arc;
@@ -16,14 +16,15 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions};
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::error::DemoError;
+use super::error::HarnessError;
 
 #[derive(Debug)]
 pub(crate) enum Event {
     /// SIGINT (Ctrl-C) or SIGTERM.
     Signal(&'static str),
-    /// A `<prefix>/status` payload (the agent's status JSON).
-    Status(serde_json::Value),
+    /// A `<prefix>/status` payload (the agent's status JSON), with the
+    /// prefix (several agents may be watched).
+    Status(String, serde_json::Value),
     /// A `<prefix>/availability` payload: `online` or `offline`.
     Availability(String),
 }
@@ -34,17 +35,19 @@ pub(crate) struct Events {
     tx: Sender<Event>,
     rx: Receiver<Event>,
     signals: Arc<AtomicUsize>,
+    /// Watchers started so far: each MQTT client needs an id of its own.
+    watchers: AtomicUsize,
     last_signal: Arc<std::sync::Mutex<Option<&'static str>>>,
 }
 
 impl Events {
     /// Starts the runtime and catches SIGINT and SIGTERM from now on.
-    pub(crate) fn start() -> Result<Self, DemoError> {
+    pub(crate) fn start() -> Result<Self, HarnessError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
-            .map_err(DemoError::Runtime)?;
+            .map_err(HarnessError::Runtime)?;
         let (tx, rx) = channel();
         let signals = Arc::new(AtomicUsize::new(0));
         let last_signal = Arc::new(std::sync::Mutex::new(None));
@@ -52,13 +55,12 @@ impl Events {
             (SignalKind::interrupt(), "SIGINT"),
             (SignalKind::terminate(), "SIGTERM"),
         ] {
-            let mut stream =
-                runtime
-                    .block_on(async { signal(kind) })
-                    .map_err(|source| DemoError::Signal {
-                        signal: name,
-                        source,
-                    })?;
+            let mut stream = runtime.block_on(async { signal(kind) }).map_err(|source| {
+                HarnessError::Signal {
+                    signal: name,
+                    source,
+                }
+            })?;
             let tx = tx.clone();
             let signals = Arc::clone(&signals);
             let last = Arc::clone(&last_signal);
@@ -77,6 +79,7 @@ impl Events {
             tx,
             rx,
             signals,
+            watchers: AtomicUsize::new(0),
             last_signal,
         })
     }
@@ -95,12 +98,15 @@ impl Events {
     }
 
     /// Subscribes to the agent's status and availability on the broker at
-    /// `127.0.0.1:port`, reconnecting until the demo ends.
+    /// `127.0.0.1:port`, reconnecting until the task ends.
     pub(crate) fn watch_agent(&self, port: u16, prefix: &str) {
-        let tx = self.tx.clone();
-        let status = format!("{prefix}/status");
-        let availability = format!("{prefix}/availability");
-        self.runtime.spawn(watch(port, status, availability, tx));
+        let id = format!(
+            "peaqos-xtask-watch-{}-{}",
+            std::process::id(),
+            self.watchers.fetch_add(1, Ordering::SeqCst)
+        );
+        self.runtime
+            .spawn(watch(port, id, prefix.to_owned(), self.tx.clone()));
     }
 
     /// The next event, or `None` after `timeout`.
@@ -109,12 +115,10 @@ impl Events {
     }
 }
 
-async fn watch(port: u16, status: String, availability: String, tx: Sender<Event>) {
-    let mut options = MqttOptions::new(
-        format!("peaqos-demo-watch-{}", std::process::id()),
-        "127.0.0.1",
-        port,
-    );
+async fn watch(port: u16, id: String, prefix: String, tx: Sender<Event>) {
+    let status = format!("{prefix}/status");
+    let availability = format!("{prefix}/availability");
+    let mut options = MqttOptions::new(id, "127.0.0.1", port);
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_start(true)
@@ -131,7 +135,9 @@ async fn watch(port: u16, status: String, availability: String, tx: Sender<Event
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                 let event = if *p.topic == *status.as_bytes() {
-                    serde_json::from_slice(&p.payload).ok().map(Event::Status)
+                    serde_json::from_slice(&p.payload)
+                        .ok()
+                        .map(|status| Event::Status(prefix.clone(), status))
                 } else if *p.topic == *availability.as_bytes() {
                     Some(Event::Availability(
                         String::from_utf8_lossy(&p.payload).into_owned(),
@@ -146,7 +152,7 @@ async fn watch(port: u16, status: String, availability: String, tx: Sender<Event
                 }
             }
             Ok(_) => {}
-            // The broker is gone (the demo is stopping) or not there yet;
+            // The broker is gone (the task is stopping) or not there yet;
             // the next poll reconnects.
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
