@@ -5,13 +5,14 @@ use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use peaqos_logging::error_chain;
 use peaqos_protocol::{Address, SecretKey};
 
 use crate::client::Client;
 use crate::clock::ServerClock;
 use crate::config::Config;
 use crate::key;
-use crate::registration::{ChallengeRefusal, error_chain, vet_challenge};
+use crate::registration::challenge::{self, ChallengeRefusal, Expected};
 use crate::state;
 
 /// How long the broker check may take.
@@ -88,6 +89,7 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
                 "state dir",
                 "orchestrator",
                 "controller",
+                "challenge",
                 "mqtt",
             ] {
                 r.push(Outcome::Skip, name, "needs a valid config");
@@ -158,57 +160,70 @@ fn check_state_dir(r: &mut Report, dir: &Path) {
 }
 
 async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<&SecretKey>) {
+    let policy = config.orchestrator.effective_policy();
     let client = match Client::new(&config.orchestrator) {
         Ok(c) => c,
         Err(e) => {
             r.push(Outcome::Fail, "orchestrator", error_chain(&e));
             r.push(Outcome::Skip, "controller", "needs the orchestrator");
+            r.push(
+                Outcome::Skip,
+                "challenge",
+                format!("policy {policy}; needs the orchestrator"),
+            );
             return;
         }
     };
+    // The contract promises the API, not a health endpoint: reachability is
+    // the challenge request itself (which registers nothing and is what the
+    // agent needs anyway); health, when served, is extra information.
+    let identity = &config.identity.identity_ref;
     let started = Instant::now();
-    let mut clock = ServerClock::new();
-    match client.health().await {
-        Ok(resp) => {
-            let elapsed = started.elapsed();
-            if let Some(date) = resp.received.date {
-                clock.observe_date(date, resp.received.at, resp.received.local);
-            }
-            let skew = clock.skew_ms().map_or_else(String::new, |ms| {
-                format!(", clock skew {}", format_skew(ms))
-            });
+    let response = match client.create_challenge(identity).await {
+        Ok(c) => c,
+        Err(e) => {
             r.push(
-                Outcome::Ok,
+                Outcome::Fail,
                 "orchestrator",
                 format!(
-                    "{}: healthy ({} ms{skew})",
+                    "{}: challenge for {identity}: {}",
                     client.base(),
-                    elapsed.as_millis()
+                    error_chain(&e)
                 ),
             );
-        }
-        Err(e) => {
-            r.push(
-                Outcome::Fail,
-                "orchestrator",
-                format!("{}: {}", client.base(), error_chain(&e)),
-            );
             r.push(Outcome::Skip, "controller", "needs the orchestrator");
-            return;
-        }
-    }
-    let identity = &config.identity.identity_ref;
-    let challenge = match client.create_challenge(identity).await {
-        Ok(c) => c.value,
-        Err(e) => {
             r.push(
-                Outcome::Fail,
-                "controller",
-                format!("challenge for {identity}: {}", error_chain(&e)),
+                Outcome::Skip,
+                "challenge",
+                format!("policy {policy}; needs the orchestrator"),
             );
             return;
         }
     };
+    let elapsed = started.elapsed();
+    let mut clock = ServerClock::new();
+    let received = response.received;
+    if let Some(date) = received.date {
+        clock.observe_date(date, received.at, received.local);
+    }
+    let challenge = response.value;
+    let skew = clock.skew_ms().map_or_else(
+        || ", no Date header".to_owned(),
+        |ms| format!(", clock skew {}", format_skew(ms)),
+    );
+    let health = match client.health().await {
+        Ok(_) => "; health ok",
+        Err(_) => "",
+    };
+    r.push(
+        Outcome::Ok,
+        "orchestrator",
+        format!(
+            "{}: answered a challenge request ({} ms{skew}){health}",
+            client.base(),
+            elapsed.as_millis()
+        ),
+    );
     let controllers = list(&challenge.controller_addresses);
     let Some(key) = key else {
         r.push(
@@ -216,27 +231,59 @@ async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<&Secret
             "controller",
             format!("{identity} controllers: {controllers}; no usable key to compare"),
         );
+        r.push(
+            Outcome::Skip,
+            "challenge",
+            format!("policy {policy}; no usable key"),
+        );
         return;
     };
     let ours = key.address().checksummed();
-    match vet_challenge(&challenge, identity, key.address()) {
-        Ok(_) => r.push(
+    if challenge.controller_addresses.contains(&key.address()) {
+        r.push(
             Outcome::Ok,
             "controller",
             format!("{identity}: our address {ours} is among the controllers ({controllers})"),
-        ),
-        Err(ChallengeRefusal::NotController { .. }) => r.push(
+        );
+    } else {
+        r.push(
             Outcome::Fail,
             "controller",
             format!(
                 "{identity}: our address {ours} is NOT among the controllers ({controllers}); \
                  add it to the identity's controller record"
             ),
+        );
+    }
+    let host = reqwest::Url::parse(client.base())
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    let expected = Expected {
+        identity,
+        ours: key.address(),
+        host: &host,
+        server_now: clock.server_now(),
+    };
+    let id = &challenge.challenge_id;
+    match challenge::vet(policy.policy, &challenge, &expected) {
+        Ok(_) => r.push(
+            Outcome::Ok,
+            "challenge",
+            format!("policy {policy} would sign challenge {id} (check signs nothing)"),
         ),
-        Err(ChallengeRefusal::Refused(why)) => r.push(
+        Err(ChallengeRefusal::NotController { .. }) => r.push(
+            Outcome::Ok,
+            "challenge",
+            format!(
+                "policy {policy} accepts challenge {id}; it is signed once our key is a \
+                 controller (check signs nothing)"
+            ),
+        ),
+        Err(refusal) => r.push(
             Outcome::Fail,
-            "controller",
-            format!("{identity}: the orchestrator's challenge is unacceptable: {why}"),
+            "challenge",
+            format!("policy {policy} would not sign challenge {id}: {refusal}"),
         ),
     }
 }

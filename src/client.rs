@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use crate::config::OrchestratorConfig;
+use crate::local_code::{Code, LocalCode};
 use crate::secrets::{self, SecretError};
 
 /// Responses larger than this are refused: the agent's answers are a few
@@ -57,13 +58,13 @@ pub enum ClientError {
 
 impl ClientError {
     /// The error `code` to report: the server's, or a local one.
-    pub fn code(&self) -> ErrorCode {
+    pub fn code(&self) -> Code {
         match self {
-            Self::Api { code, .. } => code.clone(),
-            Self::Network { .. } => ErrorCode::Other("NETWORK".into()),
-            Self::Timeout { .. } => ErrorCode::Other("TIMEOUT".into()),
+            Self::Api { code, .. } => Code::Server(code.clone()),
+            Self::Network { .. } => LocalCode::Network.into(),
+            Self::Timeout { .. } => LocalCode::Timeout.into(),
             Self::BadResponse { .. } | Self::InvalidMachineId { .. } => {
-                ErrorCode::Other("BAD_RESPONSE".into())
+                LocalCode::BadResponse.into()
             }
         }
     }
@@ -76,7 +77,10 @@ impl ClientError {
             Self::Api { status, code, .. } => {
                 code.is_transient() || *status == 429 || *status >= 500
             }
-            Self::BadResponse { status, .. } => *status == 429 || *status >= 500 || *status < 400,
+            // A success (or redirect) whose body is not the contract's is a
+            // server we cannot talk to, not a blip: retrying it at backoff
+            // speed only asks it the same question every few seconds.
+            Self::BadResponse { status, .. } => *status == 429 || *status >= 500,
             Self::InvalidMachineId { .. } => false,
         }
     }
@@ -205,9 +209,10 @@ impl Client {
         &self.base
     }
 
-    /// `GET /health`.
+    /// `GET /api/v1/health`, where the SDK looks. Informational only: the
+    /// contract does not promise it, so nothing may depend on it.
     pub async fn health(&self) -> Result<Response<serde_json::Value>, ClientError> {
-        self.call(Method::GET, paths::HEALTH, None::<&()>).await
+        self.call(Method::GET, paths::API_HEALTH, None::<&()>).await
     }
 
     /// `POST /machine-identity/challenges`.
@@ -247,11 +252,12 @@ impl Client {
             .await
     }
 
-    /// `GET /machines?cursor=...`: one page.
+    /// `GET /machines?cursor=...`: one page, its items as JSON (a record
+    /// this version cannot read must not make the whole page unreadable).
     pub async fn list_machines(
         &self,
         cursor: Option<&str>,
-    ) -> Result<Response<ListResponse<Machine>>, ClientError> {
+    ) -> Result<Response<ListResponse<serde_json::Value>>, ClientError> {
         let mut path = format!("{}?limit=500", paths::MACHINES);
         if let Some(c) = cursor {
             let mut url = Url::parse("http://x/").expect("static URL");
@@ -471,6 +477,16 @@ mod tests {
         let bad = error_from("u".into(), StatusCode::BAD_GATEWAY, b"<html>", None);
         assert!(bad.is_transient());
         assert_eq!(bad.code().as_str(), "BAD_RESPONSE");
+        let foreign = ClientError::BadResponse {
+            url: "u".into(),
+            status: 201,
+            reason: "body does not match the contract".into(),
+            retry_after: None,
+        };
+        assert!(
+            !foreign.is_transient(),
+            "an unreadable success is not a blip"
+        );
     }
 
     #[test]

@@ -112,6 +112,19 @@ impl ServerClock {
     }
 }
 
+impl ServerClock {
+    /// As [`ServerClock::until`], but before any evidence of the server's
+    /// clock (a server that sends no `Date` header) on the local wall
+    /// clock, which is all there is then.
+    pub fn until_or_local(&self, t: Timestamp) -> Duration {
+        self.until(t).unwrap_or_else(|| {
+            t.to_system_time()
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        })
+    }
+}
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

@@ -21,6 +21,7 @@ use toml::de::{DeArray, DeTable, DeValue};
 
 use crate::duration;
 use crate::mqtt::MqttConfig;
+use crate::registration::challenge::{self, ChallengePolicy, EffectivePolicy};
 
 /// Where `peaqos-agent run` looks without `--config`.
 pub const DEFAULT_PATH: &str = "/etc/peaqos-agent/agent.toml";
@@ -89,9 +90,25 @@ pub struct OrchestratorConfig {
     /// PEM private key of `client_cert_file`: a path or `credential:NAME`.
     #[serde(default, deserialize_with = "non_empty_option")]
     pub client_key_file: Option<String>,
+    /// Which challenges the key signs; unset means the default, `standard`.
+    #[serde(default)]
+    pub challenge_policy: Option<ChallengePolicy>,
+    /// Lets `standard` sign server-chosen text over plain `http://` to a
+    /// host that is not loopback (otherwise `strict` applies there).
+    #[serde(default)]
+    pub standard_over_plain_http: bool,
 }
 
 impl OrchestratorConfig {
+    /// The signing policy in effect for this orchestrator, and why.
+    pub fn effective_policy(&self) -> EffectivePolicy {
+        challenge::effective(
+            self.challenge_policy,
+            &self.url,
+            self.standard_over_plain_http,
+        )
+    }
+
     /// Rules across the TLS keys. The files themselves are read when the
     /// client is built, at start, where a missing or bad one stops the
     /// agent with the file named.
@@ -679,6 +696,35 @@ labels = { site = "berlin" }
         assert_eq!(c.renewal.backoff_max, Duration::from_secs(120));
         assert_eq!(c.renewal.slow_retry, Duration::from_secs(90));
         assert_eq!(c.files.len(), 3);
+    }
+
+    #[test]
+    fn challenge_policy_defaults_to_standard_and_refuses_unknown_names() {
+        use crate::registration::challenge::ChallengePolicy;
+        let c = load(&[("agent.toml", MAIN)]).unwrap();
+        assert_eq!(c.orchestrator.challenge_policy, None);
+        assert!(!c.orchestrator.standard_over_plain_http);
+        let strict = "[orchestrator]\nchallenge_policy = \"strict\"\n";
+        let c = load(&[("agent.toml", MAIN), ("s.toml", strict)]).unwrap();
+        assert_eq!(
+            c.orchestrator.challenge_policy,
+            Some(ChallengePolicy::Strict)
+        );
+        assert_eq!(
+            c.orchestrator.effective_policy().to_string(),
+            "strict (configured)"
+        );
+        let bad = "[orchestrator]\nchallenge_policy = \"lax\"\n";
+        let (loc, key, message) =
+            invalid(load(&[("agent.toml", MAIN), ("b.toml", bad)]).unwrap_err());
+        assert_eq!(
+            (loc.line, key.as_str()),
+            (2, "orchestrator.challenge_policy")
+        );
+        assert!(
+            message.contains("standard") && message.contains("strict"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod config;
 pub mod duration;
 pub mod key;
 pub mod keystore;
+pub mod local_code;
 pub mod mqtt;
 pub mod registration;
 pub mod run;

@@ -18,6 +18,8 @@ use crate::systemd::{self, Heartbeat};
 
 /// How long shutdown waits for the MQTT interface to say `offline`.
 const MQTT_STOP_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long shutdown waits for the last `STATUS=` line.
+const NOTIFIER_STOP_TIMEOUT: Duration = Duration::from_millis(200);
 /// Commands queue this deep; more are refused by the sender (MQTT), never
 /// buffered without bound.
 const COMMAND_QUEUE: usize = 8;
@@ -83,6 +85,7 @@ impl Agent {
             identity,
             config.machine.clone(),
             config.renewal.clone(),
+            config.orchestrator.effective_policy(),
             key,
             client,
             store,
@@ -121,6 +124,7 @@ impl Agent {
             commands_tx,
             commands_rx,
         } = self;
+        let notifier = systemd::spawn_status_notifier(status.clone());
         let mut heartbeats = vec![heartbeat];
         let mqtt_task = if config.mqtt.enabled {
             let mqtt_heartbeat = Heartbeat::new("mqtt");
@@ -144,6 +148,13 @@ impl Agent {
         let watchdog = systemd::spawn_watchdog(&heartbeats, shutdown.child_token());
         systemd::notify_ready();
         registrar.run(commands_rx, shutdown.clone()).await;
+        // The loop is gone: the notifier sends `stopping` and ends.
+        if tokio::time::timeout(NOTIFIER_STOP_TIMEOUT, notifier)
+            .await
+            .is_err()
+        {
+            tracing::debug!("STATUS= notifier did not end in time");
+        }
         systemd::notify_stopping();
         if let Some(w) = watchdog {
             w.abort();

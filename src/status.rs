@@ -30,6 +30,10 @@ pub enum AgentState {
     /// Our key is not among the identity's controllers: retried slowly,
     /// because an operator may fix the controller record.
     NotController,
+    /// The signing policy refused the orchestrator's challenge (lastError
+    /// `BAD_CHALLENGE` says which rule): retried slowly, because only an
+    /// operator can change the policy or the orchestrator.
+    ChallengeRefused,
     /// An operator blocked the record; reported, not fought.
     Blocked,
     /// An operator archived the record; reported, not fought.
@@ -48,6 +52,7 @@ impl AgentState {
             Self::Renewing => "renewing",
             Self::Backoff => "backoff",
             Self::NotController => "not_controller",
+            Self::ChallengeRefused => "challenge_refused",
             Self::Blocked => "blocked",
             Self::Archived => "archived",
             Self::Stopping => "stopping",
@@ -135,6 +140,23 @@ impl StatusSnapshot {
             timestamp: Timestamp::now(),
         }
     }
+}
+
+/// The one-line summary for systemd's `STATUS=` and the log.
+pub fn status_line(s: &StatusSnapshot) -> String {
+    use std::fmt::Write as _;
+    let mut line = format!("{}", s.state);
+    if let Some(id) = &s.machine_id {
+        let _ = write!(line, " machine {id}");
+    }
+    if let (
+        Some(e),
+        AgentState::Backoff | AgentState::NotController | AgentState::ChallengeRefused,
+    ) = (&s.last_error, s.state)
+    {
+        let _ = write!(line, " ({})", e.code);
+    }
+    line
 }
 
 /// Requests from local interfaces to the registration loop.
@@ -242,8 +264,8 @@ mod tests {
     #[test]
     fn the_readme_documents_every_state() {
         use AgentState::{
-            Activating, Active, Archived, Backoff, Blocked, NotController, Registering, Renewing,
-            Starting, Stopping,
+            Activating, Active, Archived, Backoff, Blocked, ChallengeRefused, NotController,
+            Registering, Renewing, Starting, Stopping,
         };
         let all = [
             Starting,
@@ -253,6 +275,7 @@ mod tests {
             Renewing,
             Backoff,
             NotController,
+            ChallengeRefused,
             Blocked,
             Archived,
             Stopping,
@@ -260,7 +283,7 @@ mod tests {
         // No wildcard: a new state does not compile until it is listed above.
         match all[0] {
             Starting | Registering | Activating | Active | Renewing | Backoff | NotController
-            | Blocked | Archived | Stopping => {}
+            | ChallengeRefused | Blocked | Archived | Stopping => {}
         }
         let table = doc_section(AGENT_DOC, "The registration loop");
         for state in all {

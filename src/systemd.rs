@@ -15,9 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::status::{StatusSnapshot, status_line};
 
 /// How often tasks beat when no watchdog is configured: only
 /// [`Heartbeat::sleep`] uses it, to wake up rarely.
@@ -35,6 +38,26 @@ pub fn notify_ready() {
 pub fn notify_status(status: &str) {
     let line = one_line(status);
     send(&[NotifyState::Status(&line)]);
+}
+
+/// Keeps `STATUS=` in step with the agent's status: sends the status line
+/// whenever it changes, from the watch channel the registration loop
+/// publishes to, so that the loop itself never talks to systemd. Ends
+/// once the loop is gone, after sending its last state (`stopping`).
+pub fn spawn_status_notifier(mut status: watch::Receiver<StatusSnapshot>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = String::new();
+        loop {
+            let line = status_line(&status.borrow_and_update());
+            if line != last {
+                notify_status(&line);
+                last = line;
+            }
+            if status.changed().await.is_err() {
+                break;
+            }
+        }
+    })
 }
 
 /// Tells systemd the agent is stopping (on SIGTERM), so that `systemctl

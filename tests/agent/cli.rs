@@ -188,7 +188,9 @@ async fn check_reports_each_part_and_whether_we_are_a_controller() {
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(t.contains(&key.address().checksummed()), "{t}");
-    assert_eq!(t.lines().count(), 6, "{t}");
+    assert!(t.contains("ok    challenge"), "{t}");
+    assert!(t.contains("policy standard (default) would sign"), "{t}");
+    assert_eq!(t.lines().count(), 7, "{t}");
     assert_eq!(fake.lock().counters.creates, 0, "check registers nothing");
 }
 

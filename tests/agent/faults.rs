@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::support::fake::{Fake, Fault};
-use crate::support::{FAST_RENEWAL, config, start, stored_machine_id, write_key};
+use crate::support::{FAST_RENEWAL, config, config_text, start, stored_machine_id, write_key};
 use peaqos_agent::status::AgentState;
 use peaqos_protocol::{MachineStatus, Timestamp};
 
@@ -40,6 +40,22 @@ impl Setup {
             &self.dir.path().join("state"),
             FAST_RENEWAL,
         )
+    }
+
+    /// The configuration with a drop-in `extra` and `renewal` settings.
+    fn config_with(&self, extra: &str, renewal: &str) -> peaqos_agent::config::Config {
+        let main = config_text(
+            &self.fake.url(),
+            ID,
+            &self.key_path,
+            &self.dir.path().join("state"),
+            renewal,
+        );
+        peaqos_agent::config::Config::from_texts(vec![
+            ("agent.toml".into(), main),
+            ("agent.d/50-test.toml".into(), extra.to_owned()),
+        ])
+        .unwrap()
     }
 }
 
@@ -139,8 +155,10 @@ async fn text_that_is_not_a_challenge_is_never_signed() {
     let refused = agent
         .wait_for("refusal", WAIT, |st| st.last_error.is_some())
         .await;
-    assert_eq!(refused.last_error.unwrap().code, "BAD_CHALLENGE");
-    assert_eq!(refused.state, AgentState::Backoff);
+    let error = refused.last_error.unwrap();
+    assert_eq!(error.code, "BAD_CHALLENGE");
+    assert!(error.message.contains("typed-data"), "{}", error.message);
+    assert_eq!(refused.state, AgentState::ChallengeRefused);
     // Slow retries keep refusing: by the third challenge two whole cycles
     // have ended, and nothing was ever submitted.
     s.fake
@@ -148,6 +166,34 @@ async fn text_that_is_not_a_challenge_is_never_signed() {
         .await;
     let c = &s.fake.lock().counters;
     assert_eq!((c.creates, c.patches, c.signed_hostile), (0, 0, 0), "{c:?}");
+}
+
+/// An orchestrator other than ours chooses its own challenge text: the
+/// default policy signs it, `strict` refuses it, and a refusal waits
+/// `slow_retry` rather than asking for a challenge at backoff speed.
+#[tokio::test]
+async fn server_chosen_challenge_text_is_signed_by_default_only() {
+    let s = setup().await;
+    s.fake.lock().foreign_message = Some("Sign this nonce: {nonce}".into());
+    let mut strict = start(s.config_with(
+        "[orchestrator]\nchallenge_policy = \"strict\"",
+        "[renewal]\ncheck_interval = \"300ms\"\nbackoff_initial = \"50ms\"\nbackoff_max = \"50ms\"\nslow_retry = \"5s\"",
+    ));
+    let refused = strict.wait_state(AgentState::ChallengeRefused, WAIT).await;
+    let error = refused.last_error.unwrap();
+    assert!(error.message.contains("rule format"), "{}", error.message);
+    let asked = s.fake.lock().counters.challenges;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    {
+        let c = &s.fake.lock().counters;
+        assert_eq!(c.challenges, asked, "no challenge before slow_retry: {c:?}");
+        assert_eq!((c.creates, c.patches), (0, 0), "{c:?}");
+    }
+    strict.stop(Duration::from_secs(2)).await;
+
+    let mut standard = start(s.config());
+    standard.wait_state(AgentState::Active, WAIT).await;
+    standard.stop(Duration::from_secs(2)).await;
 }
 
 #[tokio::test]

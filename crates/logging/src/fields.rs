@@ -89,12 +89,19 @@ impl Visit for Fields {
 }
 
 /// `outer: cause: root cause`: our errors' `Display` never repeats the
-/// cause, so the whole chain has to be walked to tell the full story.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+/// cause, so the whole chain has to be walked to tell the full story. A
+/// cause whose text the previous message already ends with is left out
+/// (some foreign errors repeat their cause in their own message).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
+    let mut last = text.clone();
     let mut source = error.source();
     while let Some(cause) = source {
-        let _ = write!(text, ": {cause}");
+        let next = cause.to_string();
+        if !last.ends_with(&next) {
+            let _ = write!(text, ": {next}");
+        }
+        last = next;
         source = cause.source();
     }
     text

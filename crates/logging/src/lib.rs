@@ -17,6 +17,7 @@ use tracing::level_filters::LevelFilter;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
+pub use fields::error_chain;
 pub use journal::JournalLayer;
 
 /// Why logging could not be set up.

@@ -30,6 +30,9 @@ pub use timestamp::{Timestamp, TimestampError};
 pub mod paths {
     /// Liveness, at the host root and never behind API-key auth.
     pub const HEALTH: &str = "/health";
+    /// Liveness as the SDK calls it. Optional for clients: the contract
+    /// does not promise that any health endpoint is served.
+    pub const API_HEALTH: &str = "/api/v1/health";
     /// Readiness: store and controller source reachable.
     pub const READY: &str = "/ready";
     pub const API_BASE: &str = "/api/v1";

@@ -51,22 +51,83 @@ impl std::fmt::Display for MachineStatus {
     }
 }
 
-/// The only verification method of the contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// A proof's verification method. The contract has one, `eip191`; another
+/// server may announce one this version does not know, which is kept
+/// verbatim so that a client can refuse it by name rather than fail to
+/// read the response.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ProofMethod {
     #[default]
-    #[serde(rename = "eip191")]
     Eip191,
+    Other(String),
+}
+
+impl ProofMethod {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Eip191 => "eip191",
+            Self::Other(s) => s,
+        }
+    }
+
+    pub fn from_wire(text: &str) -> Self {
+        match text {
+            "eip191" => Self::Eip191,
+            other => Self::Other(other.to_owned()),
+        }
+    }
 }
 
 /// Where controller data came from. The contract has one value whatever the
-/// source behind it (MCR API, local registry, address DID).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// source behind it (MCR API, local registry, address DID); another value is
+/// kept verbatim (clients do not branch on it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ResolutionSource {
     #[default]
-    #[serde(rename = "peaqos-mcr")]
     PeaqosMcr,
+    Other(String),
 }
+
+impl ResolutionSource {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::PeaqosMcr => "peaqos-mcr",
+            Self::Other(s) => s,
+        }
+    }
+
+    pub fn from_wire(text: &str) -> Self {
+        match text {
+            "peaqos-mcr" => Self::PeaqosMcr,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+}
+
+macro_rules! wire_text {
+    ($($ty:ty),*) => {$(
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                Ok(Self::from_wire(&s))
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+
+wire_text!(ProofMethod, ResolutionSource);
 
 /// The verified proof persisted with a machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +247,47 @@ mod tests {
             serde_json::to_string(&req).unwrap(),
             r#"{"status":"active"}"#
         );
+    }
+
+    #[test]
+    fn unknown_methods_and_sources_are_kept_not_refused() {
+        let m: ProofMethod = serde_json::from_str("\"eip712\"").unwrap();
+        assert_eq!(m, ProofMethod::Other("eip712".into()));
+        assert_eq!(serde_json::to_string(&m).unwrap(), "\"eip712\"");
+        let m: ProofMethod = serde_json::from_str("\"eip191\"").unwrap();
+        assert_eq!(m, ProofMethod::Eip191);
+        let r: ResolutionSource = serde_json::from_str("\"did-registry\"").unwrap();
+        assert_eq!(r.to_string(), "did-registry");
+        assert_eq!(
+            serde_json::to_string(&ResolutionSource::PeaqosMcr).unwrap(),
+            "\"peaqos-mcr\""
+        );
+    }
+
+    #[test]
+    fn records_from_other_servers_are_read() {
+        // Extra fields, no proof expiry, offsets and precisions of RFC 3339
+        // other than ours, lowercase addresses, the alias spelling.
+        let m: Machine = serde_json::from_value(serde_json::json!({
+            "id": "m-1", "displayName": "r", "status": "active", "ownerId": "o",
+            "identityRef": "peaqos:machine:42", "machineType": "t", "runtimeProfile": "p",
+            "createdAt": "2026-01-02T03:04:05Z", "updatedAt": "2026-01-02T03:04:05.123456+00:00",
+            "tenant": {"id": 7}, "fromTheFuture": true,
+            "identityProof": {
+                "method": "eip191", "identityRef": "did:peaq:42",
+                "signerAddress": "0x00000000000000000000000000000000000000ab",
+                "challengeId": "c", "verifiedAt": "2026-01-02T04:04:05.1+01:00",
+                "challengeExpiresAt": "2026-01-02T03:09:05.000000001Z",
+                "controllerAddresses": ["0x00000000000000000000000000000000000000AB"],
+                "resolutionSource": "peaqos-mcr", "extra": 1
+            }
+        }))
+        .unwrap();
+        assert_eq!(m.identity_ref.to_string(), "did:peaq:42");
+        let p = m.identity_proof.unwrap();
+        assert_eq!(p.expires_at, None);
+        assert_eq!(p.verified_at.to_string(), "2026-01-02T03:04:05.100Z");
+        assert_eq!(p.controller_addresses, vec![p.signer_address]);
     }
 
     #[test]

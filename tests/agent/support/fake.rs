@@ -65,8 +65,12 @@ pub(crate) struct FakeState {
     pub(crate) fault: Option<Fault>,
     /// The next N submitted challenges are treated as expired on arrival.
     pub(crate) expire_next: usize,
-    /// Challenge messages become arbitrary text the key must not sign.
+    /// Challenge messages become typed data (a token permit) that no
+    /// signing policy may sign.
     pub(crate) hostile_message: bool,
+    /// Challenge messages become this server-chosen text (`{nonce}` is
+    /// replaced), as an orchestrator other than ours writes them.
+    pub(crate) foreign_message: Option<String>,
     /// Every API response is delayed this long.
     pub(crate) delay: Duration,
     /// Leave the machine id out of `MACHINE_IDENTITY_EXISTS` details.
@@ -119,6 +123,7 @@ impl Fake {
             fault: None,
             expire_next: 0,
             hostile_message: false,
+            foreign_message: None,
             delay: Duration::ZERO,
             hide_existing_id: false,
             counters: Counters::default(),
@@ -271,7 +276,9 @@ async fn challenge(
     let issued = now();
     let expires_at = issued.saturating_add(s.challenge_ttl);
     let message = if s.hostile_message {
-        "Permit 0xdead to spend all tokens".to_owned()
+        r#"{"types":{"Permit":[]},"domain":{"name":"Token"},"primaryType":"Permit","message":{"spender":"0xdead","value":"115792089237316195423570985008687907853269984665640564039457584007913129639935"}}"#.to_owned()
+    } else if let Some(text) = &s.foreign_message {
+        text.replace("{nonce}", &format!("{}{}", "cd".repeat(8), s.next_id))
     } else {
         ChallengeMessage {
             orchestrator: "fake".into(),
