@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use peaqos_logging::error_chain;
-use peaqos_protocol::{Address, SecretKey};
+use peaqos_protocol::{Address, Challenge, SecretKey, Timestamp};
 
 use crate::client::Client;
 use crate::clock::ServerClock;
@@ -224,6 +224,22 @@ async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<&Secret
             elapsed.as_millis()
         ),
     );
+    let server_now = clock.server_now();
+    check_challenge(r, config, key, &challenge, server_now, client.base());
+}
+
+/// Whether our key is a controller, and whether the policy in effect would
+/// sign this challenge (nothing is signed).
+fn check_challenge(
+    r: &mut Report,
+    config: &Config,
+    key: Option<&SecretKey>,
+    challenge: &Challenge,
+    server_now: Option<Timestamp>,
+    base: &str,
+) {
+    let policy = config.orchestrator.effective_policy();
+    let identity = &config.identity.identity_ref;
     let controllers = list(&challenge.controller_addresses);
     let Some(key) = key else {
         r.push(
@@ -255,7 +271,7 @@ async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<&Secret
             ),
         );
     }
-    let host = reqwest::Url::parse(client.base())
+    let host = reqwest::Url::parse(base)
         .ok()
         .and_then(|u| u.host_str().map(str::to_owned))
         .unwrap_or_default();
@@ -263,10 +279,10 @@ async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<&Secret
         identity,
         ours: key.address(),
         host: &host,
-        server_now: clock.server_now(),
+        server_now,
     };
     let id = &challenge.challenge_id;
-    match challenge::vet(policy.policy, &challenge, &expected) {
+    match challenge::vet(policy.policy, challenge, &expected) {
         Ok(_) => r.push(
             Outcome::Ok,
             "challenge",
