@@ -110,7 +110,6 @@ fn other_address() -> Address {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the default signing policy (#16)"]
 async fn registers_with_a_foreign_challenge_text_and_stays_active() {
     let (double, device, mut agent) = start(Quirks::default()).await;
     let record = until_active(&double, &device, &mut agent, 0, None).await;
@@ -138,7 +137,6 @@ async fn registers_with_a_foreign_challenge_text_and_stays_active() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the default signing policy (#16)"]
 async fn a_degraded_record_is_proved_again_with_one_challenge() {
     let (double, device, mut agent) = start(Quirks::default()).await;
     let first = until_active(&double, &device, &mut agent, 0, None).await;
@@ -216,25 +214,21 @@ async fn expiry_without_expires_at(verdict: StaleVerdict) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the default signing policy (#16)"]
 async fn proof_expiry_answered_410_is_renewed() {
     expiry_without_expires_at(StaleVerdict::ProofExpired).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the default signing policy (#16)"]
 async fn proof_expiry_answered_not_activated_is_renewed() {
     expiry_without_expires_at(StaleVerdict::NotActivated).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the default signing policy (#16)"]
 async fn proof_expiry_read_as_degraded_is_renewed() {
     expiry_without_expires_at(StaleVerdict::Degraded).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the default signing policy (#16)"]
 async fn a_record_the_server_lost_is_registered_again() {
     let (double, device, mut agent) = start(Quirks::default()).await;
     let first = until_active(&double, &device, &mut agent, 0, None).await;
@@ -303,19 +297,16 @@ async fn lost_state(exists_details: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the default signing policy (#16)"]
 async fn a_lost_state_file_finds_the_record_through_the_list() {
     lost_state(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the default signing policy (#16)"]
 async fn a_lost_state_file_uses_the_record_an_exists_error_names() {
     lost_state(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the default signing policy (#16)"]
 async fn an_outage_is_waited_out_without_new_proofs() {
     let (double, device, mut agent) = start(Quirks::default()).await;
     let first = until_active(&double, &device, &mut agent, 0, None).await;
@@ -343,7 +334,6 @@ async fn an_outage_is_waited_out_without_new_proofs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the default signing policy (#16)"]
 async fn a_removed_controller_is_reported_retried_slowly_and_recovers() {
     let (double, device, mut agent) = start(Quirks::default()).await;
     let first = until_active(&double, &device, &mut agent, 0, None).await;
@@ -376,7 +366,6 @@ async fn a_removed_controller_is_reported_retried_slowly_and_recovers() {
 /// A refusal of the record's fields, under a status our orchestrator does
 /// not use for it (422): the operator's problem, retried slowly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the default signing policy (#16)"]
 async fn a_validation_error_as_422_is_retried_slowly_and_reported() {
     let quirks = Quirks {
         refused_machine_type: Some("amr"),
