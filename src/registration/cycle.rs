@@ -27,6 +27,17 @@ const MAX_STEPS: usize = 4;
 /// Pages of `GET /machines` read looking for our record (500 per page).
 const MAX_PAGES: usize = 100;
 
+/// Lowercase hex SHA-256, as `sha256sum` prints it.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    Sha256::digest(bytes)
+        .iter()
+        .fold(String::with_capacity(64), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
 /// The id of a listed record if it holds `identity` (in any spelling).
 fn own_record_id(item: &serde_json::Value, identity: &IdentityRef) -> Option<String> {
     let theirs = IdentityRef::parse(item.get("identityRef")?.as_str()?).ok()?;
@@ -321,7 +332,7 @@ impl Registrar {
                 tracing::info!(
                     orchestrator = self.client.base(),
                     challenge_id = %challenge.challenge_id,
-                    text_sha256 = %format!("{:x}", Sha256::digest(text)),
+                    text_sha256 = %sha256_hex(text),
                     identity = %self.identity,
                     policy = %self.policy.policy,
                     "signed identity challenge"
@@ -450,6 +461,14 @@ impl Registrar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signed_texts_are_identified_by_their_sha256() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 
     #[test]
     fn own_record_is_found_in_any_spelling_among_unreadable_ones() {
