@@ -666,7 +666,7 @@ fn start_agent(
         &mut child,
         timeout,
         events,
-        "`challenge signed` and `state=active`",
+        "`signed identity challenge` and `state=active`",
         |line, seen| {
             let Some(milestone) = milestones::milestone(line) else {
                 return Ok(None);

@@ -11,25 +11,31 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// The milestones, as the registration loop logs them
-/// (src/registration.rs): `challenge signed` at debug level, then the state
-/// line of `active` at info level, which carries the field `state=active`.
+/// The milestones, as the registration loop logs them (src/registration/):
+/// the audit record `signed identity challenge` at info level (from
+/// `registration::cycle`), then the state line of `active` at info level,
+/// which carries the field `state=active`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Milestone {
     FirstSignature,
     Active,
 }
 
-/// The log filter that makes the agent log both milestones (the first at
-/// debug level) and otherwise what it logs by default.
+/// The log filter under which the agent logs both milestones (both are at
+/// info level; the loop's working states, at debug, help read a slow run).
 pub(crate) const LOG_LEVEL: &str = "info,peaqos_agent::registration=debug";
 
-const REGISTRATION: &str = " peaqos_agent::registration: ";
+const REGISTRATION: &str = " peaqos_agent::registration";
 
 /// The milestone `line` reports, if any.
 pub(crate) fn milestone(line: &str) -> Option<Milestone> {
-    let (_, event) = line.split_once(REGISTRATION)?;
-    if event.starts_with("challenge signed") {
+    let (_, rest) = line.split_once(REGISTRATION)?;
+    // The loop's own modules log as `registration: ` or `registration::cycle: `.
+    let (module, event) = rest.split_once(": ")?;
+    if !(module.is_empty() || module.starts_with("::")) {
+        return None;
+    }
+    if event.starts_with("signed identity challenge") {
         Some(Milestone::FirstSignature)
     } else if event.split_whitespace().any(|word| word == "state=active") {
         Some(Milestone::Active)
@@ -143,8 +149,9 @@ mod tests {
     use super::*;
 
     // As the agent logs them, ANSI off (stderr is a file).
-    const SIGNED: &str = "2026-11-25T18:00:03.146123Z DEBUG peaqos_agent::registration: \
-                          challenge signed challenge_id=ch_8yq2";
+    const SIGNED: &str = "2026-11-25T18:00:03.146123Z  INFO peaqos_agent::registration::cycle: \
+                          signed identity challenge orchestrator=http://127.0.0.1:1 \
+                          challenge_id=ch_8yq2";
     const ACTIVE: &str = "2026-11-25T18:00:03.155987Z  INFO peaqos_agent::registration: \
                           active machine mach_zoo2aqvswhxygx64vp state=active";
 
@@ -157,6 +164,8 @@ mod tests {
             "2026-11-25T18:00:03.150000Z DEBUG peaqos_agent::registration: activating machine mach_1 state=activating",
             "2026-11-25T18:00:03.150000Z  WARN peaqos_agent::registration: record blocked state=blocked reason=\"state=active\"",
             "2026-11-25T18:00:03.150000Z  INFO peaqos_agent::mqtt: published state=active",
+            "2026-11-25T18:00:03.150000Z  INFO peaqos_agent::registrations: signed identity challenge",
+            "2026-11-25T18:00:03.150000Z DEBUG peaqos_agent::registration::cycle: signed challenge text text=x",
         ] {
             assert_eq!(milestone(other), None, "{other}");
         }
