@@ -121,8 +121,23 @@ async fn a_private_ca_is_trusted_through_ca_file() {
         &format!("ca_file = \"{}\"", toml_path(&ca_file)),
         "",
     );
-    let agent = device.run(&config, &[]);
+    let mut agent = device.run(&config, &[]);
     served(&double, &agent).await;
+    agent.wait_line(0, "state=active", WAIT).await;
+    poll(
+        "an active record over HTTPS",
+        WAIT,
+        || {
+            double
+                .records()
+                .iter()
+                .any(|r| r.status == "active" && r.signer() == Some(device.address()))
+                .then_some(())
+        },
+        || agent.log(),
+    )
+    .await;
+    assert_eq!(double.count(Endpoint::CreateChallenge), 1);
     agent.stop().await;
 }
 
@@ -154,8 +169,11 @@ async fn a_client_certificate_with_its_key_from_a_credential_passes_mtls() {
         ),
         "",
     );
-    let agent = device.run(&config, &[("CREDENTIALS_DIRECTORY", &credentials)]);
+    let mut agent = device.run(&config, &[("CREDENTIALS_DIRECTORY", &credentials)]);
     served(&double, &agent).await;
+    agent.wait_line(0, "state=active", WAIT).await;
+    assert_eq!(double.count(Endpoint::CreateChallenge), 1);
+    assert_eq!(double.count(Endpoint::CreateMachine), 1);
     let log = agent.stop().await;
     assert!(
         !log.contains(key.serialize_pem().lines().nth(1).unwrap()),
