@@ -18,6 +18,12 @@
 //! otherwise.
 //!
 //! Linux only: it reads `/proc/<pid>/stat` and `/proc/<pid>/status`.
+//!
+//! Why this file is over 600 lines: it is one command's sequence (build,
+//! start, measure, idle, report) whose steps share `Options` and
+//! `Binaries`; what has a concept of its own (milestones, procfs, the
+//! report, errors) is already a submodule. Splitting the sequence further
+//! would scatter one run across files.
 //! Children run in process groups of their own and are stopped on every
 //! way out (the demo's process handling, including its `pids` file for a
 //! killed xtask); every wait is bounded. Files go to `target/footprint/`.

@@ -1,0 +1,295 @@
+//! Reading the configuration: the files in order, their spans moved into one
+//! virtual text so that every error names file, line, column and key, the
+//! merge of drop-ins, and the checks across keys.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+use toml::de::{DeArray, DeTable, DeValue};
+
+use super::Config;
+use crate::duration;
+
+/// A position in one of the configuration files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot list drop-in directory {path}")]
+    DropIns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{location}: TOML syntax error: {message}")]
+    Syntax { location: Location, message: String },
+    /// A key that is unknown, missing, of the wrong type or with a bad value.
+    #[error("{location}: `{key}`: {message}")]
+    Invalid {
+        location: Location,
+        key: String,
+        message: String,
+    },
+}
+
+/// One loaded file and where its text sits in the virtual concatenation.
+struct SourceFile {
+    path: PathBuf,
+    text: String,
+    base: usize,
+}
+
+struct Sources(Vec<SourceFile>);
+
+impl Sources {
+    fn locate(&self, offset: usize) -> Location {
+        let file = self
+            .0
+            .iter()
+            .rev()
+            .find(|f| f.base <= offset)
+            .unwrap_or(&self.0[0]);
+        let local = (offset - file.base).min(file.text.len());
+        let before = &file.text.as_bytes()[..local];
+        let line = before.split(|b| *b == b'\n').count();
+        let line_start = before
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |p| p + 1);
+        let column = String::from_utf8_lossy(&before[line_start..])
+            .chars()
+            .count()
+            + 1;
+        Location {
+            file: file.path.clone(),
+            line,
+            column,
+        }
+    }
+}
+
+/// The drop-in directory beside a main config file: `<dir>/agent.d`.
+pub fn drop_in_dir(main: &Path) -> PathBuf {
+    main.parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("agent.d")
+}
+
+/// `agent.d/*.toml` in lexical order; none when the directory is absent.
+pub fn drop_in_files(main: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let dir = drop_in_dir(main);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(ConfigError::DropIns { path: dir, source }),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| ConfigError::DropIns {
+            path: dir.clone(),
+            source,
+        })?;
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+impl Config {
+    /// Reads `path` and its drop-ins, and validates the result.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut texts = Vec::new();
+        for file in std::iter::once(path.to_owned()).chain(drop_in_files(path)?) {
+            let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            texts.push((file, text));
+        }
+        Self::from_texts(texts)
+    }
+
+    /// Parses already-read files (main file first), as [`Config::load`].
+    pub fn from_texts(files: Vec<(PathBuf, String)>) -> Result<Self, ConfigError> {
+        let mut base = 0;
+        let sources = Sources(
+            files
+                .into_iter()
+                .map(|(path, text)| {
+                    let file = SourceFile { path, text, base };
+                    // One byte of gap keeps an end-of-file span inside its file.
+                    base += file.text.len() + 1;
+                    file
+                })
+                .collect(),
+        );
+
+        let mut merged: Option<Spanned<DeTable<'_>>> = None;
+        for file in &sources.0 {
+            let table = DeTable::parse(&file.text).map_err(|e| ConfigError::Syntax {
+                location: sources.locate(file.base + e.span().map_or(0, |s| s.start)),
+                message: e.message().to_owned(),
+            })?;
+            let table = shift_table(table, file.base);
+            merged = Some(match merged {
+                None => table,
+                Some(mut into) => {
+                    merge(into.get_mut(), table.into_inner());
+                    into
+                }
+            });
+        }
+        let merged = merged.unwrap_or_else(|| Spanned::new(0..0, DeTable::default()));
+        let root_start = merged.span().start;
+        let mut key_offsets = BTreeMap::new();
+        index_keys(merged.get_ref(), "", &mut key_offsets);
+        let deserializer = toml::de::Deserializer::from(merged);
+        let mut config: Self = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            ConfigError::Invalid {
+                location: sources.locate(inner.span().map_or(root_start, |s| s.start)),
+                key,
+                message: inner.message().to_owned(),
+            }
+        })?;
+        if let Err(e) = config.check() {
+            let offset = key_offsets.get(&e.key).copied().unwrap_or(root_start);
+            return Err(ConfigError::Invalid {
+                location: sources.locate(offset),
+                key: e.key,
+                message: e.message,
+            });
+        }
+        config.files = sources.0.into_iter().map(|f| f.path).collect();
+        Ok(config)
+    }
+
+    /// Rules that involve more than one key.
+    pub fn check(&self) -> Result<(), CheckError> {
+        self.orchestrator.check()?;
+        self.mqtt.check().map_err(|e| CheckError {
+            key: format!("mqtt.{}", e.key),
+            message: e.problem,
+        })?;
+        let r = &self.renewal;
+        if r.backoff_initial > r.backoff_max {
+            return Err(CheckError {
+                key: "renewal.backoff_initial".into(),
+                message: format!(
+                    "must not be longer than renewal.backoff_max ({})",
+                    duration::display(r.backoff_max)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The agent's name on the MQTT interface and in logs.
+    pub fn machine_name(&self) -> &str {
+        &self.machine.display_name
+    }
+}
+
+/// A rule across keys that the configuration breaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{key}`: {message}")]
+pub struct CheckError {
+    /// The dotted key the problem is reported against.
+    pub key: String,
+    pub message: String,
+}
+
+/// Dotted key path -> offset of the key, for reporting [`CheckError`]s.
+fn index_keys(table: &DeTable<'_>, prefix: &str, out: &mut BTreeMap<String, usize>) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.get_ref().to_string()
+        } else {
+            format!("{prefix}.{}", key.get_ref())
+        };
+        if let DeValue::Table(inner) = value.get_ref() {
+            index_keys(inner, &path, out);
+        }
+        out.insert(path, key.span().start);
+    }
+}
+
+fn shift_span(span: Range<usize>, base: usize) -> Range<usize> {
+    span.start + base..span.end + base
+}
+
+fn shift_table(table: Spanned<DeTable<'_>>, base: usize) -> Spanned<DeTable<'_>> {
+    let span = shift_span(table.span(), base);
+    Spanned::new(span, shift_entries(table.into_inner(), base))
+}
+
+fn shift_entries(table: DeTable<'_>, base: usize) -> DeTable<'_> {
+    table
+        .into_iter()
+        .map(|(k, v)| {
+            let key_span = shift_span(k.span(), base);
+            (Spanned::new(key_span, k.into_inner()), shift_value(v, base))
+        })
+        .collect()
+}
+
+fn shift_value(value: Spanned<DeValue<'_>>, base: usize) -> Spanned<DeValue<'_>> {
+    let span = shift_span(value.span(), base);
+    let inner = match value.into_inner() {
+        DeValue::Table(t) => DeValue::Table(shift_entries(t, base)),
+        DeValue::Array(a) => {
+            let mut out = DeArray::new();
+            for item in a {
+                out.push(shift_value(item, base));
+            }
+            DeValue::Array(out)
+        }
+        other => other,
+    };
+    Spanned::new(span, inner)
+}
+
+/// Merges `from` into `into`: tables key by key, anything else replaced.
+fn merge<'i>(into: &mut DeTable<'i>, from: DeTable<'i>) {
+    for (key, value) in from {
+        let existing = into.get_mut(key.get_ref().as_ref());
+        match (existing, value) {
+            (Some(old), new) if old.get_ref().is_table() && new.get_ref().is_table() => {
+                let DeValue::Table(new_table) = new.into_inner() else {
+                    unreachable!("checked to be a table")
+                };
+                if let DeValue::Table(old_table) = old.get_mut() {
+                    merge(old_table, new_table);
+                }
+            }
+            (_, new) => {
+                // Remove first so the key's span is the new file's.
+                into.remove(key.get_ref().as_ref());
+                into.insert(key, new);
+            }
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The agent's configuration: `agent.toml` plus drop-ins in `agent.d/*.toml`
+//! (merged in lexical order, later files win, tables merge key by key,
+//! arrays are replaced whole).
+//!
+//! Every bad key or value is refused at start with the file, line, column and
+//! key named. To get there from one merged document, each file is parsed with
+//! its spans moved into one virtual text (all files one after the other); an
+//! error's span then says which file it came from.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use peaqos_protocol::IdentityRef;
+use serde::Deserialize;
+use serde::de::{self, Deserializer};
+
+use crate::duration;
+use crate::mqtt::MqttConfig;
+use crate::registration::challenge::{self, ChallengePolicy, EffectivePolicy};
+
+mod load;
+#[cfg(test)]
+mod tests;
+
+pub use load::{CheckError, ConfigError, Location, drop_in_dir, drop_in_files};
+
+/// Where `peaqos-agent run` looks without `--config`.
+pub const DEFAULT_PATH: &str = "/etc/peaqos-agent/agent.toml";
+/// Default `[state] dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/peaqos-agent";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub identity: IdentityConfig,
+    pub orchestrator: OrchestratorConfig,
+    pub machine: MachineConfig,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub renewal: RenewalConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The files this configuration was read from, main file first.
+    #[serde(skip)]
+    pub files: Vec<PathBuf>,
+}
+
+/// `[identity]`: which identity this machine proves, with which key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Any accepted form; kept canonical.
+    #[serde(rename = "ref")]
+    pub identity_ref: IdentityRef,
+    /// Path of the controller key, or `credential:NAME`.
+    #[serde(deserialize_with = "non_empty")]
+    pub key_file: String,
+    /// For a key file that is an Ethereum V3 keystore: the file holding
+    /// its password, or `credential:NAME`.
+    #[serde(default, deserialize_with = "non_empty_option")]
+    pub key_password_file: Option<String>,
+}
+
+/// `[orchestrator]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrchestratorConfig {
+    #[serde(deserialize_with = "orchestrator_url")]
+    pub url: reqwest::Url,
+    /// Path of a file holding the platform API key, or `credential:NAME`.
+    #[serde(default, deserialize_with = "non_empty_option")]
+    pub api_key_file: Option<String>,
+    #[serde(default = "default_connect_timeout", deserialize_with = "positive")]
+    pub connect_timeout: Duration,
+    /// Whole request, connect included.
+    #[serde(default = "default_request_timeout", deserialize_with = "positive")]
+    pub request_timeout: Duration,
+    /// PEM CA certificate(s) an `https://` orchestrator's certificate must
+    /// chain to. They replace the system's roots: an orchestrator behind a
+    /// private CA is then trusted through that CA alone, and no public CA
+    /// can vouch for an impostor.
+    #[serde(default, deserialize_with = "non_empty_path")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for orchestrators that require one.
+    #[serde(default, deserialize_with = "non_empty_path")]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`: a path or `credential:NAME`.
+    #[serde(default, deserialize_with = "non_empty_option")]
+    pub client_key_file: Option<String>,
+    /// Which challenges the key signs; unset means the default, `standard`.
+    #[serde(default)]
+    pub challenge_policy: Option<ChallengePolicy>,
+    /// Lets `standard` sign server-chosen text over plain `http://` to a
+    /// host that is not loopback (otherwise `strict` applies there).
+    #[serde(default)]
+    pub standard_over_plain_http: bool,
+}
+
+impl OrchestratorConfig {
+    /// The signing policy in effect for this orchestrator, and why.
+    pub fn effective_policy(&self) -> EffectivePolicy {
+        challenge::effective(
+            self.challenge_policy,
+            &self.url,
+            self.standard_over_plain_http,
+        )
+    }
+
+    /// Rules across the TLS keys. The files themselves are read when the
+    /// client is built, at start, where a missing or bad one stops the
+    /// agent with the file named.
+    fn check(&self) -> Result<(), CheckError> {
+        let invalid = |key: &str, message: &str| CheckError {
+            key: format!("orchestrator.{key}"),
+            message: message.to_owned(),
+        };
+        let keys = [
+            ("ca_file", self.ca_file.is_some()),
+            ("client_cert_file", self.client_cert_file.is_some()),
+            ("client_key_file", self.client_key_file.is_some()),
+        ];
+        for (key, set) in keys {
+            if !set {
+                continue;
+            }
+            if !cfg!(feature = "tls") {
+                return Err(invalid(
+                    key,
+                    "needs TLS, but this build of peaqos-agent has no TLS support \
+                     (built without the `tls` feature)",
+                ));
+            }
+            if self.url.scheme() != "https" {
+                return Err(invalid(
+                    key,
+                    "only used with an https:// url (this url is plain http://)",
+                ));
+            }
+        }
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "client_key_file",
+                    "client_cert_file is set, so client_key_file is needed too",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "client_cert_file",
+                    "client_key_file is set, so client_cert_file is needed too",
+                ));
+            }
+            _ => {}
+        }
+        if self.client_cert_file.is_some() && self.ca_file.is_none() {
+            return Err(invalid(
+                "ca_file",
+                "a client certificate needs ca_file too (the CA certificate(s) of the \
+                 orchestrator; for a public certificate use /etc/ssl/certs/ca-certificates.crt)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[machine]`: the record's fields. Optional lists and maps left out of
+/// the file are not managed by the agent (an operator may set them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    #[serde(deserialize_with = "non_empty")]
+    pub display_name: String,
+    #[serde(deserialize_with = "non_empty")]
+    pub owner_id: String,
+    #[serde(deserialize_with = "non_empty")]
+    pub machine_type: String,
+    #[serde(deserialize_with = "non_empty")]
+    pub runtime_profile: String,
+    #[serde(default)]
+    pub capabilities: Option<Vec<String>>,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub skill_keys: Option<Vec<String>>,
+    #[serde(default)]
+    pub policy_ids: Option<Vec<String>>,
+}
+
+/// `[state]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_state_dir(),
+        }
+    }
+}
+
+/// `[renewal]`: when to renew, how often to look, how to back off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewalConfig {
+    /// Renew this long before a known proof expiry. Unset: at about two
+    /// thirds of the proof's lifetime.
+    #[serde(default, deserialize_with = "duration::deserialize_option")]
+    pub renew_before: Option<Duration>,
+    /// How often to re-read the record while all is well.
+    #[serde(default = "default_check_interval", deserialize_with = "positive")]
+    pub check_interval: Duration,
+    /// First wait after a transient failure; doubles up to `backoff_max`.
+    #[serde(default = "default_backoff_initial", deserialize_with = "positive")]
+    pub backoff_initial: Duration,
+    #[serde(default = "default_backoff_max", deserialize_with = "positive")]
+    pub backoff_max: Duration,
+    /// Retry interval for what an operator must fix: our key not among the
+    /// controllers, a refused API key, a record the server rejects.
+    #[serde(default = "default_slow_retry", deserialize_with = "positive")]
+    pub slow_retry: Duration,
+}
+
+impl Default for RenewalConfig {
+    fn default() -> Self {
+        Self {
+            renew_before: None,
+            check_interval: default_check_interval(),
+            backoff_initial: default_backoff_initial(),
+            backoff_max: default_backoff_max(),
+            slow_retry: default_slow_retry(),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A filter such as `info` or `warn,peaqos_agent=debug`; `RUST_LOG` wins.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+fn default_check_interval() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_backoff_initial() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_slow_retry() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim().is_empty() {
+        return Err(de::Error::custom("must not be empty"));
+    }
+    Ok(s)
+}
+
+fn non_empty_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    non_empty(d).map(Some)
+}
+
+fn non_empty_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    non_empty(d).map(|p| Some(PathBuf::from(p)))
+}
+
+fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let value = duration::deserialize(d)?;
+    if value.is_zero() {
+        return Err(de::Error::custom("must be longer than zero"));
+    }
+    Ok(value)
+}
+
+fn orchestrator_url<'de, D: Deserializer<'de>>(d: D) -> Result<reqwest::Url, D::Error> {
+    let text = String::deserialize(d)?;
+    let url =
+        reqwest::Url::parse(&text).map_err(|e| de::Error::custom(format!("not a URL ({e})")))?;
+    match url.scheme() {
+        "http" => {}
+        "https" if cfg!(feature = "tls") => {}
+        "https" => {
+            return Err(de::Error::custom(
+                "https needs an agent built with the `tls` feature",
+            ));
+        }
+        other => {
+            return Err(de::Error::custom(format!(
+                "scheme must be http or https, not {other:?}"
+            )));
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(de::Error::custom("URL has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(de::Error::custom(
+            "credentials do not belong in the URL; use api_key_file",
+        ));
+    }
+    Ok(url)
+}
