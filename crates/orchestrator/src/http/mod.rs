@@ -53,6 +53,8 @@ fn method_label(m: &Method) -> &'static str {
 const ROUTES: &[&str] = &[
     paths::HEALTH,
     paths::READY,
+    paths::API_HEALTH,
+    health::API_READINESS,
     "/metrics",
     paths::OPENAPI,
     paths::CHALLENGES,

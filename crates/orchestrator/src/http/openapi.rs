@@ -40,6 +40,38 @@ struct Ready {
     controller_source: String,
 }
 
+/// `pass` or `fail`.
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum CheckStatus {
+    Pass,
+    Fail,
+}
+
+/// One dependency's answer: `store` (its message names the database kind)
+/// or `controller_source` (`mcr`, `registry` or `none`; on failure, why).
+#[derive(ToSchema)]
+struct ReadinessCheck {
+    name: String,
+    status: CheckStatus,
+    message: Option<String>,
+}
+
+/// `ready` or `not_ready`.
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum ReadinessStatus {
+    Ready,
+    NotReady,
+}
+
+/// Readiness as the peaqOS SDK reads it (`get_readiness`).
+#[derive(ToSchema)]
+struct Readiness {
+    status: ReadinessStatus,
+    checks: Vec<ReadinessCheck>,
+}
+
 /// Error codes clients branch on.
 #[derive(ToSchema)]
 #[allow(clippy::upper_case_acronyms, non_camel_case_types)]
@@ -237,6 +269,14 @@ fn health() {}
         (status = 503, description = "SERVICE_UNAVAILABLE, with details", body = ErrorResponse)))]
 fn ready() {}
 
+#[utoipa::path(get, path = "/api/v1/health", tag = "observability",
+    responses((status = 200, description = "The process answers (the SDK's `check_health`)", body = Health)))]
+fn api_health() {}
+
+#[utoipa::path(get, path = "/api/v1/readiness", tag = "observability",
+    responses((status = 200, description = "Each dependency's check; `status` is `not_ready` when one fails (the SDK's `get_readiness`). Probes use `/ready`, which answers 503 instead", body = Readiness)))]
+fn api_readiness() {}
+
 #[utoipa::path(post, path = "/api/v1/machine-identity/challenges", tag = "identity",
     request_body = CreateChallengeRequest,
     security(("apiKey" = [])),
@@ -322,6 +362,8 @@ fn archive_machine() {}
     paths(
         health,
         ready,
+        api_health,
+        api_readiness,
         create_challenge,
         list_machines,
         create_machine,
@@ -332,6 +374,10 @@ fn archive_machine() {}
     components(schemas(
         Health,
         Ready,
+        CheckStatus,
+        ReadinessCheck,
+        ReadinessStatus,
+        Readiness,
         ErrorCode,
         ErrorBody,
         ErrorResponse,

@@ -314,7 +314,13 @@ async fn api_keys_guard_the_api_but_not_health() {
             .unwrap();
         assert_eq!(r.status(), 201);
     }
-    for open in ["/health", "/ready", "/api/v1/openapi.json"] {
+    for open in [
+        "/health",
+        "/ready",
+        "/api/v1/health",
+        "/api/v1/readiness",
+        "/api/v1/openapi.json",
+    ] {
         assert_eq!(s.get(open).await.status(), 200, "{open}");
     }
 }

@@ -40,6 +40,8 @@ async fn openapi_document_matches_the_served_api() {
     let served = [
         ("/health", "get"),
         ("/ready", "get"),
+        ("/api/v1/health", "get"),
+        ("/api/v1/readiness", "get"),
         ("/api/v1/machine-identity/challenges", "post"),
         ("/api/v1/machines", "get"),
         ("/api/v1/machines", "post"),
@@ -59,6 +61,15 @@ async fn openapi_document_matches_the_served_api() {
     );
 
     // Real responses have exactly the documented fields.
+    let health: Value = s.get("/api/v1/health").await.json().await.unwrap();
+    assert_eq!(health, json!({"ok": true}));
+    let readiness: Value = s.get("/api/v1/readiness").await.json().await.unwrap();
+    assert_eq!(keys_of(&readiness), schema_props(&doc, "Readiness"));
+    assert_eq!(readiness["status"], "ready");
+    for check in readiness["checks"].as_array().unwrap() {
+        assert_eq!(keys_of(check), schema_props(&doc, "ReadinessCheck"));
+        assert_eq!(check["status"], "pass");
+    }
     let k = key(0);
     let challenge: Value = s
         .post(

@@ -333,6 +333,21 @@ async fn an_unreachable_mcr_is_unavailable_and_not_ready() {
     let r = s.get("/ready").await;
     expect_error(r, 503, "SERVICE_UNAVAILABLE").await;
     assert_eq!(s.get("/health").await.status(), 200, "alive all the same");
+    // The SDK's readiness says the same in its own shape, with a 200.
+    let r = s.get("/api/v1/readiness").await;
+    assert_eq!(r.status(), 200);
+    let readiness: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(readiness["status"], "not_ready");
+    assert_eq!(readiness["checks"][0]["name"], "store");
+    assert_eq!(readiness["checks"][0]["status"], "pass");
+    assert_eq!(readiness["checks"][1]["name"], "controller_source");
+    assert_eq!(readiness["checks"][1]["status"], "fail");
+    assert!(
+        readiness["checks"][1]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{readiness}"
+    );
 }
 
 #[tokio::test]

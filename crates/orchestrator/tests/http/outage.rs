@@ -165,6 +165,12 @@ async fn a_database_outage_answers_503_and_the_server_recovers_by_itself() {
     let r = s.get("/ready").await;
     let not_ready = expect_error(r, 503, "SERVICE_UNAVAILABLE").await;
     assert_eq!(not_ready.error.details.unwrap()["store"], "unavailable");
+    let readiness: Value = s.get("/api/v1/readiness").await.json().await.unwrap();
+    assert_eq!(readiness["status"], "not_ready");
+    assert_eq!(
+        readiness["checks"][0],
+        json!({"name": "store", "status": "fail", "message": "unavailable"})
+    );
     assert_eq!(s.get("/health").await.status(), 200, "alive all the same");
 
     proxy.restore().await;

@@ -72,6 +72,11 @@ async fn sdk_lifecycle(python: &std::path::Path, database_url: Option<&str>) {
     .await;
     let out = run_sdk_flow(&s, python, &k[3], "sdk-test-key-0123456789").await;
 
+    assert_eq!(out["health"], true);
+    assert_eq!(
+        out["readiness"],
+        serde_json::json!(["ready", [["store", "pass"], ["controller_source", "pass"]]])
+    );
     assert_eq!(out["challenge_identity"], "did:peaq:21");
     assert_eq!(out["controllers"], serde_json::json!([k[3].address]));
     let id = out["created"][0].as_str().unwrap();

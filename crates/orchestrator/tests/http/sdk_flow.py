@@ -1,4 +1,5 @@
-"""The published peaqOS Python SDK against our orchestrator: challenge ->
+"""The published peaqOS Python SDK against our orchestrator: health and
+readiness, challenge ->
 eth-account signature -> create -> activate -> get -> list all -> archive,
 each response passing the SDK's own validation. Prints one JSON summary.
 
@@ -38,6 +39,8 @@ def prove(identity_ref):
     return ch, MachineIdentityProofInput(challenge_id=ch.challenge_id, signature=sig)
 
 
+health = orch.check_health()
+readiness = orch.get_readiness()
 challenge, proof = prove(identity)
 created = orch.create_machine(
     CreateMachineRequest(
@@ -85,6 +88,11 @@ archived = orch.get_machine(created.id).item
 print(
     json.dumps(
         {
+            "health": health.ok,
+            "readiness": [
+                readiness.status,
+                [[c.name, c.status] for c in readiness.checks],
+            ],
             "challenge_identity": challenge.identity_ref,
             "controllers": list(challenge.controller_addresses),
             "created": [created.id, created.status, created.identity_ref],
