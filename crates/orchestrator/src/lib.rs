@@ -31,6 +31,7 @@ pub mod ids;
 pub mod lifecycle;
 pub mod metrics;
 pub mod rate_limit;
+pub mod serve;
 pub mod server;
 pub mod service;
 pub mod store;

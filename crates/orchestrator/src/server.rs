@@ -19,10 +19,10 @@ use crate::controllers::{
     ControllerCache, ControllerSource, McrHttpSource, RegistryError, RegistrySource, Resolver,
 };
 use crate::error_chain::error_chain;
-use crate::http;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 use crate::store::{self, StoreError};
+use crate::{http, serve};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +39,6 @@ pub enum Error {
     McrClient(#[from] McrClientError),
     #[error("cannot read the listening address")]
     LocalAddr(#[source] std::io::Error),
-    #[error("the HTTP server failed")]
-    Serve(#[source] std::io::Error),
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then lets
@@ -155,8 +153,13 @@ impl Server {
             config,
         });
         let local = listener.local_addr().map_err(Error::LocalAddr)?;
+        let limits = serve::Limits {
+            header_timeout: app.config.header_timeout,
+            max_connections: serve::connection_cap(app.config.max_connections),
+        };
         tracing::info!(
             addr = %local,
+            max_connections = limits.max_connections,
             controllers = source.name(),
             database = store.backend().name(),
             verification = ?app.config.verification,
@@ -167,17 +170,12 @@ impl Server {
         }
         let stop = CancellationToken::new();
         let collector = tokio::spawn(collect_expired_challenges(Arc::clone(&app), stop.clone()));
-        let served = axum::serve(
-            listener,
-            http::router(Arc::clone(&app)).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await;
+        serve::serve(listener, http::router(Arc::clone(&app)), limits, shutdown).await;
         stop.cancel();
         let _ = collector.await;
         store.close().await;
         tracing::info!("peaqos-orchestrator stopped");
-        served.map_err(Error::Serve)
+        Ok(())
     }
 }
 

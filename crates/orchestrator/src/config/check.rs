@@ -131,6 +131,12 @@ impl Config {
                 "must be between 1024 and 16777216 bytes",
             );
         }
+        if self.header_timeout.is_zero() {
+            return invalid(NAMES.header_timeout, "must be at least 1 second");
+        }
+        if self.max_connections == Some(0) {
+            return invalid(NAMES.max_connections, "must be at least 1");
+        }
         if self.request_timeout.is_zero() {
             return invalid(NAMES.request_timeout, "must be at least 1 second");
         }

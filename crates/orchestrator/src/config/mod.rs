@@ -198,6 +198,14 @@ settings! {
         env "PEAQOS_BODY_LIMIT_BYTES", file "body_limit_bytes";
     request_timeout: Duration as Secs = Duration::from_secs(30),
         env "PEAQOS_REQUEST_TIMEOUT_SECS", file "request_timeout_secs";
+    /// Longest a connection may take to send a request's headers, idle
+    /// keep-alive time included; then it is closed.
+    header_timeout: Duration as Secs = Duration::from_secs(10),
+        env "PEAQOS_HEADER_TIMEOUT_SECS", file "header_timeout_secs";
+    /// Connections served at once; by default as many as the open-file
+    /// limit allows, less 128 for the database, the MCR client and the log.
+    max_connections: Option<u32> as Option<Num<u32>> = None,
+        env "PEAQOS_MAX_CONNECTIONS", file "max_connections";
     /// Log filter when `RUST_LOG` is unset (`info` when neither is).
     log_level: Option<String> as Option<Text> = None,
         env "PEAQOS_LOG_LEVEL", file "log_level";

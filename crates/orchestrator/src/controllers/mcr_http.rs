@@ -60,6 +60,16 @@ fn evm_address(value: &str) -> Option<Address> {
 
 /// Controllers from a profile body, after checking that it describes
 /// `identity`.
+///
+/// The profile must say which machine it answers for: `peaqos.did`, a
+/// canonical machine DID equal to the one asked about (and `machine_id`, when
+/// present, must agree). A body without it, or with an unparseable or
+/// non-canonical one (`did:peaq:061`), is not an answer to the question: a
+/// cache or proxy keyed on the wrong identifier could serve it, and its
+/// controllers would then authorise any identity asked about. It reads as
+/// "unavailable" (503, retry), the same as a 5xx, never as controller data.
+/// peaq-os-sdk's own MCR queries (`assert_correlated_machine_did`) apply the
+/// same rule, so a real MCR always sends the field.
 pub fn controllers_from_profile(
     identity: &IdentityRef,
     body: &[u8],
@@ -67,11 +77,14 @@ pub fn controllers_from_profile(
     let profile: Profile = serde_json::from_slice(body)
         .map_err(|e| format!("MCR answered with a non-profile body: {e}"))?;
     let block = profile.peaqos;
-    if let Some(did) = &block.did
-        && let Ok(returned) = IdentityRef::parse(did)
-        && matches!(returned, IdentityRef::MachineId(_))
-        && returned != *identity
-    {
+    let Some(did) = &block.did else {
+        return Err("MCR profile does not name its machine (no peaqos.did)".to_owned());
+    };
+    let returned = IdentityRef::parse(did)
+        .ok()
+        .filter(|r| matches!(r, IdentityRef::MachineId(_)) && r.did() == *did)
+        .ok_or_else(|| "MCR profile names its machine with a malformed peaqos.did".to_owned())?;
+    if returned != *identity {
         return Err("MCR answered with the profile of another machine".to_owned());
     }
     if let (Some(id), IdentityRef::MachineId(asked)) = (&block.machine_id, identity) {
@@ -242,10 +255,39 @@ mod tests {
     fn garbage_and_other_machines_are_refused() {
         let other = br#"{"schema_version":"1.0","name":"x","peaqos":{"machine_id":"8","did":"did:peaq:8"}}"#;
         assert!(controllers_from_profile(&id("did:peaq:7"), other).is_err());
-        let other_id = br#"{"schema_version":"1.0","name":"x","peaqos":{"machine_id":"8"}}"#;
+        let other_id = br#"{"schema_version":"1.0","name":"x","peaqos":{"machine_id":"8","did":"did:peaq:7"}}"#;
         assert!(controllers_from_profile(&id("did:peaq:7"), other_id).is_err());
         for body in [&b"<html>oops</html>"[..], b"{}", b"[]", b"null", b""] {
             assert!(controllers_from_profile(&id("did:peaq:7"), body).is_err());
         }
+    }
+
+    /// A profile that does not say which machine it describes authorises
+    /// nothing: its controller would otherwise pass for any identity.
+    #[test]
+    fn a_profile_must_name_the_machine_canonically() {
+        let c = r#""controller":"0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359""#;
+        for peaqos in [
+            format!("{{{c}}}"),
+            "{}".to_owned(),
+            format!(r#"{{"machine_id":"7",{c}}}"#),
+            format!(r#"{{"did":"did:peaq:07",{c}}}"#),
+            format!(r#"{{"did":"did:peaq:061",{c}}}"#),
+            format!(r#"{{"did":"peaqos:machine:7",{c}}}"#),
+            format!(r#"{{"did":7,{c}}}"#),
+            format!(r#"{{"did":"",{c}}}"#),
+        ] {
+            let body = format!(r#"{{"schema_version":"1.0","name":"x","peaqos":{peaqos}}}"#);
+            let got = controllers_from_profile(&id("did:peaq:7"), body.as_bytes());
+            assert!(got.is_err(), "{body} was accepted: {got:?}");
+        }
+        let named =
+            format!(r#"{{"schema_version":"1.0","name":"x","peaqos":{{"did":"did:peaq:7",{c}}}}}"#);
+        assert_eq!(
+            controllers_from_profile(&id("did:peaq:7"), named.as_bytes())
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

@@ -70,6 +70,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             }
             &body
         };
+        // serde's derive also reads a struct from an array of its fields in
+        // order, so `["did:peaq:3"]` would pass for `{"identityRef": ...}`.
+        // Every request body of this API is an object.
+        if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::validation(
+                "body",
+                "request body must be a JSON object",
+            ));
+        }
         let mut de = serde_json::Deserializer::from_slice(text);
         let value = serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(&e))?;
         de.end().map_err(|_| {
@@ -106,5 +115,62 @@ fn json_error(e: &serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     let message = message
         .rsplit_once(" at line ")
         .map_or(message.as_str(), |(m, _)| m);
+    // serde names the Rust type it wanted ("expected struct
+    // IdentityProofInput"); a client knows only JSON.
+    let message = match message.split_once("expected struct ") {
+        Some((head, _)) => format!("{head}expected a JSON object"),
+        None => message.to_owned(),
+    };
     ApiError::validation(&field, bounded(&format!("{field}: {message}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct Inner {
+        challenge_id: String,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct Outer {
+        identity_ref: String,
+        identity_proof: Option<Inner>,
+    }
+
+    async fn read(body: &str) -> Result<Outer, String> {
+        let req = Request::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        ApiJson::<Outer>::from_request(req, &())
+            .await
+            .map(|ApiJson(v)| v)
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    #[tokio::test]
+    async fn only_an_object_is_a_body() {
+        for body in [r#"["did:peaq:3"]"#, r#""did:peaq:3""#, "3", "null", " [ ]"] {
+            let e = read(body).await.unwrap_err();
+            assert!(e.contains("must be a JSON object"), "{body}: {e}");
+        }
+        assert!(read(r#" {"identityRef": "did:peaq:3"}"#).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn messages_name_json_types_not_rust_types() {
+        let e = read(r#"{"identityRef": "x", "identityProof": "no"}"#)
+            .await
+            .unwrap_err();
+        assert!(e.contains("expected a JSON object"), "{e}");
+        assert!(!e.contains("struct") && !e.contains("Inner"), "{e}");
+    }
 }

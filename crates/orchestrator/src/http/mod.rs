@@ -7,6 +7,7 @@ pub mod challenges;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod limits;
 pub mod machines;
 pub mod metrics;
 pub mod openapi;
@@ -163,6 +164,10 @@ pub fn router(app: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            limits::refuse_oversized,
+        ))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         // Inside the request span, so that a logged cause carries the
         // request id.
@@ -189,5 +194,8 @@ pub fn router(app: AppState) -> Router {
         )
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        // Outermost: an id that is not kept is replaced before anything
+        // echoes or logs it.
+        .layer(middleware::from_fn(limits::sanitize_request_id))
         .with_state(app)
 }

@@ -14,6 +14,7 @@ mod pg;
 mod abuse;
 mod binary;
 mod concurrency;
+mod connections;
 mod contract;
 mod docs;
 mod lifetime;

@@ -27,6 +27,9 @@ pub(crate) enum Mode {
     Garbage,
     /// A valid profile, of machine 999 whatever was asked.
     WrongMachine,
+    /// This `peaqos` block, whatever was asked: profiles that do not say
+    /// (or garble) which machine they describe.
+    Block(serde_json::Value),
     Slow(Duration, Box<Mode>),
 }
 
@@ -179,6 +182,10 @@ async fn machine(State(state): State<FakeState>, Path(did): Path<String>) -> Res
             None,
         ))
         .into_response(),
+        Mode::Block(block) => {
+            axum::Json(json!({"schema_version": "1.0", "name": "x", "peaqos": block}))
+                .into_response()
+        }
         Mode::Slow(..) => unreachable!(),
     }
 }
@@ -248,6 +255,13 @@ async fn failures_answer_503_with_retry_after_and_write_nothing() {
         Mode::Status(401),
         Mode::Garbage,
         Mode::WrongMachine,
+        // A profile must name the machine it answers for (issue #15.5):
+        // without that, its controller would authorise any identity, and
+        // an empty block would silently drop machines from lists.
+        Mode::Block(json!({"owner": k.address})),
+        Mode::Block(json!({})),
+        Mode::Block(json!({"did": "did:peaq:01", "owner": k.address})),
+        Mode::Block(json!({"machine_id": "1", "owner": k.address})),
         Mode::Slow(Duration::from_secs(3), Box::new(Mode::owned_by(&k))),
     ];
     for failure in failures {
