@@ -83,7 +83,8 @@ pub(crate) enum Event {
     Subscribed,
     /// A SUBACK refused some filters (usually the broker's ACL).
     SubscribeRefused,
-    /// Our DISCONNECT has been written: the session is over.
+    /// Our DISCONNECT has been written: the session is over once the broker
+    /// closes the connection.
     DisconnectSent,
     /// Anything else (acks, pings): progress, no action needed.
     Other,
@@ -100,6 +101,21 @@ pub enum ConnectionError {
 }
 
 impl ConnectionError {
+    /// An incoming packet was over `max_packet_size` (refused from its
+    /// header, which ends the connection).
+    pub(crate) fn oversized(&self) -> bool {
+        use rumqttc::mqttbytes::Error as E4;
+        use rumqttc::v5::mqttbytes::Error as E5;
+        matches!(
+            self,
+            Self::V311(rumqttc::ConnectionError::MqttState(
+                rumqttc::StateError::Deserialization(E4::PayloadSizeLimitExceeded(_))
+            )) | Self::V5(v5::ConnectionError::MqttState(
+                v5::StateError::Deserialization(E5::PayloadSizeLimitExceeded { .. })
+            ))
+        )
+    }
+
     /// The broker answered CONNECT with a refusal (bad credentials, not
     /// authorised, ...), as opposed to a network failure.
     pub(crate) fn refusal(&self) -> Option<String> {
@@ -326,6 +342,22 @@ fn v5_properties(props: &PublishProps) -> p5::PublishProperties {
 }
 
 impl EventLoop {
+    /// After our DISCONNECT: reads until the broker closes the connection.
+    ///
+    /// Closing our end at once is not a clean goodbye: anything still unread
+    /// on the socket (the PUBACK of `offline`, a retained message) makes
+    /// the kernel answer with a reset instead of a FIN, and a reset can
+    /// destroy the DISCONNECT before the broker has read it. The broker
+    /// then counts an abnormal end and publishes the last will. The broker
+    /// closes as soon as it has read DISCONNECT, so this is quick; callers
+    /// bound it in time. (rumqttc keeps the socket to itself, so a
+    /// half-close is not available; reading to the end serves the same
+    /// purpose.)
+    pub(crate) async fn until_closed(&mut self) {
+        // The first error is the close; polling again would reconnect.
+        while self.poll().await.is_ok() {}
+    }
+
     /// Polls until the next event. After an error the next call reconnects
     /// at once: callers wait (back off) between failed polls.
     pub(crate) async fn poll(&mut self) -> Result<Event, ConnectionError> {

@@ -156,6 +156,7 @@ async fn close(client: &client::Client, eventloop: &mut EventLoop) {
         }
         while let Ok(event) = eventloop.poll().await {
             if matches!(event, Event::DisconnectSent) {
+                eventloop.until_closed().await;
                 return;
             }
         }

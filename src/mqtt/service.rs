@@ -20,6 +20,7 @@ use super::client::{Client, ConnectionError, Event, EventLoop, Message, PublishP
 use super::commands::{self, Decision, Gate, Outcome};
 use super::config::MqttConfig;
 use super::discovery::Discovery;
+use super::poison::{Poison, Verdict};
 use super::rate::TokenBucket;
 use super::request::{self, Refusal};
 use super::topics::Topics;
@@ -34,7 +35,8 @@ const EVENT_CAPACITY: usize = 32;
 const STABLE_CONNECTION: Duration = Duration::from_secs(30);
 /// How soon to retry publishing when rumqttc's queue was full.
 const RETRY_FULL_QUEUE: Duration = Duration::from_millis(200);
-/// Time allowed for `offline` and DISCONNECT at shutdown.
+/// Time allowed at shutdown for `offline`, DISCONNECT and the broker's close
+/// of the connection (which it does as soon as it has read DISCONNECT).
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 /// At shutdown, how long to wait for the registration loop's final
 /// `stopping` snapshot, so that the last retained status says so.
@@ -51,6 +53,12 @@ enum Polled {
         error: ConnectionError,
         retry_in: Duration,
     },
+    /// Something was read after a SUBACK: the retained messages the
+    /// subscription made the broker replay did not break the connection.
+    ReplayPassed,
+    /// After our DISCONNECT, the broker closed the connection: the clean
+    /// end of the session (no last will).
+    Closed,
 }
 
 /// Polls the event loop until `stop`, backing off between failed attempts.
@@ -61,20 +69,43 @@ async fn drive(
     stop: CancellationToken,
 ) {
     let mut connected_at: Option<Instant> = None;
+    // A SUBACK was the last thing read: the broker's replay of retained
+    // messages (if any) comes next.
+    let mut after_suback = false;
     loop {
         let polled = tokio::select! {
             biased;
             () = stop.cancelled() => return,
             polled = eventloop.poll() => polled,
         };
+        if polled.is_ok() && std::mem::take(&mut after_suback) {
+            // Anything read after the SUBACK (a PUBACK of `online` at the
+            // latest) comes after the replay: the replay passed.
+            if events.send(Polled::ReplayPassed).await.is_err() {
+                return;
+            }
+        }
         let error = match polled {
             Ok(Event::Other) => continue,
-            Ok(event) => {
-                let done = matches!(event, Event::DisconnectSent);
-                if matches!(event, Event::Connected) {
-                    connected_at = Some(Instant::now());
+            Ok(Event::DisconnectSent) => {
+                // The goodbye waits for `Closed`; `stop` ends this early if
+                // the broker takes too long.
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => {}
+                    () = eventloop.until_closed() => {
+                        let _ = events.send(Polled::Closed).await;
+                    }
                 }
-                if events.send(Polled::Event(event)).await.is_err() || done {
+                return;
+            }
+            Ok(event) => {
+                match event {
+                    Event::Connected => connected_at = Some(Instant::now()),
+                    Event::Subscribed | Event::SubscribeRefused => after_suback = true,
+                    _ => {}
+                }
+                if events.send(Polled::Event(event)).await.is_err() {
                     return;
                 }
                 continue;
@@ -110,6 +141,17 @@ struct Dirty {
     status: bool,
 }
 
+/// What the current broker session has done so far.
+#[derive(Debug, Default)]
+struct Session {
+    /// Subscribed to the request topics (`status/get`, commands).
+    requests: bool,
+    /// Subscribed to the others (Home Assistant's status).
+    others: bool,
+    /// Something was read after the last SUBACK (see [`Poison`]).
+    replay_passed: bool,
+}
+
 /// Counts of what was refused or dropped, logged at shutdown.
 #[derive(Debug, Default)]
 struct Counters {
@@ -132,6 +174,8 @@ pub(crate) struct Service {
     running: JoinSet<(commands::Request, Outcome, Option<String>)>,
     queries: TokenBucket,
     connected: bool,
+    session: Session,
+    poison: Poison,
     dirty: Dirty,
     retry_at: Option<Instant>,
     counters: Counters,
@@ -204,6 +248,8 @@ pub(crate) fn start(
         running: JoinSet::new(),
         queries: TokenBucket::new(QUERY_BURST, QUERY_REFILL),
         connected: false,
+        session: Session::default(),
+        poison: Poison::default(),
         dirty: Dirty::default(),
         retry_at: None,
         counters: Counters::default(),
@@ -237,6 +283,10 @@ impl Service {
         let mut beats = tokio::time::interval(beat_every.unwrap_or(Duration::from_secs(3600)));
         loop {
             let retry_at = self.retry_at;
+            let resume_at = self
+                .poison
+                .suspended_until()
+                .filter(|_| self.connected && !self.session.requests);
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
@@ -263,6 +313,10 @@ impl Service {
                     }
                 }
                 () = sleep_until(retry_at), if retry_at.is_some() => self.retry_at = None,
+                () = sleep_until(resume_at), if resume_at.is_some() => {
+                    info!("resuming the MQTT request subscriptions after the quarantine");
+                    self.dirty.subscriptions = true;
+                }
             }
             self.flush();
         }
@@ -280,6 +334,7 @@ impl Service {
             Polled::Event(Event::Connected) => {
                 info!(url = %self.url, "connected to the MQTT broker");
                 self.connected = true;
+                self.session = Session::default();
                 self.last_error = None;
                 self.dirty = Dirty {
                     subscriptions: true,
@@ -293,9 +348,27 @@ impl Service {
                 "the MQTT broker refused a subscription (check its ACL): \
                  queries or commands will not arrive"
             ),
-            Polled::Event(Event::Subscribed | Event::DisconnectSent | Event::Other) => {}
+            Polled::ReplayPassed => self.session.replay_passed = true,
+            Polled::Event(Event::Subscribed | Event::DisconnectSent | Event::Other)
+            | Polled::Closed => {}
             Polled::Lost { error, retry_in } => {
                 self.connected = false;
+                self.session.requests = false;
+                let replay_passed = std::mem::take(&mut self.session.replay_passed);
+                match self.poison.on_lost(error.oversized(), replay_passed) {
+                    Verdict::Quarantine(pause) => warn!(
+                        ?pause,
+                        "MQTT messages over max_packet_size keep breaking the connection \
+                         (a 3.1.1 broker cannot be told our limit): not subscribing to \
+                         status/get and commands for a while; clear the retained message, \
+                         and set the broker's max_packet_size (docs/mqtt.md)"
+                    ),
+                    Verdict::Carry if error.oversized() => warn!(
+                        "an MQTT message over max_packet_size broke the connection; \
+                         clearing retained requests before subscribing again"
+                    ),
+                    Verdict::Carry => {}
+                }
                 let text = error.to_string();
                 if self.last_error.as_deref() == Some(text.as_str()) {
                     debug!(url = %self.url, error = %text, ?retry_in, "MQTT broker still unreachable");
@@ -460,12 +533,7 @@ impl Service {
         }
         let mut full = false;
         if self.dirty.subscriptions {
-            let mut filters = vec![self.topics.status_get.clone()];
-            filters.extend(self.command_topics.iter().cloned());
-            if let Some(d) = &self.discovery {
-                filters.push(d.ha_status_topic.clone());
-            }
-            full = self.client.try_subscribe(&filters).is_err();
+            full = !self.subscribe();
             self.dirty.subscriptions = full;
         }
         if self.dirty.availability && !full {
@@ -497,6 +565,47 @@ impl Service {
         }
     }
 
+    /// Subscribes to what this session lacks: the request topics (unless in
+    /// quarantine, see [`Poison`]) and Home Assistant's status. False when
+    /// the queue was full.
+    fn subscribe(&mut self) -> bool {
+        let requests = !self.session.requests && self.poison.suspended_until().is_none();
+        let mut filters = Vec::new();
+        if requests {
+            let mut topics = vec![self.topics.status_get.clone()];
+            topics.extend(self.command_topics.iter().cloned());
+            if self.poison.clear_first() {
+                // An empty retained message deletes the retained one, before
+                // SUBSCRIBE could make the broker replay it (MQTT keeps the
+                // order of one client's packets).
+                for topic in &topics {
+                    if self
+                        .client
+                        .try_publish(topic, Vec::new(), true, None)
+                        .is_err()
+                    {
+                        return false;
+                    }
+                }
+            }
+            filters = topics;
+        }
+        if !self.session.others {
+            if let Some(d) = &self.discovery {
+                filters.push(d.ha_status_topic.clone());
+            }
+        }
+        if !filters.is_empty() && self.client.try_subscribe(&filters).is_err() {
+            return false;
+        }
+        if requests {
+            self.session.requests = true;
+            self.session.replay_passed = false;
+        }
+        self.session.others = true;
+        true
+    }
+
     fn publish_status(&self) -> bool {
         let payload = serde_json::to_vec(&*self.status.borrow()).unwrap_or_default();
         let props = PublishProps {
@@ -509,7 +618,8 @@ impl Service {
     }
 
     /// At shutdown: the final status, retained `offline`, then DISCONNECT
-    /// (which makes the broker drop the last will), within
+    /// (which makes the broker drop the last will), and the broker's close
+    /// of the connection (see [`EventLoop::until_closed`]), within
     /// [`FINAL_STATUS_WAIT`] + [`GOODBYE_TIMEOUT`].
     async fn goodbye(&mut self, events: &mut mpsc::Receiver<Polled>) {
         if !self.connected {
@@ -549,10 +659,8 @@ impl Service {
                         sent = true;
                     }
                     polled = events.recv() => match polled {
-                        None | Some(Polled::Event(Event::DisconnectSent) | Polled::Lost { .. }) => {
-                            return;
-                        }
-                        Some(Polled::Event(_)) => {}
+                        None | Some(Polled::Closed | Polled::Lost { .. }) => return,
+                        Some(Polled::Event(_) | Polled::ReplayPassed) => {}
                     },
                 }
             }

@@ -423,7 +423,7 @@ impl Registrar {
             self.state.proof.clone(),
             self.clock.skew_ms(),
         );
-        self.status.send_modify(|s| {
+        self.update_status(|s| {
             s.machine_id = Some(id);
             s.record_status = Some(status);
             s.proof_verified_at = facts.as_ref().map(|p| p.verified_at);
@@ -437,7 +437,7 @@ impl Registrar {
         self.state.machine_id = None;
         self.state.proof = None;
         self.fields_pushed = false;
-        self.status.send_modify(|s| {
+        self.update_status(|s| {
             s.machine_id = None;
             s.record_status = None;
             s.proof_verified_at = None;

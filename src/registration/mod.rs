@@ -323,6 +323,21 @@ impl Registrar {
         Some(self.clock.until_or_local(point))
     }
 
+    /// Changes facts in the snapshot without changing the state. Readers
+    /// see every change the channel carries (MQTT republishes it), so each
+    /// one gets its own `seq`; a change that changes nothing is not sent.
+    fn update_status(&self, f: impl FnOnce(&mut StatusSnapshot)) {
+        self.status.send_if_modified(|s| {
+            let before = s.clone();
+            f(s);
+            let modified = *s != before;
+            if modified {
+                next_seq(s);
+            }
+            modified
+        });
+    }
+
     /// Publishes a state change (systemd's `STATUS=` follows the channel).
     fn publish(&self, state: AgentState, f: impl FnOnce(&mut StatusSnapshot)) {
         let skew = self.clock.skew_ms();
@@ -334,8 +349,7 @@ impl Registrar {
             if skew.is_some() {
                 s.clock_skew_ms = skew;
             }
-            s.seq += 1;
-            s.timestamp = Timestamp::now();
+            next_seq(s);
             if changed {
                 line = Some(status_line(s));
             }
@@ -353,4 +367,10 @@ impl Registrar {
             }
         }
     }
+}
+
+/// Marks a snapshot as a new one: `seq` names one payload, never two.
+fn next_seq(s: &mut StatusSnapshot) {
+    s.seq += 1;
+    s.timestamp = Timestamp::now();
 }

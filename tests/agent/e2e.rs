@@ -92,6 +92,43 @@ async fn first_start_registers_and_restarts_keep_the_same_record() {
     assert_eq!(orch.machine_ids().await, vec![id.clone()]);
 }
 
+/// Issue #15: `seq` was seen on two different payloads. Facts learnt from
+/// the orchestrator (record status, proof times) changed the snapshot
+/// without a new `seq`, and MQTT republished the changed payload under the
+/// old one. Every snapshot readers can see must have a `seq` of its own.
+#[tokio::test]
+async fn every_published_snapshot_has_its_own_seq() {
+    let orch = Orchestrator::start(|_| {}).await;
+    let robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+    let mut agent = robot.start(&orch.url(), "");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![agent.status.borrow().clone()]));
+    let mut rx = agent.status.clone();
+    let out = seen.clone();
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let s = rx.borrow_and_update().clone();
+            out.lock().unwrap().push(s);
+        }
+    });
+    agent.wait_state(AgentState::Active, WAIT).await;
+    // A renewal on request: more facts change (proof times).
+    agent.reregister(WAIT).await.unwrap();
+    agent.stop(STOP).await;
+    let seen = seen.lock().unwrap();
+    let mut by_seq = std::collections::BTreeMap::new();
+    for s in seen.iter() {
+        if let Some(other) = by_seq.insert(s.seq, s) {
+            assert_eq!(
+                other, s,
+                "two different snapshots published as seq {}",
+                s.seq
+            );
+        }
+    }
+    assert!(by_seq.len() >= 4, "{by_seq:#?}");
+}
+
 #[tokio::test]
 async fn changed_machine_fields_are_pushed_at_start() {
     let orch = Orchestrator::start(|_| {}).await;

@@ -5,5 +5,6 @@
 mod support;
 
 mod interface;
+mod poison;
 mod security;
 mod will;

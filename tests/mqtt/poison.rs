@@ -1,0 +1,124 @@
+//! Issue #15 item 7: a message over the agent's `max_packet_size` on a topic
+//! it subscribes to. MQTT 3.1.1 cannot tell the broker our limit, so the
+//! broker forwards it and the client must drop the connection; a retained
+//! one used to be replayed after every resubscription, and the agent
+//! reconnected in a loop (8 times in 30 s in the report) with `status`
+//! failing until someone cleared it. Mosquitto's own `mosquitto_pub` plants
+//! the message; the broker's log counts the agent's connections.
+
+use std::path::Path;
+
+use crate::support::{Agent, Answer, WAIT, broker, config, publish, wait_retained};
+use peaqos_agent::mqtt::{self, Protocol};
+use peaqos_agent::status::AgentState;
+
+/// Over the default `max_packet_size` (64 KiB).
+const POISON_SIZE: usize = 70_000;
+
+fn connections(log: &Path, client_id: &str) -> usize {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let needle = format!(" as {client_id} ");
+    text.lines().filter(|l| l.contains(&needle)).count()
+}
+
+#[test]
+fn a_retained_oversized_query_costs_a_3_1_1_agent_one_reconnection_and_status_still_answers() {
+    use std::os::unix::fs::PermissionsExt;
+    let logs = tempfile::tempdir().unwrap();
+    // Mosquitto started as root drops to its own user before logging.
+    std::fs::set_permissions(logs.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let log = logs.path().join("mosquitto.log");
+    let Some((broker, tools)) = broker(
+        "mqtt_retained_poison",
+        &format!("log_dest file {}\nlog_type all\n", log.display()),
+    ) else {
+        return;
+    };
+    let poison = logs.path().join("poison");
+    std::fs::write(&poison, vec![b'x'; POISON_SIZE]).unwrap();
+    let poison = poison.to_str().unwrap();
+    publish(
+        broker.port(),
+        &tools,
+        &[
+            "-V",
+            "311",
+            "-r",
+            "-t",
+            "peaqos/r1/status/get",
+            "-f",
+            poison,
+        ],
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cfg = config(&broker, Protocol::V311);
+    let agent = Agent::start(&cfg, "r1", Answer::Ok);
+    agent.update(|s| s.state = AgentState::Active);
+    // The retained poison is gone (the agent cleared it before subscribing
+    // again), and the agent answers, several times over.
+    wait_retained(&broker, &tools, "peaqos/r1/availability", |p| p == "online");
+    for _ in 0..5 {
+        let answer = rt
+            .block_on(mqtt::query_status(&cfg, "r1", WAIT))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}\nbroker log:\n{}",
+                    crate::support::error_chain(&e),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        assert_eq!(answer["state"], "active");
+    }
+    let seen = connections(&log, "peaqos-agent-r1");
+    assert!(
+        (1..=2).contains(&seen),
+        "the agent connected {seen} times (one drop for the poison at most):\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Someone plants it again while the agent is subscribed: one more
+    // reconnection, cleared again, still answering.
+    publish(
+        broker.port(),
+        &tools,
+        &[
+            "-V",
+            "311",
+            "-r",
+            "-t",
+            "peaqos/r1/status/get",
+            "-f",
+            poison,
+        ],
+    );
+    // 3.1.1 cannot spare that one reconnection (a query sent meanwhile is
+    // lost): wait for it, then for `online` again.
+    let deadline = std::time::Instant::now() + WAIT;
+    while connections(&log, "peaqos-agent-r1") == seen {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the live poison did not break the connection"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    wait_retained(&broker, &tools, "peaqos/r1/availability", |p| p == "online");
+    for _ in 0..3 {
+        let answer = rt
+            .block_on(mqtt::query_status(&cfg, "r1", WAIT))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}\nbroker log:\n{}",
+                    crate::support::error_chain(&e),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        assert_eq!(answer["state"], "active");
+    }
+    let again = connections(&log, "peaqos-agent-r1");
+    assert!(
+        again <= seen + 1,
+        "{again} connections after the second poison (had {seen})"
+    );
+}
