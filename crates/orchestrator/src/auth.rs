@@ -1,17 +1,27 @@
 //! Platform API keys (`x-api-key`), when `PEAQOS_REQUIRE_API_AUTH` is on.
 //!
 //! Keys come from a file, one per line (`#` comments and blank lines
-//! skipped). Only their keccak-256 digests are kept, and a presented key is
-//! compared digest to digest in constant time against every key, so neither
-//! timing nor a memory dump gives a key away.
+//! skipped): `NAME KEY`, or the key alone as files before names had it.
+//! Only their keccak-256 digests are kept, and a presented key is compared
+//! digest to digest in constant time against every key, so neither timing
+//! nor a memory dump gives a key away.
+//!
+//! A key's name is who the audit trail says made a change. A key without
+//! one is named `key-` and the first 8 hex digits of its digest: stable,
+//! and 32 bits of a hash say nothing usable about a 16+ character key.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha3::{Digest, Keccak256};
-use subtle::{Choice, ConstantTimeEq};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+
+use crate::audit::Caller;
 
 /// Keys shorter than this are refused at start-up: they can be guessed.
 pub const MIN_KEY_LEN: usize = 16;
+/// Longest key name.
+pub const MAX_NAME_LEN: usize = 64;
 
 /// Why the keys file cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,22 +39,25 @@ pub enum ApiKeysError {
 }
 
 /// Outcome of checking a request's key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyCheck {
-    Accepted,
+    /// A known key, and who it names.
+    Accepted(Caller),
     Missing,
     Invalid,
 }
 
-/// The accepted keys, as digests.
+/// The accepted keys, as digests, with their names.
 pub struct ApiKeys {
     digests: Vec<[u8; 32]>,
+    names: Vec<Arc<str>>,
 }
 
 impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiKeys")
             .field("count", &self.digests.len())
+            .field("names", &self.names)
             .finish()
     }
 }
@@ -65,15 +78,26 @@ impl ApiKeys {
     /// Parses key-file text; errors name the line, never the key.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ApiKeysError> {
         let mut digests = Vec::new();
+        let mut names: Vec<Arc<str>> = Vec::new();
         for (index, line) in text.lines().enumerate() {
-            let key = line.trim();
-            if key.is_empty() || key.starts_with('#') {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
                 continue;
             }
             let bad = |message: String| ApiKeysError::Line {
                 path: path.to_owned(),
                 line: index + 1,
                 message,
+            };
+            let mut words = line.split_whitespace();
+            let (name, key) = match (words.next(), words.next(), words.next()) {
+                (Some(key), None, _) => (None, key),
+                (Some(name), Some(key), None) => (Some(name), key),
+                _ => {
+                    return Err(bad(
+                        "expected `NAME KEY` or a key alone (a key has no spaces)".to_owned(),
+                    ));
+                }
             };
             if key.len() < MIN_KEY_LEN {
                 return Err(bad(format!("key is shorter than {MIN_KEY_LEN} characters")));
@@ -84,14 +108,26 @@ impl ApiKeys {
                         .to_owned(),
                 ));
             }
-            digests.push(digest(key.as_bytes()));
+            let digest = digest(key.as_bytes());
+            let name: Arc<str> = match name {
+                Some(name) => {
+                    check_name(name).map_err(bad)?;
+                    if names.iter().any(|n| &**n == name) {
+                        return Err(bad(format!("the name {name:?} is given twice")));
+                    }
+                    name.into()
+                }
+                None => format!("key-{}", hex::encode(&digest[..4])).into(),
+            };
+            digests.push(digest);
+            names.push(name);
         }
         if digests.is_empty() {
             return Err(ApiKeysError::Empty {
                 path: path.to_owned(),
             });
         }
-        Ok(Self { digests })
+        Ok(Self { digests, names })
     }
 
     /// Checks a presented header value.
@@ -100,17 +136,40 @@ impl ApiKeys {
             return KeyCheck::Missing;
         };
         let presented = digest(presented);
-        // Every key is compared; no early exit reveals which one matched.
-        let mut found = Choice::from(0);
-        for d in &self.digests {
-            found |= d.ct_eq(&presented);
+        // Every key is compared and the match selected without a branch:
+        // no early exit reveals which one matched.
+        let mut found = u32::MAX;
+        for (i, d) in self.digests.iter().enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            found = u32::conditional_select(&found, &i, d.ct_eq(&presented));
         }
-        if bool::from(found) {
-            KeyCheck::Accepted
-        } else {
-            KeyCheck::Invalid
+        match usize::try_from(found).ok().and_then(|i| self.names.get(i)) {
+            Some(name) => KeyCheck::Accepted(Caller {
+                key_name: Arc::clone(name),
+            }),
+            None => KeyCheck::Invalid,
         }
     }
+}
+
+/// Names are for logs and the audit trail: short, plain, and never an
+/// address (an actor that looks like one would pass for a signer).
+fn check_name(name: &str) -> Result<(), String> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("key name is longer than {MAX_NAME_LEN} characters"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b))
+    {
+        return Err("key name may hold only letters, digits and . _ - @".to_owned());
+    }
+    if name.starts_with("0x") || name == "anonymous" {
+        return Err(format!(
+            "{name:?} cannot name a key (it reads as another actor)"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -126,18 +185,51 @@ mod tests {
             "# fleet A\nkey-aaaaaaaaaaaaaaaa\n\n  key-bbbbbbbbbbbbbbbb  \n",
         )
         .unwrap();
-        assert_eq!(
-            keys.check(Some(b"key-aaaaaaaaaaaaaaaa")),
-            KeyCheck::Accepted
+        let name = |k: &[u8]| match keys.check(Some(k)) {
+            KeyCheck::Accepted(c) => c.key_name.to_string(),
+            other => panic!("{other:?}"),
+        };
+        let unnamed = name(b"key-aaaaaaaaaaaaaaaa");
+        assert!(
+            unnamed.starts_with("key-") && unnamed.len() == 12,
+            "{unnamed}"
         );
-        assert_eq!(
-            keys.check(Some(b"key-bbbbbbbbbbbbbbbb")),
-            KeyCheck::Accepted
-        );
+        assert_eq!(unnamed, name(b"key-aaaaaaaaaaaaaaaa"), "stable");
+        assert_ne!(unnamed, name(b"key-bbbbbbbbbbbbbbbb"));
         assert_eq!(keys.check(Some(b"key-cccccccccccccccc")), KeyCheck::Invalid);
         assert_eq!(keys.check(Some(b"")), KeyCheck::Invalid);
         assert_eq!(keys.check(None), KeyCheck::Missing);
         assert!(!format!("{keys:?}").contains("aaaa"));
+    }
+
+    #[test]
+    fn keys_can_be_named_beside_unnamed_ones() {
+        let keys = ApiKeys::parse(
+            Path::new(PATH),
+            "fleet-a key-aaaaaaaaaaaaaaaa\nkey-bbbbbbbbbbbbbbbb\n  ops@example  key-cccccccccccccccc\n",
+        )
+        .unwrap();
+        let name = |k: &[u8]| match keys.check(Some(k)) {
+            KeyCheck::Accepted(c) => c.key_name.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(name(b"key-aaaaaaaaaaaaaaaa"), "fleet-a");
+        assert_eq!(name(b"key-cccccccccccccccc"), "ops@example");
+        assert!(name(b"key-bbbbbbbbbbbbbbbb").starts_with("key-"));
+        // The name is not a key.
+        assert_eq!(keys.check(Some(b"fleet-a")), KeyCheck::Invalid);
+        for (text, says) in [
+            ("a b key-aaaaaaaaaaaaaaaa\n", "NAME KEY"),
+            ("0xabc key-aaaaaaaaaaaaaaaa\n", "cannot name"),
+            ("fleet/a key-aaaaaaaaaaaaaaaa\n", "only letters"),
+            ("x key-aaaaaaaaaaaaaaaa\nx key-bbbbbbbbbbbbbbbb\n", "twice"),
+        ] {
+            let shown = ApiKeys::parse(Path::new(PATH), text)
+                .unwrap_err()
+                .to_string();
+            assert!(shown.contains(says), "{text:?}: {shown}");
+            assert!(!shown.contains("key-aaaa"), "{shown}");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! ```
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod clock;

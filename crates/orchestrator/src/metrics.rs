@@ -53,6 +53,7 @@ pub struct Metrics {
     pub(crate) challenges_issued: Counter,
     pub(crate) rate_limited: Counter,
     pub(crate) challenges_collected: Counter,
+    pub(crate) audit_events_pruned: Counter,
 }
 
 impl Default for Metrics {
@@ -131,6 +132,12 @@ impl Metrics {
             "Expired challenges deleted by the garbage collector",
             challenges_collected.clone(),
         );
+        let audit_events_pruned = Counter::default();
+        registry.register(
+            "audit_events_pruned",
+            "Audit events deleted after their retention",
+            audit_events_pruned.clone(),
+        );
         Self {
             registry,
             requests,
@@ -144,6 +151,7 @@ impl Metrics {
             challenges_issued,
             rate_limited,
             challenges_collected,
+            audit_events_pruned,
         }
     }
 

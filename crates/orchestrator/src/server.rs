@@ -1,6 +1,6 @@
 //! Start-up and shutdown: opening the store and the controller source,
 //! serving until told to stop, and the background collection of expired
-//! challenges.
+//! challenges and of audit events past their retention.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -170,9 +170,16 @@ impl Server {
         }
         let stop = CancellationToken::new();
         let collector = tokio::spawn(collect_expired_challenges(Arc::clone(&app), stop.clone()));
+        let pruner = app
+            .config
+            .audit_retention
+            .map(|keep| tokio::spawn(prune_audit_events(Arc::clone(&app), keep, stop.clone())));
         serve::serve(listener, http::router(Arc::clone(&app)), limits, shutdown).await;
         stop.cancel();
         let _ = collector.await;
+        if let Some(pruner) = pruner {
+            let _ = pruner.await;
+        }
         store.close().await;
         tracing::info!("peaqos-orchestrator stopped");
         Ok(())
@@ -210,6 +217,50 @@ async fn collect_expired_challenges(app: Arc<App>, stop: CancellationToken) {
                 tracing::debug!(deleted = n, "expired challenges collected");
             }
             Err(e) => tracing::warn!(error = %error_chain(&e), "challenge collection failed"),
+        }
+    }
+}
+
+/// Audit events deleted per statement: small enough that a prune never
+/// holds locks or a transaction long, whatever the backlog.
+const PRUNE_BATCH: u32 = 1000;
+
+/// Deletes audit events older than `keep`, in batches of [`PRUNE_BATCH`]
+/// with a pause between batches (writers go first), every minute at most
+/// (a tenth of the retention when shorter).
+async fn prune_audit_events(app: Arc<App>, keep: Duration, stop: CancellationToken) {
+    let period = (keep / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+        let now = app.now();
+        let Some(cutoff) =
+            peaqos_protocol::Timestamp::from_unix_millis(now.unix_millis().saturating_sub(keep_ms))
+        else {
+            continue;
+        };
+        loop {
+            match app.store.prune_audit_events(cutoff, PRUNE_BATCH).await {
+                Ok(n) => {
+                    app.metrics.audit_events_pruned.inc_by(n);
+                    if n < u64::from(PRUNE_BATCH) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "audit event pruning failed");
+                    break;
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
         }
     }
 }

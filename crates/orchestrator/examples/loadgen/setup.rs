@@ -146,7 +146,7 @@ pub(crate) async fn seed(url: &str, count: u64) -> anyhow::Result<Vec<Seeded>> {
         let (store, records) = (Arc::clone(&store), Arc::clone(&records));
         tasks.spawn(async move {
             for r in records.iter().skip(w).step_by(writers) {
-                store.insert_machine(r, None).await?;
+                store.insert_machine(r, None, None).await?;
             }
             anyhow::Ok(())
         });

@@ -140,6 +140,12 @@ impl Config {
         if self.request_timeout.is_zero() {
             return invalid(NAMES.request_timeout, "must be at least 1 second");
         }
+        if self.audit_retention.is_some_and(|d| d.is_zero()) {
+            return invalid(
+                NAMES.audit_retention,
+                "must be at least 1 second (leave it unset to keep every event)",
+            );
+        }
         Ok(())
     }
 }

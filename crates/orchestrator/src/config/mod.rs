@@ -206,6 +206,14 @@ settings! {
     /// limit allows, less 128 for the database, the MCR client and the log.
     max_connections: Option<u32> as Option<Num<u32>> = None,
         env "PEAQOS_MAX_CONNECTIONS", file "max_connections";
+    /// Record every machine change as an audit event, in the change's
+    /// transaction. Off only to measure what the trail costs.
+    audit_trail: bool as Flag = true,
+        env "PEAQOS_AUDIT_TRAIL", file "audit_trail";
+    /// Audit events older than this are deleted, in batches; unset keeps
+    /// them all.
+    audit_retention: Option<Duration> as Option<Secs> = None,
+        env "PEAQOS_AUDIT_RETENTION_SECS", file "audit_retention_secs";
     /// Log filter when `RUST_LOG` is unset (`info` when neither is).
     log_level: Option<String> as Option<Text> = None,
         env "PEAQOS_LOG_LEVEL", file "log_level";

@@ -2,6 +2,7 @@
 //! records. Each handler parses (path, query, body, field bounds), calls the
 //! service, and maps its answer; the rules live in `lifecycle`.
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -15,6 +16,7 @@ use serde::Deserialize;
 
 use super::validate::{validate_create, validate_update};
 use super::{ApiError, ApiJson, AppState};
+use crate::audit::Caller;
 use crate::ids;
 use crate::store::PageKey;
 
@@ -44,12 +46,18 @@ fn machine_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiEr
     }
 }
 
+/// Whose API key a request came with (none when auth is off).
+type CallerExt = Option<Extension<Caller>>;
+
 async fn create(
     State(app): State<AppState>,
+    caller: CallerExt,
     ApiJson(request): ApiJson<CreateMachineRequest>,
 ) -> Result<(StatusCode, Item), ApiError> {
     validate_create(&request)?;
-    let machine = app.create_machine(request).await?;
+    let machine = app
+        .create_machine(request, caller.as_ref().map(|c| &c.0))
+        .await?;
     Ok((StatusCode::CREATED, item(machine)))
 }
 
@@ -63,20 +71,24 @@ async fn read(
 
 async fn update(
     State(app): State<AppState>,
+    caller: CallerExt,
     path: Result<Path<String>, PathRejection>,
     ApiJson(request): ApiJson<UpdateMachineRequest>,
 ) -> Result<Item, ApiError> {
     let id = machine_id(path)?;
     validate_update(&request)?;
-    Ok(item(app.update_machine(&id, request).await?))
+    let caller = caller.as_ref().map(|c| &c.0);
+    Ok(item(app.update_machine(&id, request, caller).await?))
 }
 
 async fn archive(
     State(app): State<AppState>,
+    caller: CallerExt,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
     let id = machine_id(path)?;
-    app.archive_machine(&id).await?;
+    app.archive_machine(&id, caller.as_ref().map(|c| &c.0))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -104,7 +116,7 @@ fn decode_cursor(cursor: &str) -> Option<PageKey> {
     })
 }
 
-fn parse_limit(limit: Option<&str>) -> Result<u32, ApiError> {
+pub(super) fn parse_limit(limit: Option<&str>) -> Result<u32, ApiError> {
     let Some(text) = limit else {
         return Ok(DEFAULT_LIMIT);
     };

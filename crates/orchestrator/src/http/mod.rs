@@ -3,6 +3,7 @@
 //! API-key auth). Handlers parse a request, call the service, and map its
 //! answer; errors become the contract's envelope in [`error`].
 
+pub mod audit;
 pub mod challenges;
 pub mod error;
 pub mod extract;
@@ -61,6 +62,7 @@ const ROUTES: &[&str] = &[
     paths::CHALLENGES,
     paths::MACHINES,
     "/api/v1/machines/{machineId}",
+    audit::AUDIT_EVENTS,
 ];
 
 fn route_label(matched: Option<&MatchedPath>) -> &'static str {
@@ -106,8 +108,9 @@ async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Respo
     response
 }
 
-/// Refuses requests without a valid `x-api-key` (when auth is on).
-async fn require_api_key(State(app): State<AppState>, req: Request, next: Next) -> Response {
+/// Refuses requests without a valid `x-api-key` (when auth is on), and
+/// tells the handlers whose key it was (the audit trail's actor).
+async fn require_api_key(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
     let Some(keys) = &app.api_keys else {
         return next.run(req).await;
     };
@@ -116,7 +119,10 @@ async fn require_api_key(State(app): State<AppState>, req: Request, next: Next) 
         .get(paths::API_KEY_HEADER)
         .map(HeaderValue::as_bytes);
     match keys.check(presented) {
-        KeyCheck::Accepted => next.run(req).await,
+        KeyCheck::Accepted(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
         KeyCheck::Missing => ApiError::new(
             ErrorCode::AuthRequired,
             "an API key is required (header x-api-key)",
@@ -148,7 +154,8 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 pub fn router(app: AppState) -> Router {
     let mut api = Router::new()
         .merge(challenges::router())
-        .merge(machines::router());
+        .merge(machines::router())
+        .merge(audit::router());
     let mut operations = Router::new().merge(metrics::router());
     if app.api_keys.is_some() {
         api = api.route_layer(middleware::from_fn_with_state(app.clone(), require_api_key));

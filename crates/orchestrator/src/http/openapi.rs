@@ -72,6 +72,40 @@ struct Readiness {
     checks: Vec<ReadinessCheck>,
 }
 
+/// One change to a resource, in snake_case as the SDK reads it.
+#[derive(ToSchema)]
+struct AuditEvent {
+    /// Decimal; ids follow commit order without gaps, on every replica. An
+    /// id is also a cursor.
+    id: String,
+    /// The API key's name (auth on), else the signer of the change's proof,
+    /// else `anonymous`.
+    actor: String,
+    /// `machine.created`, `machine.updated`, `machine.proof_renewed`,
+    /// `machine.activated`, `machine.blocked`, `machine.drafted`,
+    /// `machine.archived`.
+    #[serde(rename = "type")]
+    kind: String,
+    /// `machine`.
+    resource_type: String,
+    resource_id: String,
+    /// What changed: `fields` (wire names), `old_status` and `new_status`,
+    /// `signer` and `challenge_id` of a fresh proof; `identity_ref` on
+    /// creation.
+    payload: BTreeMap<String, serde_json::Value>,
+    #[schema(format = DateTime)]
+    created_at: String,
+}
+
+#[derive(ToSchema)]
+struct AuditEventList {
+    /// Oldest first.
+    items: Vec<AuditEvent>,
+    /// Set when the page is full; `null` at the end of the log as committed
+    /// now (the last item's id resumes from there later).
+    next_cursor: Option<String>,
+}
+
 /// Error codes clients branch on.
 #[derive(ToSchema)]
 #[allow(clippy::upper_case_acronyms, non_camel_case_types)]
@@ -353,6 +387,20 @@ fn update_machine() {}
         (status = 404, description = "NOT_FOUND", body = ErrorResponse)))]
 fn archive_machine() {}
 
+#[utoipa::path(get, path = "/api/v1/audit-events", tag = "observability",
+    params(
+        ("machineId" = Option<String>, Query, description = "Only this machine's events (also `machine_id`)"),
+        ("resourceType" = Option<String>, Query, description = "`machine` (also `resource_type`)"),
+        ("limit" = Option<u32>, Query, description = "1..500, default 100", minimum = 1, maximum = 500),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page, or any event id")),
+    security(("apiKey" = [])),
+    responses(
+        (status = 200, description = "Audit events after the cursor, oldest first", body = AuditEventList),
+        (status = 400, description = "VALIDATION_ERROR: bad limit, cursor, machine id or resource type", body = ErrorResponse),
+        (status = 401, description = "AUTH_REQUIRED or AUTH_INVALID", body = ErrorResponse),
+        (status = 503, description = "SERVICE_UNAVAILABLE: the database is not answering", body = ErrorResponse)))]
+fn list_audit_events() {}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -369,7 +417,8 @@ fn archive_machine() {}
         create_machine,
         get_machine,
         update_machine,
-        archive_machine
+        archive_machine,
+        list_audit_events
     ),
     components(schemas(
         Health,
@@ -378,6 +427,8 @@ fn archive_machine() {}
         ReadinessCheck,
         ReadinessStatus,
         Readiness,
+        AuditEvent,
+        AuditEventList,
         ErrorCode,
         ErrorBody,
         ErrorResponse,

@@ -6,6 +6,7 @@ use peaqos_protocol::{CreateMachineRequest, Machine, UpdateMachineRequest};
 
 use super::ServiceError;
 use crate::app::App;
+use crate::audit::{self, Caller};
 use crate::ids;
 use crate::lifecycle;
 use crate::store::{Consume, MachineRecord, PageKey, StoreError, StoredStatus};
@@ -43,6 +44,7 @@ impl App {
     pub async fn create_machine(
         &self,
         request: CreateMachineRequest,
+        caller: Option<&Caller>,
     ) -> Result<Machine, ServiceError> {
         lifecycle::check_create(request.identity_proof.is_some(), self.policy())?;
         let identity = request.identity_ref;
@@ -77,8 +79,12 @@ impl App {
             identity: &record.identity,
             now,
         });
+        let event = self.config.audit_trail.then(|| {
+            let signer = record.proof.as_ref().map(|p| &p.signer_address);
+            audit::created(&record, audit::actor(caller, signer))
+        });
         self.store
-            .insert_machine(&record, consume)
+            .insert_machine(&record, consume, event.as_ref())
             .await
             .map_err(write_refused)?;
         tracing::info!(machine = %record.id, identity = %record.identity, "machine created");
@@ -105,6 +111,7 @@ impl App {
         &self,
         id: &str,
         mut request: UpdateMachineRequest,
+        caller: Option<&Caller>,
     ) -> Result<Machine, ServiceError> {
         let policy = self.policy();
         let proof_input = request.identity_proof.take();
@@ -128,6 +135,10 @@ impl App {
         if fresh.is_none() && target == Some(StoredStatus::Active) {
             lifecycle::check_activation_with_stored_proof(&machine, policy, now)?;
         }
+        // The event describes the change from the record this decision
+        // was made on.
+        let before = self.config.audit_trail.then(|| machine.clone());
+        let renewed = fresh.is_some();
         apply(&mut machine, request);
         if let Some(proof) = fresh {
             machine.proof = Some(proof);
@@ -141,9 +152,14 @@ impl App {
             identity: &machine.identity,
             now,
         });
+        let event = before.map(|before| {
+            let signer = machine.proof.as_ref().filter(|_| renewed);
+            let actor = audit::actor(caller, signer.map(|p| &p.signer_address));
+            audit::updated(&before, &machine, renewed, actor)
+        });
         if !self
             .store
-            .update_machine(&machine, consume)
+            .update_machine(&machine, consume, event.as_ref())
             .await
             .map_err(write_refused)?
         {
@@ -154,8 +170,17 @@ impl App {
 
     /// Archives (soft-deletes) a machine; archiving an archived one again
     /// succeeds.
-    pub async fn archive_machine(&self, id: &str) -> Result<(), ServiceError> {
-        match self.store.archive_machine(id, self.now()).await? {
+    pub async fn archive_machine(
+        &self,
+        id: &str,
+        caller: Option<&Caller>,
+    ) -> Result<(), ServiceError> {
+        let actor = self.config.audit_trail.then(|| audit::actor(caller, None));
+        match self
+            .store
+            .archive_machine(id, self.now(), actor.as_deref())
+            .await?
+        {
             None => Err(ServiceError::not_found("machine")),
             Some(archived_now) => {
                 if archived_now {

@@ -4,10 +4,12 @@
 //! returns [`ServiceError`], never an HTTP type; `http` parses requests,
 //! calls in here, and maps the answer.
 
+mod audit;
 mod challenges;
 mod error;
 mod identity;
 mod machines;
 
+pub use audit::AuditPage;
 pub use error::ServiceError;
 pub use machines::Page;

@@ -10,9 +10,14 @@
 //! "one machine per identity". The pending-challenge bound is a count in
 //! the database: in the insert statement on SQLite, refreshed once a second
 //! on PostgreSQL (see `pending`); it caps storage, it is not a quota.
+//!
+//! Every machine write can carry its audit event (`crate::audit`), which
+//! the store inserts in the same transaction; `None` writes none (the
+//! trail switched off, or a test of the machine write alone).
 
 pub mod error;
 mod pending;
+mod pg_audit;
 pub mod pg_pool;
 pub mod postgres;
 pub mod row_cache;
@@ -26,6 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use peaqos_protocol::{IdentityRef, MachineIdentityProof, MachineStatus, Timestamp};
+
+use crate::audit::{AuditEvent, AuditQuery, NewEvent};
 
 pub use error::StoreError;
 pub use postgres::PostgresStore;
@@ -222,11 +229,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes challenges that expired before `now`; returns how many.
     fn delete_expired_challenges(&self, now: Timestamp) -> StoreFuture<'_, u64>;
 
-    /// Inserts a new machine, consuming `consume` in the same transaction.
+    /// Inserts a new machine, consuming `consume` and inserting `event` in
+    /// the same transaction.
     fn insert_machine<'a>(
         &'a self,
         machine: &'a MachineRecord,
         consume: Option<Consume<'a>>,
+        event: Option<&'a NewEvent>,
     ) -> StoreFuture<'a, ()>;
 
     /// Any machine by id, archived ones included.
@@ -236,17 +245,34 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn live_machine_for<'a>(&'a self, identity: &'a IdentityRef)
     -> StoreFuture<'a, Option<String>>;
 
-    /// Replaces a live machine's mutable fields, consuming `consume` in the
-    /// same transaction. `false` if the machine is gone or archived.
+    /// Replaces a live machine's mutable fields, consuming `consume` and
+    /// inserting `event` in the same transaction. `false` if the machine is
+    /// gone or archived (then nothing is written).
     fn update_machine<'a>(
         &'a self,
         machine: &'a MachineRecord,
         consume: Option<Consume<'a>>,
+        event: Option<&'a NewEvent>,
     ) -> StoreFuture<'a, bool>;
 
     /// Archives a machine. `None` if there is no such machine; otherwise
-    /// whether this call archived it (`false`: it already was).
-    fn archive_machine<'a>(&'a self, id: &'a str, now: Timestamp) -> StoreFuture<'a, Option<bool>>;
+    /// whether this call archived it (`false`: it already was). With an
+    /// `actor`, an archive records a `machine.archived` event with the
+    /// status it replaced, in the same transaction.
+    fn archive_machine<'a>(
+        &'a self,
+        id: &'a str,
+        now: Timestamp,
+        actor: Option<&'a str>,
+    ) -> StoreFuture<'a, Option<bool>>;
+
+    /// Up to `query.limit` audit events with ids above `query.after`, in id
+    /// (commit) order.
+    fn list_audit_events<'a>(&'a self, query: &'a AuditQuery) -> StoreFuture<'a, Vec<AuditEvent>>;
+
+    /// Deletes up to `batch` of the oldest events, in id order, that were
+    /// written before `before`; returns how many.
+    fn prune_audit_events(&self, before: Timestamp, batch: u32) -> StoreFuture<'_, u64>;
 
     /// Up to `limit` live machines after `after`, in keyset order.
     fn list_machines<'a>(

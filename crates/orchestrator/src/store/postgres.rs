@@ -23,12 +23,17 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions}
 use sqlx::{Connection as _, Postgres, Row};
 
 use super::pending::{PendingEstimate, Room};
+use super::pg_audit;
 use super::pg_pool::PgPool;
-use super::rows::{challenge_from_row, machine_columns, machine_from_row, proof_json, to_json};
+use super::rows::{
+    audit_columns, audit_event_from_row, challenge_from_row, machine_columns, machine_from_row,
+    proof_json, to_json,
+};
 use super::{
     Backend, ChallengeInsert, ChallengeRecord, CloseFuture, Consume, MachineRecord, PageKey,
     PoolSettings, Store, StoreError, StoreFuture,
 };
+use crate::audit::{AuditEvent, AuditQuery, EventType, NewEvent};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -214,6 +219,16 @@ fn bind_update(query: PgQuery, m: &MachineRecord) -> PgQuery {
         .bind(m.id.clone())
 }
 
+/// Binds an event's five columns as the next parameters.
+fn bind_event(query: PgQuery, e: &NewEvent) -> PgQuery {
+    query
+        .bind(e.actor.clone())
+        .bind(e.kind.as_str())
+        .bind(e.resource_id.clone())
+        .bind(e.payload.to_string())
+        .bind(e.created_at.unix_millis())
+}
+
 fn violates_live_identity(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db)
         if db.is_unique_violation() && db.constraint() == Some(LIVE_IDENTITY_INDEX))
@@ -324,19 +339,44 @@ impl Store for PostgresStore {
         &'a self,
         m: &'a MachineRecord,
         consume: Option<Consume<'a>>,
+        event: Option<&'a NewEvent>,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             for _ in 0..INSERT_ATTEMPTS {
-                let query = match &consume {
-                    None => bind_machine(sqlx::query(INSERT_MACHINE_SQL), m),
-                    Some(c) => bind_machine(sqlx::query(INSERT_MACHINE_CONSUMING_SQL), m)
+                let query = match (&consume, event) {
+                    (None, None) => bind_machine(sqlx::query(INSERT_MACHINE_SQL), m),
+                    (Some(c), None) => bind_machine(sqlx::query(INSERT_MACHINE_CONSUMING_SQL), m)
                         .bind(c.challenge_id.to_owned())
                         .bind(c.identity.canonical())
                         .bind(c.now.unix_millis()),
+                    (None, Some(e)) => bind_event(
+                        bind_machine(sqlx::query(pg_audit::INSERT_AUDITED_SQL), m),
+                        e,
+                    ),
+                    (Some(c), Some(e)) => bind_event(
+                        bind_machine(sqlx::query(pg_audit::INSERT_CONSUMING_AUDITED_SQL), m),
+                        e,
+                    )
+                    .bind(c.challenge_id.to_owned())
+                    .bind(c.identity.canonical())
+                    .bind(c.now.unix_millis()),
                 };
-                match self.pool.run(|c| Box::pin(query.execute(c))).await {
-                    Ok(done) if done.rows_affected() == 1 => return Ok(()),
-                    Ok(_) => return Err(StoreError::ChallengeGone),
+                // Without the trail the insert's own count says whether it
+                // happened; with it, the count of events written.
+                let written = if event.is_some() {
+                    self.pool
+                        .run(|c| Box::pin(query.fetch_one(c)))
+                        .await
+                        .and_then(|row| Ok(row.try_get::<i64, _>("written")? == 1))
+                } else {
+                    self.pool
+                        .run(|c| Box::pin(query.execute(c)))
+                        .await
+                        .map(|done| done.rows_affected() == 1)
+                };
+                match written {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => return Err(StoreError::ChallengeGone),
                     Err(StoreError::Database(e)) if violates_live_identity(&e) => {
                         if let Some(machine_id) = self.live_machine(&m.identity).await? {
                             return Err(StoreError::IdentityTaken { machine_id });
@@ -377,17 +417,30 @@ impl Store for PostgresStore {
         &'a self,
         m: &'a MachineRecord,
         consume: Option<Consume<'a>>,
+        event: Option<&'a NewEvent>,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let Some(c) = consume else {
+                if let Some(e) = event {
+                    let query =
+                        bind_event(bind_update(sqlx::query(pg_audit::UPDATE_AUDITED_SQL), m), e);
+                    let row = self.pool.run(|c| Box::pin(query.fetch_one(c))).await?;
+                    return Ok(row.try_get::<i64, _>("written")? == 1);
+                }
                 let query = bind_update(sqlx::query(UPDATE_MACHINE_SQL), m);
                 let done = self.pool.run(|c| Box::pin(query.execute(c))).await?;
                 return Ok(done.rows_affected() == 1);
             };
-            let query = bind_update(sqlx::query(UPDATE_MACHINE_CONSUMING_SQL), m)
-                .bind(c.challenge_id.to_owned())
-                .bind(c.identity.canonical())
-                .bind(c.now.unix_millis());
+            let query = match event {
+                Some(e) => bind_event(
+                    bind_update(sqlx::query(pg_audit::UPDATE_CONSUMING_AUDITED_SQL), m),
+                    e,
+                ),
+                None => bind_update(sqlx::query(UPDATE_MACHINE_CONSUMING_SQL), m),
+            }
+            .bind(c.challenge_id.to_owned())
+            .bind(c.identity.canonical())
+            .bind(c.now.unix_millis());
             let row = self.pool.run(|c| Box::pin(query.fetch_one(c))).await?;
             let live: bool = row.try_get("live")?;
             let updated: bool = row.try_get("updated")?;
@@ -399,23 +452,84 @@ impl Store for PostgresStore {
         })
     }
 
-    fn archive_machine<'a>(&'a self, id: &'a str, now: Timestamp) -> StoreFuture<'a, Option<bool>> {
+    fn archive_machine<'a>(
+        &'a self,
+        id: &'a str,
+        now: Timestamp,
+        actor: Option<&'a str>,
+    ) -> StoreFuture<'a, Option<bool>> {
         Box::pin(async move {
-            // Both parts see the same snapshot: `found` is whether the
-            // machine existed when the statement began.
-            let query = sqlx::query(
-                "WITH archived AS (\
-                    UPDATE machines SET status = 'archived', updated_at = $2 \
-                    WHERE id = $1 AND status <> 'archived' RETURNING id) \
-                 SELECT EXISTS (SELECT 1 FROM archived) AS archived, \
-                        EXISTS (SELECT 1 FROM machines WHERE id = $1) AS found",
-            )
-            .bind(id.to_owned())
-            .bind(now.unix_millis());
+            let query = match actor {
+                Some(actor) => sqlx::query(pg_audit::ARCHIVE_AUDITED_SQL)
+                    .bind(id.to_owned())
+                    .bind(now.unix_millis())
+                    .bind(actor.to_owned())
+                    .bind(EventType::Archived.as_str()),
+                // Both parts see the same snapshot: `found` is whether the
+                // machine existed when the statement began.
+                None => sqlx::query(
+                    "WITH archived AS (\
+                        UPDATE machines SET status = 'archived', updated_at = $2 \
+                        WHERE id = $1 AND status <> 'archived' RETURNING id) \
+                     SELECT EXISTS (SELECT 1 FROM archived) AS archived, \
+                            EXISTS (SELECT 1 FROM machines WHERE id = $1) AS found",
+                )
+                .bind(id.to_owned())
+                .bind(now.unix_millis()),
+            };
             let row = self.pool.run(|c| Box::pin(query.fetch_one(c))).await?;
             let archived: bool = row.try_get("archived")?;
             let found: bool = row.try_get("found")?;
             Ok(found.then_some(archived))
+        })
+    }
+
+    fn list_audit_events<'a>(&'a self, q: &'a AuditQuery) -> StoreFuture<'a, Vec<AuditEvent>> {
+        Box::pin(async move {
+            let sql = match (q.machine_id.is_some(), q.resource_type.is_some()) {
+                (false, false) => concat!(
+                    "SELECT ",
+                    audit_columns!(),
+                    " FROM audit_events WHERE id > $1 ORDER BY id LIMIT $2"
+                ),
+                (true, false) => concat!(
+                    "SELECT ",
+                    audit_columns!(),
+                    " FROM audit_events WHERE id > $1 AND resource_id = $2 ORDER BY id LIMIT $3"
+                ),
+                (false, true) => concat!(
+                    "SELECT ",
+                    audit_columns!(),
+                    " FROM audit_events WHERE id > $1 AND resource_type = $2 \
+                     ORDER BY id LIMIT $3"
+                ),
+                (true, true) => concat!(
+                    "SELECT ",
+                    audit_columns!(),
+                    " FROM audit_events WHERE id > $1 AND resource_id = $2 \
+                     AND resource_type = $3 ORDER BY id LIMIT $4"
+                ),
+            };
+            let mut query = sqlx::query(sql).bind(q.after);
+            if let Some(m) = &q.machine_id {
+                query = query.bind(m.clone());
+            }
+            if let Some(t) = &q.resource_type {
+                query = query.bind(t.clone());
+            }
+            let query = query.bind(i64::from(q.limit));
+            let rows = self.pool.run(|c| Box::pin(query.fetch_all(c))).await?;
+            rows.iter().map(audit_event_from_row).collect()
+        })
+    }
+
+    fn prune_audit_events(&self, before: Timestamp, batch: u32) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let query = sqlx::query(pg_audit::PRUNE_SQL)
+                .bind(before.unix_millis())
+                .bind(i64::from(batch));
+            let done = self.pool.run(|c| Box::pin(query.execute(c))).await?;
+            Ok(done.rows_affected())
         })
     }
 

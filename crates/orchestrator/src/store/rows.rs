@@ -6,6 +6,7 @@ use peaqos_protocol::{IdentityRef, MachineIdentityProof, Timestamp};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{ChallengeRecord, MachineRecord, StoreError, StoredStatus};
+use crate::audit::AuditEvent;
 
 /// The columns of `machines`, in the order every statement here uses.
 macro_rules! machine_columns {
@@ -15,6 +16,14 @@ macro_rules! machine_columns {
     };
 }
 pub(crate) use machine_columns;
+
+/// The columns of `audit_events`, in the order every statement here uses.
+macro_rules! audit_columns {
+    () => {
+        "id, actor, type, resource_type, resource_id, payload, created_at"
+    };
+}
+pub(crate) use audit_columns;
 
 /// JSON text of a list or map field.
 pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
@@ -84,6 +93,31 @@ where
         proof,
         created_at: millis("created_at")?,
         updated_at: millis("updated_at")?,
+        id,
+    })
+}
+
+pub(crate) fn audit_event_from_row<'r, R>(row: &'r R) -> Result<AuditEvent, StoreError>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let id: i64 = row.try_get("id")?;
+    let corrupt = |what: &str| StoreError::Corrupt {
+        id: format!("audit event {id}"),
+        what: what.to_owned(),
+    };
+    let payload: String = row.try_get("payload")?;
+    Ok(AuditEvent {
+        actor: row.try_get("actor")?,
+        kind: row.try_get("type")?,
+        resource_type: row.try_get("resource_type")?,
+        resource_id: row.try_get("resource_id")?,
+        payload: serde_json::from_str(&payload).map_err(|_| corrupt("payload"))?,
+        created_at: Timestamp::from_unix_millis(row.try_get("created_at")?)
+            .ok_or_else(|| corrupt("created_at"))?,
         id,
     })
 }

@@ -22,11 +22,15 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 
 use super::row_cache::RowCache;
-use super::rows::{challenge_from_row, machine_columns, machine_from_row, proof_json, to_json};
+use super::rows::{
+    audit_columns, audit_event_from_row, challenge_from_row, machine_columns, machine_from_row,
+    proof_json, to_json,
+};
 use super::{
     Backend, ChallengeInsert, ChallengeRecord, CloseFuture, Consume, MachineRecord, PageKey,
     PoolSettings, Store, StoreError, StoreFuture, StoredStatus,
 };
+use crate::audit::{self, AuditEvent, AuditQuery, EventType, NewEvent, RESOURCE_MACHINE};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -181,6 +185,60 @@ async fn consume(
     }
 }
 
+/// Draws the next event id and inserts the event, inside the change's
+/// transaction. The writer is the only connection that writes, so ids
+/// follow commit order.
+async fn record(tx: &mut Transaction<'static, Sqlite>, e: &NewEvent) -> Result<(), StoreError> {
+    insert_event(
+        tx,
+        &e.actor,
+        e.kind,
+        &e.resource_id,
+        &e.payload.to_string(),
+        e.created_at,
+    )
+    .await
+}
+
+async fn insert_event(
+    tx: &mut Transaction<'static, Sqlite>,
+    actor: &str,
+    kind: EventType,
+    resource_id: &str,
+    payload: &str,
+    at: Timestamp,
+) -> Result<(), StoreError> {
+    let id: i64 = sqlx::query_scalar(
+        "UPDATE audit_sequence SET last_id = last_id + 1 WHERE only_row = 1 RETURNING last_id",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query(concat!(
+        "INSERT INTO audit_events (",
+        audit_columns!(),
+        ") VALUES (?, ?, ?, ?, ?, ?, ?)"
+    ))
+    .bind(id)
+    .bind(actor)
+    .bind(kind.as_str())
+    .bind(RESOURCE_MACHINE)
+    .bind(resource_id)
+    .bind(payload)
+    .bind(at.unix_millis())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Deletes up to `?2` of the oldest events before the first one written at
+/// or after `?1` (log order: a clock that stepped back does not make a
+/// later event go first).
+pub const PRUNE_AUDIT_SQL: &str = "DELETE FROM audit_events WHERE id IN (\
+        SELECT id FROM audit_events WHERE id < COALESCE(\
+            (SELECT id FROM audit_events WHERE created_at >= ?1 ORDER BY id LIMIT 1), \
+            9223372036854775807) \
+        ORDER BY id LIMIT ?2)";
+
 impl Store for SqliteStore {
     fn backend(&self) -> Backend {
         Backend::Sqlite
@@ -252,6 +310,7 @@ impl Store for SqliteStore {
         &'a self,
         m: &'a MachineRecord,
         consume_challenge: Option<Consume<'a>>,
+        event: Option<&'a NewEvent>,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
@@ -292,6 +351,9 @@ impl Store for SqliteStore {
                     });
                 }
                 Err(e) => return Err(e.into()),
+            }
+            if let Some(e) = event {
+                record(&mut tx, e).await?;
             }
             tx.commit().await?;
             self.rows.written(m);
@@ -339,6 +401,7 @@ impl Store for SqliteStore {
         &'a self,
         m: &'a MachineRecord,
         consume_challenge: Option<Consume<'a>>,
+        event: Option<&'a NewEvent>,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
@@ -367,31 +430,99 @@ impl Store for SqliteStore {
                 // Dropping the transaction rolls back the consumed challenge.
                 return Ok(false);
             }
+            if let Some(e) = event {
+                record(&mut tx, e).await?;
+            }
             tx.commit().await?;
             self.rows.written(m);
             Ok(true)
         })
     }
 
-    fn archive_machine<'a>(&'a self, id: &'a str, now: Timestamp) -> StoreFuture<'a, Option<bool>> {
+    fn archive_machine<'a>(
+        &'a self,
+        id: &'a str,
+        now: Timestamp,
+        actor: Option<&'a str>,
+    ) -> StoreFuture<'a, Option<bool>> {
         Box::pin(async move {
-            let done = sqlx::query(
-                "UPDATE machines SET status = 'archived', updated_at = ? \
-                 WHERE id = ? AND status <> 'archived'",
-            )
-            .bind(now.unix_millis())
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
-            if done.rows_affected() == 1 {
-                self.rows.invalidate(id);
-                return Ok(Some(true));
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let old: Option<String> =
+                sqlx::query_scalar("SELECT status FROM machines WHERE id = ?")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let Some(old) = old else { return Ok(None) };
+            let old = StoredStatus::parse(&old).ok_or_else(|| StoreError::Corrupt {
+                id: id.to_owned(),
+                what: "status".to_owned(),
+            })?;
+            if old == StoredStatus::Archived {
+                return Ok(Some(false));
             }
-            let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM machines WHERE id = ?")
+            sqlx::query("UPDATE machines SET status = 'archived', updated_at = ? WHERE id = ?")
+                .bind(now.unix_millis())
                 .bind(id)
-                .fetch_optional(&self.writer)
+                .execute(&mut *tx)
                 .await?;
-            Ok(exists.map(|_| false))
+            if let Some(actor) = actor {
+                let payload = audit::archived_payload(old).to_string();
+                insert_event(&mut tx, actor, EventType::Archived, id, &payload, now).await?;
+            }
+            tx.commit().await?;
+            self.rows.invalidate(id);
+            Ok(Some(true))
+        })
+    }
+
+    fn list_audit_events<'a>(&'a self, q: &'a AuditQuery) -> StoreFuture<'a, Vec<AuditEvent>> {
+        Box::pin(async move {
+            let sql = match (q.machine_id.is_some(), q.resource_type.is_some()) {
+                (false, false) => concat!(
+                    "SELECT ",
+                    audit_columns!(),
+                    " FROM audit_events WHERE id > ? ORDER BY id LIMIT ?"
+                ),
+                (true, false) => concat!(
+                    "SELECT ",
+                    audit_columns!(),
+                    " FROM audit_events WHERE id > ? AND resource_id = ? ORDER BY id LIMIT ?"
+                ),
+                (false, true) => concat!(
+                    "SELECT ",
+                    audit_columns!(),
+                    " FROM audit_events WHERE id > ? AND resource_type = ? ORDER BY id LIMIT ?"
+                ),
+                (true, true) => concat!(
+                    "SELECT ",
+                    audit_columns!(),
+                    " FROM audit_events WHERE id > ? AND resource_id = ? \
+                     AND resource_type = ? ORDER BY id LIMIT ?"
+                ),
+            };
+            let mut query = sqlx::query(sql).bind(q.after);
+            if let Some(m) = &q.machine_id {
+                query = query.bind(m);
+            }
+            if let Some(t) = &q.resource_type {
+                query = query.bind(t);
+            }
+            let rows = query
+                .bind(i64::from(q.limit))
+                .fetch_all(&self.reader)
+                .await?;
+            rows.iter().map(audit_event_from_row).collect()
+        })
+    }
+
+    fn prune_audit_events(&self, before: Timestamp, batch: u32) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let done = sqlx::query(PRUNE_AUDIT_SQL)
+                .bind(before.unix_millis())
+                .bind(i64::from(batch))
+                .execute(&self.writer)
+                .await?;
+            Ok(done.rows_affected())
         })
     }
 
@@ -520,7 +651,7 @@ mod tests {
             .map(|i| machine(&format!("mach_{i:02}"), &format!("did:peaq:{i}"), 1))
             .collect();
         for m in &all {
-            store.insert_machine(m, None).await.unwrap();
+            store.insert_machine(m, None, None).await.unwrap();
         }
         store.close().await;
         drop(store);
@@ -532,7 +663,7 @@ mod tests {
         // Cold (whole rows), then warm (keys plus cached rows): the same page.
         assert_eq!(store.list_machines(None, 100).await.unwrap(), all);
         assert_eq!(store.list_machines(None, 100).await.unwrap(), all);
-        store.archive_machine("mach_05", ts(2)).await.unwrap();
+        store.archive_machine("mach_05", ts(2), None).await.unwrap();
         assert_eq!(store.list_machines(None, 100).await.unwrap().len(), 39);
     }
 }

@@ -12,6 +12,7 @@ mod support;
 mod pg;
 
 mod abuse;
+mod audit;
 mod binary;
 mod concurrency;
 mod connections;

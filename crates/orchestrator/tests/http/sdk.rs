@@ -60,7 +60,7 @@ async fn sdk_lifecycle(python: &std::path::Path, database_url: Option<&str>) {
     let k = keys();
     let dir = tempfile::tempdir().unwrap();
     let api_keys = dir.path().join("keys");
-    std::fs::write(&api_keys, "sdk-test-key-0123456789\n").unwrap();
+    std::fs::write(&api_keys, "sdk-platform sdk-test-key-0123456789\n").unwrap();
     let s = TestServer::start_with_registry(&registry_toml(&[("did:peaq:21", &[&k[3]])]), |c| {
         c.require_api_auth = true;
         c.api_keys_file = Some(api_keys.clone());
@@ -101,4 +101,18 @@ async fn sdk_lifecycle(python: &std::path::Path, database_url: Option<&str>) {
         out["errors"]["missing"],
         serde_json::json!(["NOT_FOUND", 404])
     );
+    // Every change, once, by the key's name; the refused ones not at all.
+    let kinds = ["created", "activated", "proof_renewed", "archived"];
+    let expected: Vec<Value> = kinds
+        .iter()
+        .map(|k| serde_json::json!([format!("machine.{k}"), "sdk-platform", "machine", id]))
+        .collect();
+    assert_eq!(out["audit"], serde_json::json!(expected));
+    assert_eq!(out["audit_next"], Value::Null);
+    let payloads = &out["audit_payloads"];
+    assert_eq!(payloads[0]["signer"], k[3].address.as_str());
+    assert_eq!(payloads[1]["new_status"], "active");
+    assert_eq!(payloads[3]["old_status"], "active");
+    assert_eq!(out["audit_ids"], serde_json::json!(["1", "2"]));
+    assert_eq!(out["audit_first_next"], "2");
 }

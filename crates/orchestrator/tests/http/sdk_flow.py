@@ -85,6 +85,8 @@ try:
 except OrchestrationApiError as e:
     errors["missing"] = [e.code, e.status_code]
 archived = orch.get_machine(created.id).item
+trail = orch.list_audit_events(machine_id=created.id, resource_type="machine", limit=100)
+first_two = orch.list_audit_events(limit=2)
 print(
     json.dumps(
         {
@@ -103,6 +105,11 @@ print(
             "listed": [m.id for m in listed],
             "archived": archived.status,
             "errors": errors,
+            "audit": [[e.type, e.actor, e.resource_type, e.resource_id] for e in trail.items],
+            "audit_next": trail.next_cursor,
+            "audit_payloads": [dict(e.payload) for e in trail.items],
+            "audit_ids": [e.id for e in first_two.items],
+            "audit_first_next": first_two.next_cursor,
         }
     )
 )

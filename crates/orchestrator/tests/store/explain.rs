@@ -24,7 +24,7 @@ async fn sqlite_list_pages_search_the_index_without_sorting() {
     // One row through the store, the rest generated in SQL; every tenth
     // archived (outside the partial index).
     db.store
-        .insert_machine(&machine("mach_first", "did:peaq:1", 1), None)
+        .insert_machine(&machine("mach_first", "did:peaq:1", 1), None, None)
         .await
         .unwrap();
     let Kind::SqliteFile { url, .. } = &db.kind else {

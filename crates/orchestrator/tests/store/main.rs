@@ -6,6 +6,7 @@
 #[path = "../common/pg.rs"]
 mod pg;
 
+mod audit;
 mod explain;
 mod postgres;
 mod suite;

@@ -68,7 +68,7 @@ async fn a_write_stuck_behind_a_lock_gives_up_at_the_statement_timeout() {
     assert_eq!(shown, "300ms");
 
     let m = machine("mach_a", "did:peaq:1", 1);
-    store.insert_machine(&m, None).await.unwrap();
+    store.insert_machine(&m, None, None).await.unwrap();
     // Another session (an operator's psql, a stuck replica) holds the row.
     let mut other = schema.connect().await;
     other.execute("BEGIN").await.unwrap();
@@ -79,7 +79,7 @@ async fn a_write_stuck_behind_a_lock_gives_up_at_the_statement_timeout() {
     let started = Instant::now();
     let mut renamed = m.clone();
     renamed.display_name = "renamed".into();
-    let result = store.update_machine(&renamed, None).await;
+    let result = store.update_machine(&renamed, None, None).await;
     let waited = started.elapsed();
     assert!(
         matches!(&result, Err(e @ StoreError::Unavailable(_)) if e.is_unavailable()),
@@ -90,7 +90,7 @@ async fn a_write_stuck_behind_a_lock_gives_up_at_the_statement_timeout() {
         "{waited:?}"
     );
     other.execute("ROLLBACK").await.unwrap();
-    assert!(store.update_machine(&renamed, None).await.unwrap());
+    assert!(store.update_machine(&renamed, None, None).await.unwrap());
     let _ = other.close().await;
 }
 
@@ -114,7 +114,7 @@ async fn a_saturated_pool_answers_unavailable_after_the_acquire_timeout() {
             let store = store.clone();
             tokio::spawn(async move {
                 let m = machine(&format!("mach_{i}"), &format!("did:peaq:{i}"), i);
-                store.insert_machine(&m, None).await
+                store.insert_machine(&m, None, None).await
             })
         })
         .collect();

@@ -53,7 +53,7 @@ async fn challenges_are_bounded_consumed_once_and_collected() {
             let m = machine("mach_a", "did:peaq:1", 1);
             assert!(
                 matches!(
-                    store.insert_machine(&m, consume(id, who, at)).await,
+                    store.insert_machine(&m, consume(id, who, at), None).await,
                     Err(StoreError::ChallengeGone)
                 ),
                 "{name}"
@@ -62,7 +62,7 @@ async fn challenges_are_bounded_consumed_once_and_collected() {
         }
         let m = machine("mach_a", "did:peaq:1", 1);
         store
-            .insert_machine(&m, consume("chl_0", &one, now))
+            .insert_machine(&m, consume("chl_0", &one, now), None)
             .await
             .unwrap();
         assert_eq!(
@@ -74,7 +74,9 @@ async fn challenges_are_bounded_consumed_once_and_collected() {
         m2.display_name = "renamed".into();
         assert!(
             matches!(
-                store.update_machine(&m2, consume("chl_0", &one, now)).await,
+                store
+                    .update_machine(&m2, consume("chl_0", &one, now), None)
+                    .await,
                 Err(StoreError::ChallengeGone)
             ),
             "{name}"
@@ -86,7 +88,7 @@ async fn challenges_are_bounded_consumed_once_and_collected() {
         let clash = machine("mach_b", "did:peaq:1", 2);
         assert!(
             matches!(
-                store.insert_machine(&clash, consume("chl_1", &one, now)).await,
+                store.insert_machine(&clash, consume("chl_1", &one, now), None).await,
                 Err(StoreError::IdentityTaken { machine_id }) if machine_id == "mach_a"
             ),
             "{name}"
@@ -96,10 +98,10 @@ async fn challenges_are_bounded_consumed_once_and_collected() {
             "{name}"
         );
         // So does an update of a machine that is no longer live.
-        store.archive_machine("mach_a", ts(3)).await.unwrap();
+        store.archive_machine("mach_a", ts(3), None).await.unwrap();
         assert!(
             !store
-                .update_machine(&m2, consume("chl_1", &one, now))
+                .update_machine(&m2, consume("chl_1", &one, now), None)
                 .await
                 .unwrap(),
             "{name}"
@@ -134,7 +136,7 @@ async fn machines_page_in_keyset_order_and_archive_releases_identity() {
         let (store, name) = (&db.store, db.name);
         for (i, created) in [(0, 5), (1, 3), (2, 5), (3, 1)] {
             let m = machine(&format!("mach_{i}"), &format!("did:peaq:{i}"), created);
-            store.insert_machine(&m, None).await.unwrap();
+            store.insert_machine(&m, None, None).await.unwrap();
         }
         let page = async |after: Option<&PageKey>| {
             store
@@ -153,17 +155,17 @@ async fn machines_page_in_keyset_order_and_archive_releases_identity() {
         assert_eq!(page(Some(&key)).await, ["mach_0", "mach_2"], "{name}");
 
         assert_eq!(
-            store.archive_machine("mach_0", ts(9)).await.unwrap(),
+            store.archive_machine("mach_0", ts(9), None).await.unwrap(),
             Some(true),
             "{name}"
         );
         assert_eq!(
-            store.archive_machine("mach_0", ts(9)).await.unwrap(),
+            store.archive_machine("mach_0", ts(9), None).await.unwrap(),
             Some(false),
             "{name}"
         );
         assert_eq!(
-            store.archive_machine("mach_x", ts(9)).await.unwrap(),
+            store.archive_machine("mach_x", ts(9), None).await.unwrap(),
             None,
             "{name}"
         );
@@ -172,13 +174,13 @@ async fn machines_page_in_keyset_order_and_archive_releases_identity() {
         assert_eq!(archived.status, StoredStatus::Archived, "{name}");
         assert_eq!(archived.updated_at, ts(9), "{name}");
         assert!(
-            !store.update_machine(&archived, None).await.unwrap(),
+            !store.update_machine(&archived, None, None).await.unwrap(),
             "{name}: archived is final"
         );
         let zero = identity("did:peaq:0");
         assert_eq!(store.live_machine_for(&zero).await.unwrap(), None, "{name}");
         store
-            .insert_machine(&machine("mach_5", "did:peaq:0", 10), None)
+            .insert_machine(&machine("mach_5", "did:peaq:0", 10), None, None)
             .await
             .unwrap();
         assert_eq!(
@@ -219,7 +221,7 @@ async fn records_round_trip_every_field() {
     for db in databases("records_round_trip_every_field").await {
         let (store, name) = (&db.store, db.name);
         let m = full_record();
-        store.insert_machine(&m, None).await.unwrap();
+        store.insert_machine(&m, None, None).await.unwrap();
         assert_eq!(
             store.get_machine(&m.id).await.unwrap().as_ref(),
             Some(&m),
@@ -231,7 +233,7 @@ async fn records_round_trip_every_field() {
         changed.capabilities.clear();
         changed.updated_at = ts(1_764_089_700_000);
         assert!(
-            store.update_machine(&changed, None).await.unwrap(),
+            store.update_machine(&changed, None, None).await.unwrap(),
             "{name}"
         );
         assert_eq!(
@@ -253,7 +255,7 @@ async fn one_challenge_one_winner_however_many_submit_it() {
         let name = db.name;
         let store = Arc::clone(&db.store);
         let m = machine("mach_a", "did:peaq:1", 1);
-        store.insert_machine(&m, None).await.unwrap();
+        store.insert_machine(&m, None, None).await.unwrap();
         store
             .insert_challenge(&challenge("chl_race", "did:peaq:1", 9_000_000), 100)
             .await
@@ -266,7 +268,7 @@ async fn one_challenge_one_winner_however_many_submit_it() {
                     m.display_name = format!("writer {i}");
                     let who = identity("did:peaq:1");
                     let result = store
-                        .update_machine(&m, consume("chl_race", &who, ts(1_000)))
+                        .update_machine(&m, consume("chl_race", &who, ts(1_000)), None)
                         .await;
                     (i, result)
                 })
@@ -314,7 +316,7 @@ async fn one_live_machine_per_identity_under_concurrent_creates() {
                     (
                         i,
                         store
-                            .insert_machine(&m, consume(&id, &who, ts(1_000)))
+                            .insert_machine(&m, consume(&id, &who, ts(1_000)), None)
                             .await,
                     )
                 })
@@ -368,9 +370,9 @@ async fn paging_visits_every_live_machine_once_in_order() {
                 &format!("did:peaq:{i}"),
                 1_000 + i / 7,
             );
-            store.insert_machine(&m, None).await.unwrap();
+            store.insert_machine(&m, None, None).await.unwrap();
             if i % 5 == 0 {
-                store.archive_machine(&m.id, ts(5_000)).await.unwrap();
+                store.archive_machine(&m.id, ts(5_000), None).await.unwrap();
             } else {
                 expected.push(m.id);
             }
