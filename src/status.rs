@@ -142,6 +142,32 @@ impl StatusSnapshot {
     }
 }
 
+/// What became of the status queries received over MQTT since the agent
+/// started, so that a dashboard can tell a rate limit from a dead agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryCounters {
+    pub answered: u64,
+    /// Malformed, retained, oversized or with a reply topic outside the
+    /// prefix: never answered.
+    pub refused: u64,
+    /// Over the rate limit (`[mqtt] query_burst`, `query_rate`): dropped.
+    pub rate_limited: u64,
+    /// Valid, but the reply could not be queued (broker gone or slow).
+    pub dropped: u64,
+}
+
+/// The MQTT status payload: the snapshot, plus the MQTT interface's own
+/// counters. `seq` numbers the snapshot; the counters are not part of it
+/// (they change with every query, and ride along whenever the status is
+/// published).
+#[derive(Debug, Serialize)]
+pub struct StatusPayload<'a> {
+    #[serde(flatten)]
+    pub snapshot: &'a StatusSnapshot,
+    pub queries: QueryCounters,
+}
+
 /// The one-line summary for systemd's `STATUS=` and the log.
 pub fn status_line(s: &StatusSnapshot) -> String {
     use std::fmt::Write as _;
@@ -174,7 +200,7 @@ pub enum Command {
 /// too, after the known ones, so that a newer agent's additions are seen.
 pub fn render_human(value: &serde_json::Value) -> String {
     use std::fmt::Write as _;
-    const FIELDS: [(&str, &str); 14] = [
+    const FIELDS: [(&str, &str); 15] = [
         ("state", "state"),
         ("machineId", "machine id"),
         ("identity", "identity"),
@@ -189,6 +215,7 @@ pub fn render_human(value: &serde_json::Value) -> String {
         ("bootId", "boot id"),
         ("seq", "sequence"),
         ("timestamp", "as of"),
+        ("queries", "queries"),
     ];
     let Some(map) = value.as_object() else {
         return format!("{value}\n");
@@ -211,6 +238,13 @@ pub fn render_human(value: &serde_json::Value) -> String {
             ("clockSkewMs", serde_json::Value::Number(n)) => {
                 format!("{n} ms (orchestrator minus local clock)")
             }
+            ("queries", serde_json::Value::Object(q)) => format!(
+                "{} answered, {} rate-limited, {} refused, {} dropped",
+                q.get("answered").map(show).unwrap_or_default(),
+                q.get("rateLimited").map(show).unwrap_or_default(),
+                q.get("refused").map(show).unwrap_or_default(),
+                q.get("dropped").map(show).unwrap_or_default()
+            ),
             (_, v) => show(v),
         };
         let _ = writeln!(out, "{label:<15} {text}");
@@ -249,8 +283,19 @@ mod tests {
     #[test]
     fn the_readme_documents_every_status_field() {
         let table = doc_section(MQTT_DOC, "The status payload");
+        for counter in ["answered", "refused", "rateLimited", "dropped"] {
+            assert!(
+                table.contains(&format!("`{counter}`")),
+                "docs/mqtt.md's status payload table does not describe queries.{counter}"
+            );
+        }
         let s = StatusSnapshot::new("did:peaq:1".into(), "0xAb".into(), "boot".into());
-        let v = serde_json::to_value(&s).unwrap();
+        let v = serde_json::to_value(StatusPayload {
+            snapshot: &s,
+            queries: QueryCounters::default(),
+        })
+        .unwrap();
+        assert!(v["queries"]["rateLimited"].is_u64(), "{v}");
         for key in v.as_object().unwrap().keys() {
             assert!(
                 has_row(table, key),

@@ -59,6 +59,11 @@ pub struct MqttConfig {
     pub status_interval: Duration,
     /// Largest MQTT packet the agent sends or accepts, in bytes.
     pub max_packet_size: u32,
+    /// Status queries answered at once before the rate applies.
+    pub query_burst: u32,
+    /// Status queries answered per second after a burst; more are dropped
+    /// (counted in the status payload's `queries.rateLimited`).
+    pub query_rate: u32,
     pub commands: CommandsConfig,
     pub home_assistant: HomeAssistantConfig,
 }
@@ -82,6 +87,8 @@ impl Default for MqttConfig {
             reconnect_max: Duration::from_secs(60),
             status_interval: Duration::from_secs(300),
             max_packet_size: 64 * 1024,
+            query_burst: 20,
+            query_rate: 10,
             commands: CommandsConfig::default(),
             home_assistant: HomeAssistantConfig::default(),
         }
@@ -230,6 +237,10 @@ const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(3600);
 const MIN_PACKET_SIZE: u32 = 4 * 1024;
 const MAX_PACKET_SIZE: u32 = 16 * 1024 * 1024;
 const MAX_ID_LEN: usize = 256;
+/// Beyond these a query flood costs real CPU and broker traffic; the limit
+/// exists to bound that.
+const MAX_QUERY_BURST: u32 = 10_000;
+const MAX_QUERY_RATE: u32 = 1_000;
 
 impl MqttConfig {
     /// Validates values across fields. Values are checked even when MQTT is
@@ -243,6 +254,18 @@ impl MqttConfig {
             return Err(invalid(
                 "max_packet_size",
                 format!("must be between {MIN_PACKET_SIZE} and {MAX_PACKET_SIZE} bytes"),
+            ));
+        }
+        if !(1..=MAX_QUERY_BURST).contains(&self.query_burst) {
+            return Err(invalid(
+                "query_burst",
+                format!("must be between 1 and {MAX_QUERY_BURST} queries"),
+            ));
+        }
+        if !(1..=MAX_QUERY_RATE).contains(&self.query_rate) {
+            return Err(invalid(
+                "query_rate",
+                format!("must be between 1 and {MAX_QUERY_RATE} queries per second"),
             ));
         }
         if let Some(prefix) = &self.topic_prefix {
@@ -471,6 +494,9 @@ mod tests {
         assert_eq!(check_err(r#"password_file = "/p""#).key, "password_file");
         assert_eq!(check_err(r#"ca_file = "/ca.pem""#).key, "ca_file");
         assert_eq!(check_err("max_packet_size = 10").key, "max_packet_size");
+        assert_eq!(check_err("query_burst = 0").key, "query_burst");
+        assert_eq!(check_err("query_rate = 0").key, "query_rate");
+        assert_eq!(check_err("query_rate = 1001").key, "query_rate");
         assert_eq!(
             check_err("[commands]\nenabled = true").key,
             "commands.allow"

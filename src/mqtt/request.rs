@@ -76,7 +76,6 @@ pub(crate) enum Refusal {
     CorrelationTooLarge,
     BadField(&'static str),
     UnexpectedTopic,
-    RateLimited,
 }
 
 impl fmt::Display for Refusal {
@@ -94,7 +93,6 @@ impl fmt::Display for Refusal {
             }
             Self::BadField(why) => f.write_str(why),
             Self::UnexpectedTopic => f.write_str("not a topic the agent serves"),
-            Self::RateLimited => f.write_str("rate limited"),
         }
     }
 }

@@ -22,10 +22,10 @@ use super::config::MqttConfig;
 use super::discovery::Discovery;
 use super::poison::{Poison, Verdict};
 use super::rate::TokenBucket;
-use super::request::{self, Refusal};
+use super::request;
 use super::topics::Topics;
 use crate::backoff::Backoff;
-use crate::status::{AgentState, Command, StatusSnapshot};
+use crate::status::{AgentState, Command, QueryCounters, StatusPayload, StatusSnapshot};
 use crate::systemd::Heartbeat;
 
 /// Events buffered between the polling task and the service.
@@ -41,9 +41,12 @@ const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 /// At shutdown, how long to wait for the registration loop's final
 /// `stopping` snapshot, so that the last retained status says so.
 const FINAL_STATUS_WAIT: Duration = Duration::from_millis(300);
-/// Queries: a burst of 20, then 10 per second.
-const QUERY_BURST: u32 = 20;
-const QUERY_REFILL: Duration = Duration::from_millis(100);
+/// After queries were dropped for the rate limit, the retained status (and
+/// its `queries` counters) is republished this soon, so that a dashboard
+/// sees the limit, not silence. At most one extra publish per this period.
+const COUNTERS_REPUBLISH: Duration = Duration::from_secs(1);
+/// A rate-limit warning is logged at most this often.
+const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// What the polling task reports.
 #[derive(Debug)]
@@ -152,12 +155,13 @@ struct Session {
     replay_passed: bool,
 }
 
-/// Counts of what was refused or dropped, logged at shutdown.
+/// Counts of what was refused or dropped: queries in the status payload,
+/// commands in the log at shutdown.
 #[derive(Debug, Default)]
 struct Counters {
-    answered: u64,
-    refused: u64,
-    dropped: u64,
+    queries: QueryCounters,
+    commands_refused: u64,
+    results_dropped: u64,
 }
 
 /// Everything the service task owns.
@@ -178,6 +182,10 @@ pub(crate) struct Service {
     poison: Poison,
     dirty: Dirty,
     retry_at: Option<Instant>,
+    /// When to republish the status for its counters (see
+    /// [`COUNTERS_REPUBLISH`]).
+    counters_at: Option<Instant>,
+    limit_warned_at: Option<Instant>,
     counters: Counters,
     last_error: Option<String>,
     url: String,
@@ -246,12 +254,17 @@ pub(crate) fn start(
         gate,
         result_timeout: config.commands.result_timeout,
         running: JoinSet::new(),
-        queries: TokenBucket::new(QUERY_BURST, QUERY_REFILL),
+        queries: TokenBucket::new(
+            config.query_burst,
+            Duration::from_secs(1) / config.query_rate.max(1),
+        ),
         connected: false,
         session: Session::default(),
         poison: Poison::default(),
         dirty: Dirty::default(),
         retry_at: None,
+        counters_at: None,
+        limit_warned_at: None,
         counters: Counters::default(),
         last_error: None,
         url,
@@ -283,6 +296,7 @@ impl Service {
         let mut beats = tokio::time::interval(beat_every.unwrap_or(Duration::from_secs(3600)));
         loop {
             let retry_at = self.retry_at;
+            let counters_at = self.counters_at;
             let resume_at = self
                 .poison
                 .suspended_until()
@@ -313,6 +327,10 @@ impl Service {
                     }
                 }
                 () = sleep_until(retry_at), if retry_at.is_some() => self.retry_at = None,
+                () = sleep_until(counters_at), if counters_at.is_some() => {
+                    self.counters_at = None;
+                    self.dirty.status = true;
+                }
                 () = sleep_until(resume_at), if resume_at.is_some() => {
                     info!("resuming the MQTT request subscriptions after the quarantine");
                     self.dirty.subscriptions = true;
@@ -322,9 +340,9 @@ impl Service {
         }
         self.goodbye(&mut events).await;
         info!(
-            answered = self.counters.answered,
-            refused = self.counters.refused,
-            dropped = self.counters.dropped,
+            queries = ?self.counters.queries,
+            commands_refused = self.counters.commands_refused,
+            results_dropped = self.counters.results_dropped,
             "MQTT interface stopped"
         );
     }
@@ -399,32 +417,59 @@ impl Service {
         }
     }
 
-    fn refuse(&mut self, what: &str, topic: &str, refusal: &Refusal) {
-        self.counters.refused += 1;
-        debug!(%topic, %refusal, refused = self.counters.refused, "refused an MQTT {what}");
-    }
-
     fn on_query(&mut self, msg: &Message) {
         let reply = match request::parse_query(msg, &self.topics) {
             Ok(reply) => reply,
-            Err(refusal) => return self.refuse("query", &msg.topic, &refusal),
+            Err(refusal) => {
+                self.counters.queries.refused += 1;
+                debug!(topic = %msg.topic, %refusal, "refused an MQTT query");
+                return;
+            }
         };
         if !self.queries.try_take() {
-            return self.refuse("query", &msg.topic, &Refusal::RateLimited);
+            return self.rate_limited();
         }
-        let status = serde_json::to_vec(&*self.status.borrow()).unwrap_or_default();
-        let body = reply.body(status);
+        let body = reply.body(self.status_payload());
         if self.connected
             && self
                 .client
                 .try_publish(&reply.topic, body, false, Some(&reply.props()))
                 .is_ok()
         {
-            self.counters.answered += 1;
+            self.counters.queries.answered += 1;
         } else {
-            self.counters.dropped += 1;
+            self.counters.queries.dropped += 1;
             debug!(topic = %reply.topic, "dropped a status reply: MQTT queue full");
         }
+    }
+
+    /// A query over the rate limit: dropped, counted, and made visible (the
+    /// status with its counters soon, a warning now and then).
+    fn rate_limited(&mut self) {
+        self.counters.queries.rate_limited += 1;
+        if self.counters_at.is_none() {
+            self.counters_at = Some(Instant::now() + COUNTERS_REPUBLISH);
+        }
+        if self
+            .limit_warned_at
+            .is_none_or(|at| at.elapsed() >= LIMIT_WARNING_EVERY)
+        {
+            self.limit_warned_at = Some(Instant::now());
+            warn!(
+                rate_limited = self.counters.queries.rate_limited,
+                "MQTT status queries over the rate limit ([mqtt] query_burst, query_rate) \
+                 are being dropped"
+            );
+        }
+    }
+
+    /// The status payload as published: the snapshot and the counters.
+    fn status_payload(&self) -> Vec<u8> {
+        serde_json::to_vec(&StatusPayload {
+            snapshot: &self.status.borrow(),
+            queries: self.counters.queries,
+        })
+        .unwrap_or_default()
     }
 
     fn on_command(&mut self, msg: &Message) {
@@ -432,9 +477,12 @@ impl Service {
             return;
         };
         match gate.decide(msg, &self.topics) {
-            Decision::Ignore(refusal) => self.refuse("command", &msg.topic, &refusal),
+            Decision::Ignore(refusal) => {
+                self.counters.commands_refused += 1;
+                debug!(topic = %msg.topic, %refusal, "refused an MQTT command");
+            }
             Decision::Duplicate(id) => {
-                self.counters.refused += 1;
+                self.counters.commands_refused += 1;
                 debug!(%id, "ignoring a repeated command id");
             }
             Decision::Reject(req, reason) => {
@@ -490,7 +538,7 @@ impl Service {
 
     fn publish_result(&mut self, req: &commands::Request, outcome: Outcome, message: Option<&str>) {
         if !self.connected {
-            self.counters.dropped += 1;
+            self.counters.results_dropped += 1;
             return;
         }
         let result = serde_json::to_vec(&req.result(outcome, message)).unwrap_or_default();
@@ -519,7 +567,7 @@ impl Service {
                 .is_ok();
         }
         if !ok {
-            self.counters.dropped += 1;
+            self.counters.results_dropped += 1;
             warn!(id = %req.id, "dropped an MQTT command result: MQTT queue full");
         }
     }
@@ -607,7 +655,7 @@ impl Service {
     }
 
     fn publish_status(&self) -> bool {
-        let payload = serde_json::to_vec(&*self.status.borrow()).unwrap_or_default();
+        let payload = self.status_payload();
         let props = PublishProps {
             json: true,
             ..PublishProps::default()

@@ -339,6 +339,67 @@ fn malformed_huge_retained_and_misdirected_queries_have_no_effect() {
     publish(port, &tools, &["-r", "-t", get, "-n"]); // clear the retained query
 }
 
+/// Issue #15 item 8: the query rate limit is configurable, and what it
+/// drops is counted where a dashboard looks (the retained status), within
+/// a second, instead of a debug log line.
+#[test]
+fn query_rate_limit_is_configurable_and_counted() {
+    use std::io::Write as _;
+    let Some((broker, tools)) = broker("query_rate_limit", "") else {
+        return;
+    };
+    let mut cfg = config(&broker, Protocol::V311);
+    cfg.query_burst = 3;
+    cfg.query_rate = 1;
+    let _agent = Agent::start(&cfg, "r1", Answer::Ok);
+    wait_retained(&broker, &tools, "peaqos/r1/availability", |p| p == "online");
+    let reply = "peaqos/r1/reply/rl";
+    let mut watch = Watch::start(&broker, &tools, &[reply, "peaqos/r1/status"]);
+    // Ten queries at once, from one connection (mosquitto_pub -l: a message
+    // per line).
+    let mut pubber = Command::new(&tools.publish)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port().to_string(),
+            "-q",
+            "1",
+        ])
+        .args(["-t", "peaqos/r1/status/get", "-l"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = pubber.stdin.take().unwrap();
+        for i in 0..10 {
+            writeln!(stdin, r#"{{"replyTo":"{reply}","correlationId":{i}}}"#).unwrap();
+        }
+    }
+    assert!(pubber.wait().unwrap().success());
+    let counted = watch.wait("the status with every query counted", |s| {
+        s.topic == "peaqos/r1/status"
+            && serde_json::from_str::<serde_json::Value>(&s.payload).is_ok_and(|v| {
+                let q = &v["queries"];
+                q["answered"].as_u64().unwrap_or(0) + q["rateLimited"].as_u64().unwrap_or(0) == 10
+            })
+    });
+    let queries = counted.json()["queries"].clone();
+    let (answered, limited) = (
+        queries["answered"].as_u64().unwrap(),
+        queries["rateLimited"].as_u64().unwrap(),
+    );
+    // The status is republished a second after a drop (three answered at
+    // once, maybe one more after a refill).
+    assert!(limited >= 6, "{queries}");
+    assert!((3..=4).contains(&answered), "{queries}");
+    assert_eq!(queries["refused"], 0);
+    watch.sync();
+    assert_eq!(watch.on(reply).len() as u64, answered);
+}
+
 #[test]
 fn broker_restart_brings_status_back_by_itself() {
     let Some((mut broker, tools)) = broker("broker_restart", "") else {
