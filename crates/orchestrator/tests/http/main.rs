@@ -14,6 +14,7 @@ mod pg;
 mod abuse;
 mod audit;
 mod binary;
+mod cli;
 mod concurrency;
 mod connections;
 mod contract;
