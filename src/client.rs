@@ -23,6 +23,8 @@ use crate::secrets::{self, SecretError};
 const MAX_BODY: usize = 1024 * 1024;
 /// Server messages are reported to operators; long ones are cut.
 const MAX_MESSAGE: usize = 300;
+/// The SDK's readiness route (the contract's "observability calls").
+const API_READINESS: &str = "/api/v1/readiness";
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +215,13 @@ impl Client {
     /// contract does not promise it, so nothing may depend on it.
     pub async fn health(&self) -> Result<Response<serde_json::Value>, ClientError> {
         self.call(Method::GET, paths::API_HEALTH, None::<&()>).await
+    }
+
+    /// `GET /api/v1/readiness`, the SDK's readiness (`{"status": "ready" |
+    /// "not_ready", ...}`). Only a hint, as [`Client::health`]: see
+    /// `registration::probe` for how its answer is read.
+    pub async fn readiness(&self) -> Result<Response<serde_json::Value>, ClientError> {
+        self.call(Method::GET, API_READINESS, None::<&()>).await
     }
 
     /// `POST /machine-identity/challenges`.

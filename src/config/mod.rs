@@ -223,6 +223,14 @@ pub struct RenewalConfig {
     pub backoff_initial: Duration,
     #[serde(default = "default_backoff_max", deserialize_with = "positive")]
     pub backoff_max: Duration,
+    /// While backing off from an orchestrator it could not reach, the agent
+    /// asks `GET /api/v1/readiness` about this often (jittered), and tries
+    /// again as soon as it answers. `0`: wait out the backoff.
+    #[serde(
+        default = "default_probe_interval",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub probe_interval: Duration,
     /// Retry interval for what an operator must fix: our key not among the
     /// controllers, a refused API key, a record the server rejects.
     #[serde(default = "default_slow_retry", deserialize_with = "positive")]
@@ -236,6 +244,7 @@ impl Default for RenewalConfig {
             check_interval: default_check_interval(),
             backoff_initial: default_backoff_initial(),
             backoff_max: default_backoff_max(),
+            probe_interval: default_probe_interval(),
             slow_retry: default_slow_retry(),
         }
     }
@@ -267,6 +276,9 @@ fn default_backoff_initial() -> Duration {
 }
 fn default_backoff_max() -> Duration {
     Duration::from_secs(300)
+}
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_slow_retry() -> Duration {
     Duration::from_secs(600)

@@ -28,6 +28,9 @@ pub(super) struct Failure {
     pub code: Code,
     pub message: String,
     pub retry_after: Option<Duration>,
+    /// Says nothing about the orchestrator's load (unreachable, timed out,
+    /// a 5xx): waiting for it may be cut short by a probe (`probe.rs`).
+    pub load_neutral: bool,
 }
 
 impl Failure {
@@ -41,6 +44,7 @@ impl Failure {
             code: code.into(),
             message: message.into(),
             retry_after: None,
+            load_neutral: false,
         }
     }
 }
@@ -63,6 +67,10 @@ impl From<ClientError> for Failure {
             code: e.code(),
             message: error_chain(&e),
             retry_after: e.retry_after(),
+            load_neutral: match &e {
+                ClientError::Network { .. } | ClientError::Timeout { .. } => true,
+                other => other.status().is_some_and(|s| s >= 500),
+            },
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod challenge;
 mod cycle;
 mod failure;
 pub mod policy;
+mod probe;
 
 use std::time::Duration;
 
@@ -39,6 +40,7 @@ use crate::systemd::Heartbeat;
 use challenge::EffectivePolicy;
 use failure::{Failure, FailureKind};
 pub use policy::{field_changes, renewal_point};
+use probe::{Probe, Prober};
 
 /// Everything the loop needs, assembled by [`crate::run`].
 #[derive(Debug)]
@@ -63,6 +65,8 @@ pub struct Registrar {
     renew_jitter: f64,
     /// Tells the systemd watchdog this loop is alive.
     heartbeat: Heartbeat,
+    /// Cheap readiness probes that may end a backoff early.
+    prober: Prober,
 }
 
 /// How a cycle ended well.
@@ -114,6 +118,7 @@ impl Registrar {
             }
         };
         let backoff = Backoff::new(renewal.backoff_initial, renewal.backoff_max);
+        let prober = Prober::new(renewal.probe_interval);
         let host = reqwest::Url::parse(client.base())
             .ok()
             .and_then(|u| u.host_str().map(str::to_owned))
@@ -135,6 +140,7 @@ impl Registrar {
             fields_pushed: false,
             renew_jitter: backoff::random_fraction(),
             heartbeat,
+            prober,
         };
         let (id, proof) = (me.state.machine_id.clone(), me.state.proof.clone());
         me.publish(AgentState::Starting, |s| {
@@ -174,8 +180,9 @@ impl Registrar {
             let Some(result) = result else { break };
             let renewed_on_request = force_renew;
             force_renew = false;
-            let wait = match result {
+            let (wait, probing) = match result {
                 Ok(settled) => {
+                    self.prober.arm(None);
                     self.backoff.reset();
                     let reply = match settled {
                         Settled::Active => Ok(()),
@@ -189,22 +196,41 @@ impl Registrar {
                             let _ = r.send(reply.clone());
                         }
                     }
-                    self.settled_wait(settled)
+                    (self.settled_wait(settled), false)
                 }
                 Err(failure) => {
                     for r in replies.drain(..) {
                         let _ = r.send(Err(format!("{}: {}", failure.code, failure.message)));
                     }
-                    self.failed_wait(failure)
+                    let probing = self.prober.arm(Some(&failure));
+                    (self.failed_wait(failure), probing)
                 }
             };
             let deadline = Instant::now() + wait;
+            let mut next_probe = probing
+                .then(|| self.prober.next(Instant::now(), deadline))
+                .flatten();
             loop {
                 tokio::select! {
                     biased;
                     () = shutdown.cancelled() => return self.stopping(replies),
                     () = tokio::time::sleep_until(deadline) => break,
                     () = tokio::time::sleep(beat_every) => self.heartbeat.beat(),
+                    () = sleep_until(next_probe), if next_probe.is_some() => {
+                        let answer = tokio::select! {
+                            biased;
+                            () = shutdown.cancelled() => return self.stopping(replies),
+                            answer = tokio::time::timeout_at(deadline, self.client.readiness()) => answer,
+                        };
+                        let Ok(answer) = answer else { break };
+                        if probe::read(answer.as_ref().map(|r| &r.value)) == Probe::Up {
+                            tracing::info!("the orchestrator answers again; retrying now");
+                            self.prober.cut_short();
+                            break;
+                        }
+                        tracing::debug!("probe: the orchestrator is still unavailable");
+                        next_probe = self.prober.next(Instant::now(), deadline);
+                    }
                     cmd = commands.recv() => match cmd {
                         Some(Command::Reregister { reply }) => {
                             tracing::info!("renewal requested");
@@ -373,4 +399,11 @@ impl Registrar {
 fn next_seq(s: &mut StatusSnapshot) {
     s.seq += 1;
     s.timestamp = Timestamp::now();
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }

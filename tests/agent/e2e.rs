@@ -350,6 +350,34 @@ async fn an_orchestrator_outage_is_waited_out() {
     assert_eq!(orch.machine_ids().await, vec![id]);
 }
 
+/// Issue #15 item 10: the real orchestrator's `GET /api/v1/readiness` ends
+/// the wait as soon as it is back, where the backoff alone (here at least a
+/// minute) kept the machine away.
+#[tokio::test]
+async fn a_returning_orchestrator_is_noticed_by_a_probe_not_after_the_backoff() {
+    let mut orch = Orchestrator::start(|_| {}).await;
+    let robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+    let mut agent = robot.start(
+        &orch.url(),
+        "[renewal]\nbackoff_initial = \"10m\"\nbackoff_max = \"1h\"\nprobe_interval = \"200ms\"\n",
+    );
+    let id = agent
+        .wait_state(AgentState::Active, WAIT)
+        .await
+        .machine_id
+        .unwrap();
+    orch.stop().await;
+    let down = agent.wait_state(AgentState::Backoff, WAIT).await;
+    let failed = down.last_error.unwrap();
+    assert_eq!(failed.code, "NETWORK");
+    assert!(down.next_attempt_at.unwrap().millis_since(&failed.at) >= 59_000);
+    orch.restart().await;
+    let back = agent.wait_state(AgentState::Active, WAIT).await;
+    assert_eq!(back.machine_id.as_deref(), Some(id.as_str()));
+    agent.stop(STOP).await;
+}
+
 #[tokio::test]
 async fn an_agent_started_while_the_orchestrator_is_down_registers_when_it_appears() {
     let mut orch = Orchestrator::start(|_| {}).await;

@@ -78,6 +78,68 @@ async fn registers_activates_and_remembers_its_record() {
     drop(agent);
 }
 
+/// Issue #15 item 10: after an outage the agent used to wait out its
+/// backoff (up to `backoff_max`, 5 minutes by default). Cheap probes now
+/// notice the orchestrator is back; this fake has no readiness or health
+/// route, and a 404 there is enough to show it answers again.
+#[tokio::test]
+async fn a_probe_ends_the_backoff_once_an_orchestrator_without_health_routes_answers() {
+    let s = setup().await;
+    s.fake.lock().fault = Some(Fault {
+        status: 503,
+        code: "SERVICE_UNAVAILABLE",
+        retry_after: None,
+    });
+    // Without probes the next attempt would come after a minute at least
+    // (the jitter's floor is a tenth of backoff_initial).
+    let config = s.config_with(
+        "[renewal]\nbackoff_initial = \"10m\"\nbackoff_max = \"1h\"\nprobe_interval = \"100ms\"\n",
+        FAST_RENEWAL,
+    );
+    let mut agent = start(config);
+    let waiting = agent.wait_state(AgentState::Backoff, WAIT).await;
+    let failed = waiting.last_error.unwrap();
+    let next = waiting.next_attempt_at.unwrap();
+    assert!(next.millis_since(&failed.at) >= 59_000);
+    // Probes come and find it still down (503 on every route); they are
+    // not cycles (no new failure is recorded).
+    let before = s.fake.lock().counters.requests;
+    s.fake
+        .wait_until("two probes", WAIT, |c| c.requests >= before + 2)
+        .await;
+    let now = agent.status.borrow().clone();
+    assert_eq!(now.state, AgentState::Backoff);
+    assert_eq!(now.last_error.unwrap().at, failed.at, "a probe ran a cycle");
+    s.fake.lock().fault = None;
+    agent.wait_state(AgentState::Active, WAIT).await;
+    agent.stop(Duration::from_secs(2)).await;
+}
+
+/// An overloaded orchestrator asks for time: `Retry-After` (or a 429) is
+/// obeyed in full, with no probes in between.
+#[tokio::test]
+async fn no_probes_while_the_orchestrator_asked_to_wait() {
+    let s = setup().await;
+    s.fake.lock().fault = Some(Fault {
+        status: 503,
+        code: "SERVICE_UNAVAILABLE",
+        retry_after: Some(2),
+    });
+    let config = s.config_with("[renewal]\nprobe_interval = \"50ms\"\n", FAST_RENEWAL);
+    let agent = start(config);
+    s.fake
+        .wait_until("two attempts", WAIT, |c| c.requests >= 2)
+        .await;
+    // Every request is a cycle's first (the challenge), two seconds apart:
+    // a probe would have come 50 ms after the first.
+    let gap = {
+        let c = &s.fake.lock().counters;
+        c.arrivals[1] - c.arrivals[0]
+    };
+    assert!(gap >= Duration::from_millis(1950), "{gap:?}");
+    agent.stop(Duration::from_secs(2)).await;
+}
+
 #[tokio::test]
 async fn rate_limit_retry_after_is_honoured_without_spinning() {
     let s = setup().await;

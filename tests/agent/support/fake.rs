@@ -137,6 +137,10 @@ impl Fake {
             .route("/api/v1/machine-identity/challenges", post(challenge))
             .route("/api/v1/machines", post(create))
             .route("/api/v1/machines/{id}", get(read).patch(update))
+            // No readiness route (the agent must not need one); while a
+            // fault is on, unknown routes fail as the API does, as a server
+            // that is down would.
+            .fallback(unknown_route)
             .with_state(state.clone())
             .layer(middleware::from_fn(count_requests(
                 state.clone(),
@@ -257,6 +261,13 @@ async fn gate(state: &Shared) -> Option<Response> {
         );
     }
     Some(r)
+}
+
+async fn unknown_route(State(state): State<Shared>) -> Response {
+    if let Some(r) = gate(&state).await {
+        return r;
+    }
+    error(404, "NOT_FOUND", "no such route", None)
 }
 
 async fn challenge(
