@@ -108,12 +108,26 @@ async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Respo
     response
 }
 
+/// Routes answered without an API key even when auth is on: probes, and
+/// the API's description (it holds no data, and clients and fuzzers read it
+/// before they have a key). Everything else under `/api/` (unknown routes
+/// and wrong methods included, so that probing learns nothing) and
+/// `/metrics` need the key.
+const PUBLIC_WITH_AUTH: &[&str] = &[paths::OPENAPI, paths::API_HEALTH, health::API_READINESS];
+
+fn needs_api_key(path: &str) -> bool {
+    (path == "/metrics" || path.starts_with("/api/")) && !PUBLIC_WITH_AUTH.contains(&path)
+}
+
 /// Refuses requests without a valid `x-api-key` (when auth is on), and
 /// tells the handlers whose key it was (the audit trail's actor).
 async fn require_api_key(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
     let Some(keys) = &app.api_keys else {
         return next.run(req).await;
     };
+    if !needs_api_key(req.uri().path()) {
+        return next.run(req).await;
+    }
     let presented = req
         .headers()
         .get(paths::API_KEY_HEADER)
@@ -152,24 +166,22 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// The whole application.
 pub fn router(app: AppState) -> Router {
-    let mut api = Router::new()
-        .merge(challenges::router())
-        .merge(machines::router())
-        .merge(audit::router());
-    let mut operations = Router::new().merge(metrics::router());
-    if app.api_keys.is_some() {
-        api = api.route_layer(middleware::from_fn_with_state(app.clone(), require_api_key));
-        operations =
-            operations.route_layer(middleware::from_fn_with_state(app.clone(), require_api_key));
-    }
     let body_limit = app.config.body_limit_bytes;
     Router::new()
         .merge(health::router())
-        .merge(openapi::router())
-        .merge(operations)
-        .merge(api)
+        .merge(openapi::router(openapi::Served {
+            auth: app.api_keys.is_some(),
+            proofs_required: app.verification_required(),
+        }))
+        .merge(metrics::router())
+        .merge(challenges::router())
+        .merge(machines::router())
+        .merge(audit::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Around the fallbacks too: an unknown route or a wrong method
+        // under /api/ answers 401 without a key, like a known one.
+        .layer(middleware::from_fn_with_state(app.clone(), require_api_key))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(
             app.clone(),

@@ -11,13 +11,14 @@
 #![allow(dead_code, clippy::struct_field_names)]
 
 use std::collections::BTreeMap;
-use std::sync::LazyLock;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::http::header;
-use axum::response::IntoResponse;
 use axum::routing::get;
 use peaqos_protocol::paths;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::Schema;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{OpenApi, ToSchema};
 
@@ -250,16 +251,61 @@ struct MachineList {
     next_cursor: Option<String>,
 }
 
+// The request schemas say exactly what `validate.rs` and the extractor
+// enforce, so that a fuzzer's "valid" input is valid here (schemathesis runs
+// in the suite: `tests/http/schema.rs`). Lengths are in characters, as JSON
+// Schema counts them; "no control characters" is the Unicode Cc category;
+// "not blank" is at least one character that is neither control nor
+// whitespace.
+
+/// An entry of `capabilities`, `policyIds` or `skillKeys`.
+#[derive(ToSchema)]
+#[schema(
+    min_length = 1,
+    max_length = 200,
+    pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$"
+)]
+struct ListEntry(String);
+
+/// `labels`: at most 100; keys of 1 to 100 characters, values of at most
+/// 500, neither with control characters.
+fn labels_schema() -> utoipa::openapi::schema::Schema {
+    serde_json::from_value(serde_json::json!({
+        "type": "object",
+        "maxProperties": 100,
+        "propertyNames": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"},
+        "additionalProperties": {"type": "string", "maxLength": 500, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"}
+    }))
+    .unwrap_or_default()
+}
+
+/// The statuses a client may set.
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum SettableStatus {
+    Draft,
+    Active,
+    Blocked,
+}
+
 #[derive(ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct CreateMachineRequest {
-    #[schema(min_length = 1, max_length = 200)]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$"
+    )]
     display_name: String,
-    #[schema(min_length = 1, max_length = 200)]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$"
+    )]
     owner_id: String,
-    #[schema(max_length = 200)]
+    #[schema(max_length = 200, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")]
     machine_type: String,
-    #[schema(max_length = 200)]
+    #[schema(max_length = 200, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")]
     runtime_profile: String,
     #[schema(
         pattern = "^(did:peaq:(0|[1-9][0-9]{0,77})|peaqos:machine:(0|[1-9][0-9]{0,77})|did:peaq:0x[0-9a-fA-F]{40})$",
@@ -268,28 +314,53 @@ struct CreateMachineRequest {
     identity_ref: String,
     /// Required unless identity verification is disabled.
     identity_proof: Option<MachineIdentityProofInput>,
-    capabilities: Option<Vec<String>>,
+    #[schema(max_items = 100)]
+    capabilities: Option<Vec<ListEntry>>,
+    #[schema(schema_with = labels_schema, nullable)]
     labels: Option<BTreeMap<String, String>>,
-    policy_ids: Option<Vec<String>>,
-    skill_keys: Option<Vec<String>>,
+    #[schema(max_items = 100)]
+    policy_ids: Option<Vec<ListEntry>>,
+    #[schema(max_items = 100)]
+    skill_keys: Option<Vec<ListEntry>>,
 }
 
 /// Every field optional; absent or `null` leaves it as it is.
 #[derive(ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct UpdateMachineRequest {
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$"
+    )]
     display_name: Option<String>,
-    /// `draft`, `active` or `blocked` (`degraded` is derived; archive with DELETE).
-    status: Option<MachineStatus>,
+    /// `degraded` is derived and `archived` is set with DELETE: neither is
+    /// accepted here.
+    status: Option<SettableStatus>,
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*[^\\s\\u0000-\\u001f\\u007f-\\u009f][^\\u0000-\\u001f\\u007f-\\u009f]*$"
+    )]
     owner_id: Option<String>,
     /// Immutable: only the machine's own identity (any spelling) is accepted.
+    #[schema(
+        pattern = "^(did:peaq:(0|[1-9][0-9]{0,77})|peaqos:machine:(0|[1-9][0-9]{0,77})|did:peaq:0x[0-9a-fA-F]{40})$",
+        max_length = 128
+    )]
     identity_ref: Option<String>,
+    #[schema(max_length = 200, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")]
     machine_type: Option<String>,
+    #[schema(max_length = 200, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")]
     runtime_profile: Option<String>,
-    capabilities: Option<Vec<String>>,
+    #[schema(max_items = 100)]
+    capabilities: Option<Vec<ListEntry>>,
+    #[schema(schema_with = labels_schema, nullable)]
     labels: Option<BTreeMap<String, String>>,
-    policy_ids: Option<Vec<String>>,
-    skill_keys: Option<Vec<String>>,
+    #[schema(max_items = 100)]
+    policy_ids: Option<Vec<ListEntry>>,
+    #[schema(max_items = 100)]
+    skill_keys: Option<Vec<ListEntry>>,
     identity_proof: Option<MachineIdentityProofInput>,
 }
 
@@ -328,7 +399,7 @@ fn create_challenge() {}
 #[utoipa::path(get, path = "/api/v1/machines", tag = "machines",
     params(
         ("limit" = Option<u32>, Query, description = "1..500, default 100", minimum = 1, maximum = 500),
-        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page")),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page. Opaque to clients; the pattern is only what this server issues, so that a fuzzer's \"valid\" cursor is one", pattern = "^(3[0-9]){1,18}3a6d6163685f(6[1-9a-f]|7[0-9a]|3[2-7]){26}$")),
     security(("apiKey" = [])),
     responses(
         (status = 200, description = "Machines whose identity resolves and whose proof still matches", body = MachineList),
@@ -375,6 +446,8 @@ fn get_machine() {}
         (status = 404, description = "NOT_FOUND (also for archived machines)", body = ErrorResponse),
         (status = 409, description = "MACHINE_IDENTITY_IMMUTABLE or MACHINE_NOT_ACTIVATED", body = ErrorResponse),
         (status = 410, description = "MACHINE_IDENTITY_PROOF_EXPIRED: challenge or stored proof expired", body = ErrorResponse),
+        (status = 413, description = "VALIDATION_ERROR: body too large", body = ErrorResponse),
+        (status = 415, description = "VALIDATION_ERROR: body is not JSON", body = ErrorResponse),
         (status = 503, description = "PEAQOS_IDENTITY_UNAVAILABLE, with Retry-After; nothing written", body = ErrorResponse)))]
 fn update_machine() {}
 
@@ -405,7 +478,7 @@ fn list_audit_events() {}
 #[openapi(
     info(
         title = "peaqOS orchestrator: machines & identity",
-        description = "Machine Markets machines & identity API with EIP-191 challenge-signed identity proofs."
+        description = "Machine Markets machines & identity API with EIP-191 challenge-signed identity proofs.\n\nAnswers any operation may give besides those listed: `405 METHOD_NOT_ALLOWED` for a method a path does not have, `413 VALIDATION_ERROR` for a declared body over the limit, `414 VALIDATION_ERROR` for a URI over 8 KiB, `431 VALIDATION_ERROR` for more than 100 headers or 32 KiB of them, `503 SERVICE_UNAVAILABLE` (with `Retry-After`) when the database does not answer or a request exceeds its time, `500 INTERNAL_ERROR`. All carry the error envelope. With API-key auth on, every `/api/` path but this document, `/api/v1/health` and `/api/v1/readiness` needs `x-api-key` (unknown paths and wrong methods included: `401`)."
     ),
     paths(
         health,
@@ -442,34 +515,83 @@ fn list_audit_events() {}
         MachineItem,
         MachineList,
         CreateMachineRequest,
-        UpdateMachineRequest
+        UpdateMachineRequest,
+        ListEntry,
+        SettableStatus
     ))
 )]
 struct ApiDoc;
 
-/// The document, as served.
-pub fn document() -> utoipa::openapi::OpenApi {
+/// What the served document depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct Served {
+    /// API-key auth is on.
+    pub auth: bool,
+    /// Machine writes need an identity proof (verification `required`).
+    pub proofs_required: bool,
+}
+
+/// The document, as served. With auth on it has API-key security and the
+/// `401` answers, and without it neither (a document that asks for a key
+/// the server ignores sends clients and fuzzers after one). When proofs are
+/// required, a create request must carry `identityProof`.
+pub fn document(served: Served) -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     env!("CARGO_PKG_VERSION").clone_into(&mut doc.info.version);
-    if let Some(components) = doc.components.as_mut() {
-        components.add_security_scheme(
-            "apiKey",
-            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(paths::API_KEY_HEADER))),
+    if served.auth {
+        if let Some(components) = doc.components.as_mut() {
+            components.add_security_scheme(
+                "apiKey",
+                SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(paths::API_KEY_HEADER))),
+            );
+        }
+    } else {
+        for item in doc.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.patch,
+                &mut item.delete,
+                &mut item.put,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.security = None;
+                op.responses.responses.remove("401");
+            }
+        }
+    }
+    if served.proofs_required
+        && let Some(RefOr::T(Schema::Object(create))) = doc
+            .components
+            .as_mut()
+            .and_then(|c| c.schemas.get_mut("CreateMachineRequest"))
+    {
+        create.required.push("identityProof".to_owned());
+        // Required, and not `null` either.
+        create.properties.insert(
+            "identityProof".to_owned(),
+            RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                "MachineIdentityProofInput",
+            )),
         );
     }
     doc
 }
 
-static DOCUMENT: LazyLock<String> =
-    LazyLock::new(|| document().to_json().unwrap_or_else(|_| "{}".to_owned()));
-
-pub fn router() -> Router<AppState> {
-    Router::new().route(paths::OPENAPI, get(openapi))
-}
-
-async fn openapi() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        DOCUMENT.as_str(),
+pub fn router(served: Served) -> Router<AppState> {
+    let document: Arc<str> = document(served)
+        .to_json()
+        .unwrap_or_else(|_| "{}".to_owned())
+        .into();
+    Router::new().route(
+        paths::OPENAPI,
+        get(move || async move {
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                document.to_string(),
+            )
+        }),
     )
 }

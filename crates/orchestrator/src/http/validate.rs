@@ -21,10 +21,12 @@ fn check_text(field: &str, value: &str, non_empty: bool) -> Result<(), ApiError>
             format!("{field} must not be empty"),
         ));
     }
-    if value.len() > MAX_TEXT {
+    // Characters, as JSON Schema's maxLength counts them (the OpenAPI
+    // document gives the same bounds).
+    if value.chars().count() > MAX_TEXT {
         return Err(ApiError::validation(
             field,
-            format!("{field} is longer than {MAX_TEXT} bytes"),
+            format!("{field} is longer than {MAX_TEXT} characters"),
         ));
     }
     if value.chars().any(char::is_control) {
@@ -58,14 +60,14 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
     }
     for (k, v) in labels {
         let bad = |message: &str| ApiError::validation("labels", message.to_owned());
-        if k.is_empty() || k.len() > MAX_LABEL_KEY || k.chars().any(char::is_control) {
+        if k.is_empty() || k.chars().count() > MAX_LABEL_KEY || k.chars().any(char::is_control) {
             return Err(bad(&format!(
-                "label keys must be 1 to {MAX_LABEL_KEY} bytes without control characters"
+                "label keys must be 1 to {MAX_LABEL_KEY} characters without control characters"
             )));
         }
-        if v.len() > MAX_LABEL_VALUE || v.chars().any(char::is_control) {
+        if v.chars().count() > MAX_LABEL_VALUE || v.chars().any(char::is_control) {
             return Err(bad(&format!(
-                "label values must be at most {MAX_LABEL_VALUE} bytes without control characters"
+                "label values must be at most {MAX_LABEL_VALUE} characters without control characters"
             )));
         }
     }

@@ -323,6 +323,32 @@ async fn api_keys_guard_the_api_but_not_health() {
     ] {
         assert_eq!(s.get(open).await.status(), 200, "{open}");
     }
+
+    // Unknown routes and wrong methods under /api/ need the key as well, so
+    // that probing without one learns nothing; with it they are 404 and 405.
+    expect_error(s.get("/api/v1/nope").await, 401, "AUTH_REQUIRED").await;
+    expect_error(s.get("/api/v2/machines").await, 401, "AUTH_REQUIRED").await;
+    expect_error(s.delete(path).await, 401, "AUTH_REQUIRED").await;
+    let with_key = |r: reqwest::RequestBuilder| r.header("x-api-key", "fleet-key-0123456789abcdef");
+    let r = with_key(s.client.get(s.url("/api/v1/nope")))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 404, "NOT_FOUND").await;
+    let r = with_key(s.client.delete(s.url(path))).send().await.unwrap();
+    expect_error(r, 405, "METHOD_NOT_ALLOWED").await;
+
+    // The document declares the key, as the server asks for it.
+    let doc: serde_json::Value = s.get("/api/v1/openapi.json").await.json().await.unwrap();
+    assert_eq!(
+        doc["components"]["securitySchemes"]["apiKey"],
+        json!({"type": "apiKey", "in": "header", "name": "x-api-key"})
+    );
+    assert_eq!(
+        doc["paths"]["/api/v1/machines"]["get"]["security"],
+        json!([{"apiKey": []}])
+    );
+    assert!(doc["paths"]["/api/v1/readiness"]["get"]["security"].is_null());
 }
 
 #[tokio::test]

@@ -23,4 +23,5 @@ mod lifetime;
 mod mcr;
 mod outage;
 mod replicas;
+mod schema;
 mod sdk;
