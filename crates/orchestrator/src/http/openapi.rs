@@ -462,10 +462,10 @@ fn archive_machine() {}
 
 #[utoipa::path(get, path = "/api/v1/audit-events", tag = "observability",
     params(
-        ("machineId" = Option<String>, Query, description = "Only this machine's events (also `machine_id`)"),
-        ("resourceType" = Option<String>, Query, description = "`machine` (also `resource_type`)"),
+        ("machineId" = Option<String>, Query, description = "Only this machine's events (also `machine_id`)", pattern = "^mach_[a-z2-7]{26}$"),
+        ("resourceType" = Option<String>, Query, description = "`machine` (also `resource_type`)", pattern = "^machine$"),
         ("limit" = Option<u32>, Query, description = "1..500, default 100", minimum = 1, maximum = 500),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page, or any event id")),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page, or any event id", pattern = "^[0-9]{1,18}$")),
     security(("apiKey" = [])),
     responses(
         (status = 200, description = "Audit events after the cursor, oldest first", body = AuditEventList),
