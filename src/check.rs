@@ -6,14 +6,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use peaqos_logging::error_chain;
-use peaqos_protocol::{Address, Challenge, SecretKey, Timestamp};
+use peaqos_protocol::{Address, Challenge, Timestamp};
 
 use crate::client::Client;
 use crate::clock::ServerClock;
 use crate::config::Config;
-use crate::key;
 use crate::registration::challenge::{self, ChallengeRefusal, Expected};
 use crate::state;
+
+mod key;
 
 /// How long the broker check may take.
 const MQTT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -84,23 +85,22 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
         }
         Err(e) => {
             r.push(Outcome::Fail, "config", error_chain(&e));
-            for name in [
-                "key file",
+            for name in key::LINES.into_iter().chain([
                 "state dir",
                 "orchestrator",
                 "controller",
                 "challenge",
                 "mqtt",
-            ] {
+            ]) {
                 r.push(Outcome::Skip, name, "needs a valid config");
             }
             return r.lines;
         }
     };
 
-    let key = check_key(&mut r, &config);
+    let key = key::check_key(&mut r, &config);
     check_state_dir(&mut r, &config.state.dir);
-    check_orchestrator(&mut r, &config, key.as_ref()).await;
+    check_orchestrator(&mut r, &config, key).await;
     check_mqtt(&mut r, &config).await;
     r.lines
 }
@@ -108,29 +108,6 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
 /// Whether no line failed.
 pub fn all_ok(lines: &[CheckLine]) -> bool {
     lines.iter().all(|l| l.outcome != Outcome::Fail)
-}
-
-fn check_key(r: &mut Report, config: &Config) -> Option<SecretKey> {
-    let identity = &config.identity;
-    match key::load(&identity.key_file, identity.key_password_file.as_deref()) {
-        Ok((key, info)) => {
-            r.push(
-                Outcome::Ok,
-                "key file",
-                format!(
-                    "{}: mode {:04o}, controller address {}",
-                    info.path.display(),
-                    info.mode,
-                    key.address().checksummed()
-                ),
-            );
-            Some(key)
-        }
-        Err(e) => {
-            r.push(Outcome::Fail, "key file", error_chain(&e));
-            None
-        }
-    }
 }
 
 fn check_state_dir(r: &mut Report, dir: &Path) {
@@ -159,7 +136,7 @@ fn check_state_dir(r: &mut Report, dir: &Path) {
     }
 }
 
-async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<&SecretKey>) {
+async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<Address>) {
     let policy = config.orchestrator.effective_policy();
     let client = match Client::new(&config.orchestrator) {
         Ok(c) => c,
@@ -233,7 +210,7 @@ async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<&Secret
 fn check_challenge(
     r: &mut Report,
     config: &Config,
-    key: Option<&SecretKey>,
+    key: Option<Address>,
     challenge: &Challenge,
     server_now: Option<Timestamp>,
     base: &str,
@@ -254,8 +231,8 @@ fn check_challenge(
         );
         return;
     };
-    let ours = key.address().checksummed();
-    if challenge.controller_addresses.contains(&key.address()) {
+    let ours = key.checksummed();
+    if challenge.controller_addresses.contains(&key) {
         r.push(
             Outcome::Ok,
             "controller",
@@ -277,7 +254,7 @@ fn check_challenge(
         .unwrap_or_default();
     let expected = Expected {
         identity,
-        ours: key.address(),
+        ours: key,
         host: &host,
         server_now,
     };

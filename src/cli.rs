@@ -21,28 +21,53 @@ pub enum Command {
     /// registered and active (renewing its identity proof) until stopped
     /// with SIGTERM or SIGINT.
     Run(ConfigArg),
-    /// Generate a new secp256k1 controller key from the OS random source
-    /// into FILE (mode 0600; an existing file is never overwritten) and
-    /// print its controller address.
+    /// Generate a new secp256k1 controller key and print its controller
+    /// address: from the OS random source into FILE (mode 0600; an existing
+    /// file is never overwritten), or inside a PKCS#11 token with --pkcs11
+    /// (CKA_SENSITIVE, not CKA_EXTRACTABLE: it never leaves the token).
     Keygen {
         /// Where to write the key (64 hex digits and a newline).
-        #[arg(long, value_name = "FILE")]
-        out: PathBuf,
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "pkcs11",
+            required_unless_present = "pkcs11"
+        )]
+        out: Option<PathBuf>,
+        /// Generate the key pair in the token this RFC 7512 URI names, under
+        /// its object= label and id= (random when absent), e.g.
+        /// "pkcs11:token=robot;object=controller?module-path=/usr/lib/softhsm/libsofthsm2.so".
+        /// An existing key of that name is never replaced.
+        #[arg(long, value_name = "URI")]
+        pkcs11: Option<String>,
+        /// The file holding the token's user PIN (instead of the URI's
+        /// pin-source).
+        #[arg(long, value_name = "FILE", requires = "pkcs11")]
+        pin_file: Option<PathBuf>,
     },
-    /// Print the controller address of the configured key (or of --key).
+    /// Print the controller address of the configured key (or of --key, or
+    /// of the key in the token --pkcs11 names).
     Address {
-        /// Read the key file named in this configuration.
-        #[arg(long, value_name = "FILE", conflicts_with = "key")]
+        /// Read the key named in this configuration.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["key", "pkcs11"])]
         config: Option<PathBuf>,
         /// Read this key file directly.
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", conflicts_with = "pkcs11")]
         key: Option<PathBuf>,
         /// With --key naming an Ethereum V3 keystore: the file holding its
         /// password.
         #[arg(long, value_name = "FILE", requires = "key")]
         password_file: Option<PathBuf>,
+        /// The key in the PKCS#11 token this RFC 7512 URI names.
+        #[arg(long, value_name = "URI")]
+        pkcs11: Option<String>,
+        /// With --pkcs11: the file holding the token's user PIN (instead of
+        /// the URI's pin-source).
+        #[arg(long, value_name = "FILE", requires = "pkcs11")]
+        pin_file: Option<PathBuf>,
     },
-    /// Check the configuration, the key file, the state directory, the
+    /// Check the configuration, the key (file, or token: which token, whether
+    /// the key is non-extractable, a test signature), the state directory, the
     /// orchestrator (reachable, and our address among the identity's
     /// controllers) and the MQTT broker; one line per check, non-zero exit
     /// status if any fails.

@@ -23,16 +23,20 @@ pub enum LocalCode {
     StateWrite,
     /// A record we knew disappeared while we were proving it.
     NotFound,
+    /// The controller key's PKCS#11 token did not answer or refused to
+    /// sign (unplugged, restarted, PIN refused).
+    KeyUnavailable,
 }
 
 impl LocalCode {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Network,
         Self::Timeout,
         Self::BadResponse,
         Self::BadChallenge,
         Self::StateWrite,
         Self::NotFound,
+        Self::KeyUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -43,6 +47,7 @@ impl LocalCode {
             Self::BadChallenge => "BAD_CHALLENGE",
             Self::StateWrite => "STATE_WRITE",
             Self::NotFound => "NOT_FOUND",
+            Self::KeyUnavailable => "KEY_UNAVAILABLE",
         }
     }
 }
@@ -102,7 +107,8 @@ mod tests {
                 "BAD_RESPONSE",
                 "BAD_CHALLENGE",
                 "STATE_WRITE",
-                "NOT_FOUND"
+                "NOT_FOUND",
+                "KEY_UNAVAILABLE"
             ]
         );
         assert_eq!(Code::from(LocalCode::Timeout).to_string(), "TIMEOUT");

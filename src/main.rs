@@ -9,12 +9,16 @@ use clap::Parser;
 use peaqos_agent::cli::{Cli, Command};
 use peaqos_agent::config::Config;
 use peaqos_agent::run::Agent;
+use peaqos_agent::signer::Signer;
 use peaqos_agent::{check, key, status};
 use tokio_util::sync::CancellationToken;
 
 /// sysexits' EX_CONFIG: bad configuration or key. systemd units can list it
 /// in `RestartPreventExitStatus=`, since restarting will not fix it.
 const EX_CONFIG: u8 = 78;
+/// sysexits' EX_UNAVAILABLE: the key's token is not there (yet); systemd's
+/// `Restart=on-failure` tries again, as for any transient failure.
+const EX_UNAVAILABLE: u8 = 69;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -61,12 +65,25 @@ fn fail(code: u8, logged: bool) -> impl FnOnce(anyhow::Error) -> Failure {
 async fn dispatch(command: Command, hardened: std::io::Result<()>) -> Result<ExitCode, Failure> {
     match command {
         Command::Run(args) => run(&args.config, hardened).await,
-        Command::Keygen { out } => keygen(&out),
+        Command::Keygen {
+            out,
+            pkcs11,
+            pin_file,
+        } => match (out, pkcs11) {
+            (_, Some(uri)) => keygen_token(&uri, pin_file.as_deref()),
+            (Some(out), None) => keygen(&out),
+            (None, None) => unreachable!("clap requires --out or --pkcs11"),
+        },
         Command::Address {
             config,
             key,
             password_file,
-        } => address(config, key, password_file.as_deref()),
+            pkcs11,
+            pin_file,
+        } => match pkcs11 {
+            Some(uri) => address_token(&uri, pin_file.as_deref()),
+            None => address(config, key, password_file.as_deref()),
+        },
         Command::Check(args) => {
             let lines = check::run(&args.config).await;
             for line in &lines {
@@ -96,9 +113,13 @@ async fn run(path: &Path, hardened: std::io::Result<()>) -> Result<ExitCode, Fai
     if let Err(e) = hardened {
         tracing::warn!("cannot disable core dumps: {e}");
     }
-    let agent = Agent::new(config)
-        .context("cannot start")
-        .map_err(fail(EX_CONFIG, logged))?;
+    let agent = Agent::new(config).map_err(|e| {
+        let code = match &e {
+            peaqos_agent::RunError::Key(open) if open.is_transient() => EX_UNAVAILABLE,
+            _ => EX_CONFIG,
+        };
+        fail(code, logged)(anyhow::Error::new(e).context("cannot start"))
+    })?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     agent
@@ -139,21 +160,99 @@ fn address(
     key_file: Option<PathBuf>,
     password_file: Option<&Path>,
 ) -> Result<ExitCode, Failure> {
-    let loaded = if let Some(path) = key_file {
-        key::load_path(&path, password_file)
-    } else {
-        let path = config.unwrap_or_else(|| PathBuf::from(peaqos_agent::config::DEFAULT_PATH));
-        let config = Config::load(&path)
-            .with_context(|| format!("invalid configuration {}", path.display()))
+    if let Some(path) = key_file {
+        let (key, _) = key::load_path(&path, password_file)
+            .context("cannot load the controller key")
             .map_err(fail(EX_CONFIG, false))?;
-        let identity = &config.identity;
-        key::load(&identity.key_file, identity.key_password_file.as_deref())
-    };
-    let (key, _) = loaded
-        .context("cannot load the controller key")
+        println!("{}", key.address().checksummed());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let path = config.unwrap_or_else(|| PathBuf::from(peaqos_agent::config::DEFAULT_PATH));
+    let config = Config::load(&path)
+        .with_context(|| format!("invalid configuration {}", path.display()))
         .map_err(fail(EX_CONFIG, false))?;
+    let signer = Signer::open(&config.identity).map_err(open_failed)?;
+    println!("{}", signer.address().checksummed());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_failed(e: peaqos_agent::signer::OpenError) -> Failure {
+    let code = if e.is_transient() {
+        EX_UNAVAILABLE
+    } else {
+        EX_CONFIG
+    };
+    fail(code, false)(anyhow::Error::new(e))
+}
+
+/// A `--pkcs11` URI and `--pin-file` as the configuration would give them.
+#[cfg(feature = "pkcs11")]
+fn token_args(
+    uri: &str,
+    pin_file: Option<&Path>,
+) -> Result<(peaqos_agent::pkcs11::Pkcs11Uri, Option<String>), Failure> {
+    let uri: peaqos_agent::pkcs11::Pkcs11Uri = uri
+        .parse()
+        .context("invalid --pkcs11 URI")
+        .map_err(fail(EX_CONFIG, false))?;
+    if pin_file.is_some() && uri.pin_source.is_some() {
+        return Err(fail(EX_CONFIG, false)(anyhow::anyhow!(
+            "both --pin-file and the URI's pin-source name a PIN; keep one of them"
+        )));
+    }
+    let pin = pin_file
+        .map(|p| p.display().to_string())
+        .or_else(|| uri.pin_location());
+    Ok((uri, pin))
+}
+
+#[cfg(feature = "pkcs11")]
+fn keygen_token(uri: &str, pin_file: Option<&Path>) -> Result<ExitCode, Failure> {
+    let (uri, pin) = token_args(uri, pin_file)?;
+    let address = peaqos_agent::pkcs11::generate(&uri, pin.as_deref()).map_err(|e| {
+        let code = if matches!(e, peaqos_agent::pkcs11::TokenError::Exists { .. }) {
+            1
+        } else if e.is_transient() {
+            EX_UNAVAILABLE
+        } else {
+            EX_CONFIG
+        };
+        fail(code, false)(anyhow::Error::new(e).context("keygen in the token failed"))
+    })?;
+    println!("{}", address.checksummed());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(feature = "pkcs11")]
+fn address_token(uri: &str, pin_file: Option<&Path>) -> Result<ExitCode, Failure> {
+    let (uri, pin) = token_args(uri, pin_file)?;
+    let key = peaqos_agent::pkcs11::TokenKey::open(uri, pin).map_err(|e| {
+        let code = if e.is_transient() {
+            EX_UNAVAILABLE
+        } else {
+            EX_CONFIG
+        };
+        fail(code, false)(anyhow::Error::new(e).context("cannot use the key in the token"))
+    })?;
     println!("{}", key.address().checksummed());
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn keygen_token(_: &str, _: Option<&Path>) -> Result<ExitCode, Failure> {
+    Err(no_pkcs11())
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn address_token(_: &str, _: Option<&Path>) -> Result<ExitCode, Failure> {
+    Err(no_pkcs11())
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn no_pkcs11() -> Failure {
+    fail(EX_CONFIG, false)(anyhow::anyhow!(
+        "this build of peaqos-agent has no PKCS#11 support (built without the `pkcs11` feature)"
+    ))
 }
 
 async fn status_cmd(

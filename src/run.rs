@@ -3,15 +3,14 @@
 
 use std::time::Duration;
 
-use peaqos_protocol::SecretKey;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{Client, ClientBuildError};
 use crate::config::Config;
-use crate::key::{self, KeyError};
 use crate::mqtt::{self, MqttError};
 use crate::registration::Registrar;
+use crate::signer::{OpenError, Signer};
 use crate::state::StateStore;
 use crate::status::{Command, StatusSnapshot};
 use crate::systemd::{self, Heartbeat};
@@ -27,8 +26,8 @@ const COMMAND_QUEUE: usize = 8;
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot load the controller key")]
-    Key(#[source] KeyError),
+    #[error("cannot open the controller key")]
+    Key(#[source] OpenError),
     #[error("cannot set up the orchestrator client")]
     Client(#[source] ClientBuildError),
     #[error("cannot start the MQTT interface")]
@@ -55,17 +54,25 @@ pub fn boot_id() -> String {
 }
 
 impl Agent {
-    /// Loads the key (refusing loose permissions), the API key and the
-    /// state file. No network yet.
+    /// Opens the key (refusing loose permissions; finding it in its token),
+    /// the API key and the state file. No network yet.
     pub fn new(config: Config) -> Result<Self, RunError> {
-        let identity = &config.identity;
-        let (key, _) = key::load(&identity.key_file, identity.key_password_file.as_deref())
-            .map_err(RunError::Key)?;
+        if config.identity.key.is_some()
+            && let Some(file) = &config.identity.key_file
+        {
+            tracing::warn!(
+                key_file = %file,
+                "[identity] key names a PKCS#11 token, so key_file is not used (and never \
+                 used as a fallback)"
+            );
+        }
+        let key = Signer::open(&config.identity).map_err(RunError::Key)?;
         Self::with_key(config, key)
     }
 
-    /// As [`Agent::new`], with the key already loaded.
-    pub fn with_key(config: Config, key: SecretKey) -> Result<Self, RunError> {
+    /// As [`Agent::new`], with the key already opened.
+    pub fn with_key(config: Config, key: impl Into<Signer>) -> Result<Self, RunError> {
+        let key = key.into();
         let client = Client::new(&config.orchestrator).map_err(RunError::Client)?;
         let identity = config.identity.identity_ref.clone();
         let snapshot =
@@ -76,6 +83,7 @@ impl Agent {
         tracing::info!(
             identity = %identity,
             controller = %key.address().checksummed(),
+            key = key.kind(),
             orchestrator = client.base(),
             state_file = %store.path().display(),
             "starting"

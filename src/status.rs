@@ -34,6 +34,11 @@ pub enum AgentState {
     /// `BAD_CHALLENGE` says which rule): retried slowly, because only an
     /// operator can change the policy or the orchestrator.
     ChallengeRefused,
+    /// The controller key's PKCS#11 token does not answer or refuses to
+    /// sign (lastError `KEY_UNAVAILABLE` says why): looked for again with
+    /// backoff, or every `slow_retry` when an operator must act. The agent
+    /// never signs with another key meanwhile.
+    KeyUnavailable,
     /// An operator blocked the record; reported, not fought.
     Blocked,
     /// An operator archived the record; reported, not fought.
@@ -53,6 +58,7 @@ impl AgentState {
             Self::Backoff => "backoff",
             Self::NotController => "not_controller",
             Self::ChallengeRefused => "challenge_refused",
+            Self::KeyUnavailable => "key_unavailable",
             Self::Blocked => "blocked",
             Self::Archived => "archived",
             Self::Stopping => "stopping",
@@ -177,7 +183,10 @@ pub fn status_line(s: &StatusSnapshot) -> String {
     }
     if let (
         Some(e),
-        AgentState::Backoff | AgentState::NotController | AgentState::ChallengeRefused,
+        AgentState::Backoff
+        | AgentState::NotController
+        | AgentState::ChallengeRefused
+        | AgentState::KeyUnavailable,
     ) = (&s.last_error, s.state)
     {
         let _ = write!(line, " ({})", e.code);
@@ -309,8 +318,8 @@ mod tests {
     #[test]
     fn the_readme_documents_every_state() {
         use AgentState::{
-            Activating, Active, Archived, Backoff, Blocked, ChallengeRefused, NotController,
-            Registering, Renewing, Starting, Stopping,
+            Activating, Active, Archived, Backoff, Blocked, ChallengeRefused, KeyUnavailable,
+            NotController, Registering, Renewing, Starting, Stopping,
         };
         let all = [
             Starting,
@@ -321,6 +330,7 @@ mod tests {
             Backoff,
             NotController,
             ChallengeRefused,
+            KeyUnavailable,
             Blocked,
             Archived,
             Stopping,
@@ -328,7 +338,7 @@ mod tests {
         // No wildcard: a new state does not compile until it is listed above.
         match all[0] {
             Starting | Registering | Activating | Active | Renewing | Backoff | NotController
-            | ChallengeRefused | Blocked | Archived | Stopping => {}
+            | ChallengeRefused | KeyUnavailable | Blocked | Archived | Stopping => {}
         }
         let table = doc_section(AGENT_DOC, "The registration loop");
         for state in all {

@@ -176,7 +176,16 @@ impl Config {
             }
         })?;
         if let Err(e) = config.check() {
-            let offset = key_offsets.get(&e.key).copied().unwrap_or(root_start);
+            // A missing key is reported at its table.
+            let offset = key_offsets
+                .get(&e.key)
+                .or_else(|| {
+                    e.key
+                        .rsplit_once('.')
+                        .and_then(|(table, _)| key_offsets.get(table))
+                })
+                .copied()
+                .unwrap_or(root_start);
             return Err(ConfigError::Invalid {
                 location: sources.locate(offset),
                 key: e.key,
@@ -189,6 +198,7 @@ impl Config {
 
     /// Rules that involve more than one key.
     pub fn check(&self) -> Result<(), CheckError> {
+        self.identity.check()?;
         self.orchestrator.check()?;
         self.mqtt.check().map_err(|e| CheckError {
             key: format!("mqtt.{}", e.key),

@@ -17,6 +17,7 @@ use serde::de::{self, Deserializer};
 
 use crate::duration;
 use crate::mqtt::MqttConfig;
+use crate::pkcs11::Pkcs11Uri;
 use crate::registration::challenge::{self, ChallengePolicy, EffectivePolicy};
 
 mod load;
@@ -58,12 +59,103 @@ pub struct IdentityConfig {
     #[serde(rename = "ref")]
     pub identity_ref: IdentityRef,
     /// Path of the controller key, or `credential:NAME`.
-    #[serde(deserialize_with = "non_empty")]
-    pub key_file: String,
+    #[serde(default, deserialize_with = "non_empty_option")]
+    pub key_file: Option<String>,
     /// For a key file that is an Ethereum V3 keystore: the file holding
     /// its password, or `credential:NAME`.
     #[serde(default, deserialize_with = "non_empty_option")]
     pub key_password_file: Option<String>,
+    /// The controller key in a PKCS#11 token, as an RFC 7512 URI. When set
+    /// it wins over `key_file` (so that a drop-in can move a packaged
+    /// configuration to a token), and the agent never falls back to the
+    /// file.
+    #[serde(default, deserialize_with = "pkcs11_uri")]
+    pub key: Option<Pkcs11Uri>,
+    /// The file holding the token's user PIN, or `credential:NAME`; instead
+    /// of the URI's `pin-source`.
+    #[serde(default, deserialize_with = "non_empty_option")]
+    pub key_pin_file: Option<String>,
+}
+
+/// Where the controller key is, as the configuration says.
+#[derive(Debug, Clone, Copy)]
+pub enum KeySource<'a> {
+    /// A key file (hex or V3 keystore) and its keystore password file.
+    File {
+        location: &'a str,
+        password: Option<&'a str>,
+    },
+    /// A key in a PKCS#11 token and the location of its PIN.
+    Token {
+        uri: &'a Pkcs11Uri,
+        pin: Option<&'a str>,
+    },
+}
+
+impl IdentityConfig {
+    /// The key to use: the token when `key` is set, else the key file.
+    pub fn key_source(&self) -> KeySource<'_> {
+        match (&self.key, &self.key_file) {
+            (Some(uri), _) => KeySource::Token {
+                uri,
+                pin: self.key_pin_file.as_deref().or(uri.pin_source.as_deref()),
+            },
+            (None, Some(location)) => KeySource::File {
+                location,
+                password: self.key_password_file.as_deref(),
+            },
+            (None, None) => unreachable!("Config::check requires key or key_file"),
+        }
+    }
+
+    fn check(&self) -> Result<(), CheckError> {
+        let invalid = |key: &str, message: &str| CheckError {
+            key: format!("identity.{key}"),
+            message: message.to_owned(),
+        };
+        if let Some(file) = &self.key_file
+            && file.starts_with("pkcs11:")
+        {
+            return Err(invalid(
+                "key_file",
+                "is a PKCS#11 URI; a key in a token goes in [identity] key",
+            ));
+        }
+        let Some(uri) = &self.key else {
+            if self.key_file.is_none() {
+                return Err(invalid(
+                    "key_file",
+                    "missing: set key_file (a key file or credential:NAME) or key (a pkcs11: URI)",
+                ));
+            }
+            if self.key_pin_file.is_some() {
+                return Err(invalid(
+                    "key_pin_file",
+                    "only used with a key in a token ([identity] key = \"pkcs11:...\")",
+                ));
+            }
+            return Ok(());
+        };
+        if !cfg!(feature = "pkcs11") {
+            return Err(invalid(
+                "key",
+                "this build of peaqos-agent has no PKCS#11 support (built without the \
+                 `pkcs11` feature)",
+            ));
+        }
+        match (&self.key_pin_file, &uri.pin_source) {
+            (Some(_), Some(_)) => Err(invalid(
+                "key_pin_file",
+                "the URI names a pin-source too; keep one of them",
+            )),
+            (None, None) => Err(invalid(
+                "key",
+                "the token needs a PIN: add pin-source=/path/to/pin-file to the URI or set \
+                 [identity] key_pin_file (a file or credential:NAME; never the PIN itself)",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// `[orchestrator]`.
@@ -298,6 +390,11 @@ fn non_empty_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D
 
 fn non_empty_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
     non_empty(d).map(|p| Some(PathBuf::from(p)))
+}
+
+fn pkcs11_uri<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pkcs11Uri>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map(Some).map_err(de::Error::custom)
 }
 
 fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

@@ -193,7 +193,10 @@ fn cross_key_rules_name_the_key_and_its_file() {
 fn the_shipped_example_is_valid() {
     let text = include_str!("../../config/agent.example.toml");
     let c = load(&[("agent.example.toml", text)]).unwrap();
-    assert_eq!(c.identity.key_file, "credential:controller-key");
+    assert_eq!(
+        c.identity.key_file.as_deref(),
+        Some("credential:controller-key")
+    );
     assert_eq!(c.renewal.backoff_max, Duration::from_secs(300));
     assert!(!c.mqtt.enabled);
 }
@@ -289,4 +292,84 @@ fn secrets_are_not_accepted_inline() {
     let err = load(&[("agent.toml", &text)]).unwrap_err();
     let (_, _, message) = invalid(err);
     assert!(message.contains("api_key"), "{message}");
+}
+
+#[test]
+fn a_key_in_a_token_sits_beside_key_file_and_wins() {
+    const URI: &str =
+        "pkcs11:token=robot;object=controller?module-path=/usr/lib/softhsm/libsofthsm2.so";
+    // A drop-in moves the packaged configuration to a token.
+    let drop_in = format!("[identity]\nkey = \"{URI}\"\nkey_pin_file = \"credential:token-pin\"\n");
+    let c = load(&[("agent.toml", MAIN), ("agent.d/50-token.toml", &drop_in)]).unwrap();
+    match c.identity.key_source() {
+        KeySource::Token { uri, pin } => {
+            assert_eq!(uri.token.as_deref(), Some("robot"));
+            assert_eq!(pin, Some("credential:token-pin"));
+        }
+        other @ KeySource::File { .. } => panic!("{other:?}"),
+    }
+    // Without it, the key file as before.
+    let c = load(&[("agent.toml", MAIN)]).unwrap();
+    assert!(matches!(
+        c.identity.key_source(),
+        KeySource::File {
+            location: "/etc/peaqos-agent/controller.key",
+            password: None
+        }
+    ));
+}
+
+#[test]
+fn token_key_mistakes_are_refused_at_load_with_the_key_named() {
+    const URI: &str =
+        "pkcs11:token=robot;object=controller?module-path=/usr/lib/softhsm/libsofthsm2.so";
+    let with = |identity: &str| {
+        MAIN.replace(
+            "key_file = \"/etc/peaqos-agent/controller.key\"\n",
+            identity,
+        )
+    };
+    let cases = [
+        (with(""), "identity.key_file", "set key_file"),
+        (
+            with(&format!("key_file = \"{URI}\"\n")),
+            "identity.key_file",
+            "goes in [identity] key",
+        ),
+        (
+            with(&format!("key = \"{URI}\"\n")),
+            "identity.key",
+            "needs a PIN",
+        ),
+        (
+            with(&format!(
+                "key = \"{URI}&pin-source=/p\"\nkey_pin_file = \"/q\"\n"
+            )),
+            "identity.key_pin_file",
+            "keep one",
+        ),
+        (
+            with(&format!("key = \"{URI}&pin-value=1234\"\n")),
+            "identity.key",
+            "pin-value would put the PIN",
+        ),
+        (
+            with("key_file = \"/k\"\nkey_pin_file = \"/q\"\n"),
+            "identity.key_pin_file",
+            "only used with a key in a token",
+        ),
+    ];
+    for (text, want_key, want) in cases {
+        let (loc, key, message) = invalid(load(&[("agent.toml", &text)]).unwrap_err());
+        assert_eq!(key, want_key, "{text}");
+        // A missing key is reported at its table's header (line 2), the
+        // others at their own line.
+        let line = text
+            .lines()
+            .position(|l| l.starts_with(want_key.trim_start_matches("identity.")))
+            .map_or(2, |i| i + 1);
+        assert_eq!(loc.line, line, "{loc}: {text}");
+        assert!(message.contains(want), "{message}");
+        assert!(!message.contains("1234"), "{message}");
+    }
 }

@@ -48,6 +48,9 @@ fn own_record_id(item: &serde_json::Value, identity: &IdentityRef) -> Option<Str
 impl Registrar {
     /// One pass from what we know to a settled record.
     pub(super) async fn cycle(&mut self, force_renew: bool) -> Result<Settled, Failure> {
+        // A token that went away shows in the status at the next check,
+        // not only when a proof is next due.
+        self.key.probe().await?;
         let mut just_proved = false;
         for _ in 0..MAX_STEPS {
             let Some(id) = self.state.machine_id.clone() else {
@@ -326,7 +329,7 @@ impl Registrar {
                         .observe_precise(issued_at, received.at, received.local);
                 }
                 let text = challenge.message.as_bytes();
-                let signature = self.key.sign_personal(text);
+                let signature = self.key.sign_personal(text).await?;
                 // One record per signature, so that what the key signed can
                 // be audited on the machine (the text itself only at debug).
                 tracing::info!(

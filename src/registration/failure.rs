@@ -20,6 +20,10 @@ pub(super) enum FailureKind {
     /// Something else an operator must fix (API key, record fields): retried
     /// slowly.
     NeedsOperator,
+    /// The controller key's token does not answer or refuses to sign:
+    /// retried with backoff when it went away, slowly when an operator must
+    /// act (PIN, key). Never replaced by another key.
+    KeyUnavailable { transient: bool },
 }
 
 #[derive(Debug)]
@@ -46,6 +50,18 @@ impl Failure {
             retry_after: None,
             load_neutral: false,
         }
+    }
+}
+
+impl From<crate::signer::SignError> for Failure {
+    fn from(e: crate::signer::SignError) -> Self {
+        Self::new(
+            FailureKind::KeyUnavailable {
+                transient: e.is_transient(),
+            },
+            crate::local_code::LocalCode::KeyUnavailable,
+            error_chain(&e),
+        )
     }
 }
 

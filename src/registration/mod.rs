@@ -25,7 +25,7 @@ mod probe;
 
 use std::time::Duration;
 
-use peaqos_protocol::{IdentityRef, SecretKey, Timestamp};
+use peaqos_protocol::{IdentityRef, Timestamp};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,7 @@ use crate::backoff::{self, Backoff};
 use crate::client::Client;
 use crate::clock::ServerClock;
 use crate::config::{MachineConfig, RenewalConfig};
+use crate::signer::Signer;
 use crate::state::{Loaded, State, StateStore};
 use crate::status::{AgentState, Command, LastError, StatusSnapshot, status_line};
 use crate::systemd::Heartbeat;
@@ -52,7 +53,8 @@ pub struct Registrar {
     policy: EffectivePolicy,
     /// The orchestrator's host, for the policy's Sign-In-With-Ethereum rule.
     host: String,
-    key: SecretKey,
+    /// The controller key (a file's, or a token's).
+    key: Signer,
     client: Client,
     store: StateStore,
     state: State,
@@ -85,7 +87,7 @@ impl Registrar {
         machine: MachineConfig,
         renewal: RenewalConfig,
         policy: EffectivePolicy,
-        key: SecretKey,
+        key: Signer,
         client: Client,
         store: StateStore,
         loaded: Loaded,
@@ -306,6 +308,14 @@ impl Registrar {
                 (AgentState::ChallengeRefused, self.renewal.slow_retry)
             }
             FailureKind::NeedsOperator => (AgentState::Backoff, self.renewal.slow_retry),
+            // A token that went away is looked for again like an outage; a
+            // token that refuses the PIN or lost the key needs an operator.
+            FailureKind::KeyUnavailable { transient: true } => {
+                (AgentState::KeyUnavailable, self.backoff.next_delay(None))
+            }
+            FailureKind::KeyUnavailable { transient: false } => {
+                (AgentState::KeyUnavailable, self.renewal.slow_retry)
+            }
         };
         tracing::warn!(
             state = %state,

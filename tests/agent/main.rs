@@ -7,3 +7,5 @@ mod support;
 mod cli;
 mod e2e;
 mod faults;
+#[cfg(feature = "pkcs11")]
+mod pkcs11;

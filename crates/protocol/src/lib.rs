@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod error_code;
 pub mod identity;
 pub mod machine;
+pub mod raw_ecdsa;
 pub mod timestamp;
 
 pub use address::{Address, AddressError};
@@ -24,6 +25,7 @@ pub use machine::{
     CreateMachineRequest, Machine, MachineIdentityProof, MachineIdentityProofInput, MachineStatus,
     ProofMethod, ResolutionSource, UpdateMachineRequest,
 };
+pub use raw_ecdsa::{RawSignatureError, address_of_public_key};
 pub use timestamp::{Timestamp, TimestampError};
 
 /// Paths of the API, relative to the server's base URL.

@@ -4,9 +4,12 @@
 //! them (Mosquitto and its clients, PostgreSQL, Python's `eth-account` and
 //! the peaqOS SDK). On a machine without them a test prints one line saying
 //! what it skipped and passes; with `PEAQOS_TEST_REQUIRE` naming the service
-//! (CI sets `mosquitto,postgres,python`), a missing service fails the test.
+//! (CI sets `mosquitto,postgres,python,systemd,deb,softhsm`), a missing service fails the test.
 
 pub mod man;
+pub mod softhsm;
+
+pub use softhsm::SoftHsm;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -23,6 +26,9 @@ pub enum Service {
     Systemd,
     /// Debian packaging: `cargo deb`, `dpkg-deb`, `dpkg`, root for `dpkg --root`.
     Deb,
+    /// SoftHSM2 (its PKCS#11 module and `softhsm2-util`) and OpenSC's
+    /// `pkcs11-tool`.
+    Softhsm,
 }
 
 impl Service {
@@ -33,6 +39,7 @@ impl Service {
             Self::Python => "python",
             Self::Systemd => "systemd",
             Self::Deb => "deb",
+            Self::Softhsm => "softhsm",
         }
     }
 }

@@ -49,6 +49,15 @@ pub(crate) fn run(extra: &[String]) -> Result<(), String> {
                 .map(|()| "Debian packaging (cargo deb, dpkg)".to_owned())
                 .map_err(|why| format!("Debian packaging ({why}; the .deb test skips)")),
         ),
+        (
+            Service::Softhsm,
+            find_program("softhsm2-util")
+                .zip(find_program("pkcs11-tool"))
+                .map(|_| "SoftHSM2 and pkcs11-tool".to_owned())
+                .ok_or_else(|| {
+                    "SoftHSM2 (no softhsm2-util or pkcs11-tool; PKCS#11 tests skip)".to_owned()
+                }),
+        ),
     ];
     let (used, missing): (Vec<_>, Vec<_>) = probes.iter().partition(|(_, p)| p.is_ok());
     let list = |items: &[&(Service, Result<String, String>)]| {

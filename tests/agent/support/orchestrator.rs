@@ -233,6 +233,9 @@ pub(crate) struct SlowLink {
     pub(crate) hold_next_proofs: Arc<AtomicUsize>,
     /// (method, path) of every request answered, in order.
     pub(crate) seen: Arc<Mutex<Vec<(String, String)>>>,
+    /// Every answered exchange: path, request body, response body.
+    #[cfg_attr(not(feature = "pkcs11"), allow(dead_code))]
+    pub(crate) exchanges: Arc<Mutex<Vec<Exchange>>>,
     /// Bumped as each request has been answered (so the agent has its
     /// answer, or is about to).
     answered: watch::Receiver<u64>,
@@ -245,8 +248,18 @@ struct LinkState {
     hold_next_proofs: Arc<AtomicUsize>,
     hold_for: Duration,
     seen: Arc<Mutex<Vec<(String, String)>>>,
+    exchanges: Arc<Mutex<Vec<Exchange>>>,
     answered: Arc<watch::Sender<u64>>,
     client: reqwest::Client,
+}
+
+/// A request and its answer as they passed through the link.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "pkcs11"), allow(dead_code))]
+pub(crate) struct Exchange {
+    pub(crate) path: String,
+    pub(crate) request: Bytes,
+    pub(crate) response: Bytes,
 }
 
 async fn forward(State(link): State<LinkState>, request: Request) -> Response {
@@ -261,7 +274,10 @@ async fn forward(State(link): State<LinkState>, request: Request) -> Response {
         tokio::time::sleep(link.hold_for).await;
     }
     let url = format!("{}{}", link.upstream, parts.uri);
-    let mut req = link.client.request(parts.method.clone(), url).body(body);
+    let mut req = link
+        .client
+        .request(parts.method.clone(), url)
+        .body(body.clone());
     for (name, value) in &parts.headers {
         if name != "host" && name != "content-length" {
             req = req.header(name, value);
@@ -277,9 +293,13 @@ async fn forward(State(link): State<LinkState>, request: Request) -> Response {
             out = out.header(name, value);
         }
     }
-    let response = out
-        .body(axum::body::Body::from(resp.bytes().await.unwrap()))
-        .unwrap();
+    let answer = resp.bytes().await.unwrap();
+    link.exchanges.lock().unwrap().push(Exchange {
+        path: parts.uri.path().to_owned(),
+        request: body,
+        response: answer.clone(),
+    });
+    let response = out.body(axum::body::Body::from(answer)).unwrap();
     link.answered(&parts);
     response
 }
@@ -302,6 +322,7 @@ impl SlowLink {
             hold_next_proofs: Arc::new(AtomicUsize::new(0)),
             hold_for,
             seen: Arc::new(Mutex::new(Vec::new())),
+            exchanges: Arc::new(Mutex::new(Vec::new())),
             answered: Arc::new(answered_tx),
             client: http(),
         };
@@ -322,6 +343,7 @@ impl SlowLink {
             addr,
             hold_next_proofs: state.hold_next_proofs,
             seen: state.seen,
+            exchanges: state.exchanges,
             answered,
             stop,
         }
@@ -345,21 +367,30 @@ impl SlowLink {
     /// Waits until `method path` has been answered at least `n` times in
     /// all; panics after `timeout`.
     pub(crate) async fn wait_count(&self, method: &str, path: &str, n: usize, timeout: Duration) {
+        let waited = self
+            .wait_until(timeout, || self.count(method, path) >= n)
+            .await;
+        assert!(
+            waited,
+            "timed out after {timeout:?} waiting for {n} × {method} {path}; seen: {:?}",
+            self.seen.lock().unwrap()
+        );
+    }
+
+    /// Waits until `done()` holds, looking again after each answered
+    /// request; false after `timeout`.
+    pub(crate) async fn wait_until(&self, timeout: Duration, done: impl Fn() -> bool) -> bool {
         let mut answered = self.answered.clone();
-        let waited = tokio::time::timeout(timeout, async {
+        tokio::time::timeout(timeout, async {
             loop {
-                if self.count(method, path) >= n {
+                if done() {
                     return;
                 }
                 answered.changed().await.unwrap();
             }
         })
-        .await;
-        assert!(
-            waited.is_ok(),
-            "timed out after {timeout:?} waiting for {n} × {method} {path}; seen: {:?}",
-            self.seen.lock().unwrap()
-        );
+        .await
+        .is_ok()
     }
 }
 

@@ -1,0 +1,301 @@
+//! An open, logged-in session with the token that holds the controller key:
+//! loading the module at run time (no link-time dependency), finding the
+//! token and the key pair named by the URI, and reading the public key.
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use peaqos_protocol::{Address, address_of_public_key};
+use zeroize::Zeroizing;
+
+use super::error::TokenError;
+use super::uri::Pkcs11Uri;
+use crate::secrets;
+
+/// DER of the secp256k1 OID (1.3.132.0.10), the value of CKA_EC_PARAMS.
+pub const SECP256K1_PARAMS: [u8; 7] = [0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a];
+
+/// A loaded module with one session on the key's token. Dropping it closes
+/// the session and finalises the module, so that a later one starts afresh
+/// (which is how a restarted or re-plugged token is found again).
+pub(crate) struct Connection {
+    session: Option<Session>,
+    context: Pkcs11,
+    /// Whether `C_Initialize` was ours to undo.
+    initialized: bool,
+    pub(crate) slot: Slot,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("slot", &self.slot.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        drop(self.session.take());
+        if self.initialized {
+            let _ = self.context.clone().finalize();
+        }
+    }
+}
+
+pub(crate) fn device(operation: &'static str) -> impl FnOnce(CkError) -> TokenError {
+    move |source| TokenError::Device { operation, source }
+}
+
+fn rv(e: &CkError) -> Option<RvError> {
+    match e {
+        CkError::Pkcs11(rv, _) => Some(*rv),
+        _ => None,
+    }
+}
+
+impl Connection {
+    /// Loads the module, finds the token and logs in with the PIN read now
+    /// from its file (so that a changed PIN file is picked up).
+    pub(crate) fn open(
+        uri: &Pkcs11Uri,
+        pin_location: Option<&str>,
+        read_write: bool,
+    ) -> Result<Self, TokenError> {
+        let pin = read_pin(pin_location)?;
+        Self::open_with_pin(uri, &pin, read_write)
+    }
+
+    pub(crate) fn open_with_pin(
+        uri: &Pkcs11Uri,
+        pin: &Zeroizing<String>,
+        read_write: bool,
+    ) -> Result<Self, TokenError> {
+        let context = Pkcs11::new(&uri.module_path).map_err(|source| TokenError::Module {
+            path: uri.module_path.clone(),
+            source,
+        })?;
+        let initialized =
+            match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+                Ok(()) => true,
+                // Another user of the module in this process initialised it.
+                Err(e) if rv(&e) == Some(RvError::CryptokiAlreadyInitialized) => false,
+                Err(source) => {
+                    return Err(TokenError::Initialize {
+                        path: uri.module_path.clone(),
+                        source,
+                    });
+                }
+            };
+        let mut me = Self {
+            session: None,
+            context,
+            initialized,
+            slot: Slot::try_from(0u64).map_err(device("name a slot"))?,
+        };
+        me.slot = find_slot(&me.context, uri)?;
+        let session = if read_write {
+            me.context.open_rw_session(me.slot)
+        } else {
+            me.context.open_ro_session(me.slot)
+        }
+        .map_err(device("open a session"))?;
+        let auth = AuthPin::from(pin.as_str());
+        match session.login(UserType::User, Some(&auth)) {
+            Ok(()) => {}
+            Err(e) => match rv(&e) {
+                Some(RvError::UserAlreadyLoggedIn) => {}
+                Some(RvError::PinIncorrect) => return Err(TokenError::PinIncorrect),
+                Some(RvError::PinLocked) => return Err(TokenError::PinLocked),
+                _ => return Err(device("accept the login")(e)),
+            },
+        }
+        me.session = Some(session);
+        Ok(me)
+    }
+
+    pub(crate) fn session(&self) -> &Session {
+        self.session.as_ref().expect("set in open")
+    }
+
+    pub(crate) fn token_info(&self) -> Result<cryptoki::slot::TokenInfo, TokenError> {
+        self.context
+            .get_token_info(self.slot)
+            .map_err(device("report its token information"))
+    }
+
+    /// Objects of `class` matching the URI's label and id.
+    pub(crate) fn find(
+        &self,
+        class: ObjectClass,
+        uri: &Pkcs11Uri,
+    ) -> Result<Vec<ObjectHandle>, TokenError> {
+        let mut template = vec![Attribute::Class(class)];
+        if let Some(label) = &uri.object {
+            template.push(Attribute::Label(label.as_bytes().to_vec()));
+        }
+        if let Some(id) = &uri.id {
+            template.push(Attribute::Id(id.clone()));
+        }
+        self.session()
+            .find_objects(&template)
+            .map_err(device("list its objects"))
+    }
+
+    /// The private key the URI names, checked to be secp256k1.
+    pub(crate) fn private_key(&self, uri: &Pkcs11Uri) -> Result<ObjectHandle, TokenError> {
+        let found = self.find(ObjectClass::PRIVATE_KEY, uri)?;
+        let key = match found.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(TokenError::NoKey {
+                    token: uri.token_name(),
+                    key: uri.key_name(),
+                });
+            }
+            many => {
+                return Err(TokenError::Ambiguous {
+                    token: uri.token_name(),
+                    key: uri.key_name(),
+                    count: many.len(),
+                });
+            }
+        };
+        let attrs = self
+            .session()
+            .get_attributes(key, &[AttributeType::KeyType, AttributeType::EcParams])
+            .map_err(device("report the key's type"))?;
+        let is_ec = attrs
+            .iter()
+            .any(|a| matches!(a, Attribute::KeyType(t) if *t == KeyType::EC));
+        let on_curve = attrs
+            .iter()
+            .any(|a| matches!(a, Attribute::EcParams(p) if p.as_slice() == SECP256K1_PARAMS));
+        if !(is_ec && on_curve) {
+            return Err(TokenError::NotSecp256k1 {
+                key: uri.key_name(),
+            });
+        }
+        Ok(key)
+    }
+
+    /// The SEC1 public key and address of the pair `private` belongs to,
+    /// from the public key object with the same CKA_ID (or, without an id,
+    /// the same label).
+    pub(crate) fn public_key(
+        &self,
+        uri: &Pkcs11Uri,
+        private: ObjectHandle,
+    ) -> Result<(Vec<u8>, Address), TokenError> {
+        let attrs = self
+            .session()
+            .get_attributes(private, &[AttributeType::Id, AttributeType::Label])
+            .map_err(device("report the key's id"))?;
+        let mut template = vec![Attribute::Class(ObjectClass::PUBLIC_KEY)];
+        let id = attrs.iter().find_map(|a| match a {
+            Attribute::Id(id) if !id.is_empty() => Some(id.clone()),
+            _ => None,
+        });
+        let label = attrs.iter().find_map(|a| match a {
+            Attribute::Label(l) if !l.is_empty() => Some(l.clone()),
+            _ => None,
+        });
+        match (id, label) {
+            (Some(id), _) => template.push(Attribute::Id(id)),
+            (None, Some(label)) => template.push(Attribute::Label(label)),
+            (None, None) => {
+                return Err(TokenError::NoPublicKey {
+                    token: uri.token_name(),
+                    key: uri.key_name(),
+                });
+            }
+        }
+        let found = self
+            .session()
+            .find_objects(&template)
+            .map_err(device("list its objects"))?;
+        let no_public = || TokenError::NoPublicKey {
+            token: uri.token_name(),
+            key: uri.key_name(),
+        };
+        let public = *found.first().ok_or_else(no_public)?;
+        let point = self
+            .session()
+            .get_attributes(public, &[AttributeType::EcPoint])
+            .map_err(device("report the public key"))?
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::EcPoint(p) => Some(p),
+                _ => None,
+            })
+            .ok_or_else(no_public)?;
+        decode_ec_point(&point).map_err(|source| TokenError::PublicKey {
+            key: uri.key_name(),
+            source,
+        })
+    }
+}
+
+/// CKA_EC_POINT is a DER OCTET STRING around the SEC1 point (PKCS#11
+/// v2.40); some modules return the bare point. Both are accepted.
+pub fn decode_ec_point(
+    value: &[u8],
+) -> Result<(Vec<u8>, Address), peaqos_protocol::RawSignatureError> {
+    if let [0x04, len, rest @ ..] = value
+        && usize::from(*len) == rest.len()
+        && let Ok(address) = address_of_public_key(rest)
+    {
+        return Ok((rest.to_vec(), address));
+    }
+    address_of_public_key(value).map(|a| (value.to_vec(), a))
+}
+
+fn read_pin(location: Option<&str>) -> Result<Zeroizing<String>, TokenError> {
+    let location = location.ok_or(TokenError::NoPin)?;
+    let path = secrets::resolve(location).map_err(TokenError::Pin)?;
+    secrets::read(&path).map_err(TokenError::Pin)
+}
+
+pub(crate) fn read_pin_for(location: Option<&str>) -> Result<Zeroizing<String>, TokenError> {
+    read_pin(location)
+}
+
+/// The slot whose token matches every token attribute of the URI; the
+/// first token when the URI names none.
+fn find_slot(context: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, TokenError> {
+    let slots = context
+        .get_slots_with_token()
+        .map_err(device("list its slots"))?;
+    let mut present = Vec::new();
+    for slot in slots {
+        let Ok(info) = context.get_token_info(slot) else {
+            continue;
+        };
+        let matches = uri.token.as_deref().is_none_or(|t| t == info.label())
+            && uri
+                .serial
+                .as_deref()
+                .is_none_or(|s| s == info.serial_number())
+            && uri
+                .manufacturer
+                .as_deref()
+                .is_none_or(|m| m == info.manufacturer_id())
+            && uri.model.as_deref().is_none_or(|m| m == info.model())
+            && uri.slot_id.is_none_or(|id| id == slot.id());
+        if matches {
+            return Ok(slot);
+        }
+        present.push(format!("{:?}", info.label()));
+    }
+    Err(TokenError::NoToken {
+        wanted: uri.token_name(),
+        present: if present.is_empty() {
+            "none".to_owned()
+        } else {
+            present.join(", ")
+        },
+    })
+}
