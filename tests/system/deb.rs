@@ -156,6 +156,12 @@ fn check_contents(dpkg_deb: &Path, deb: &Path) {
         ("usr/share/doc/peaqos-agent/README.Debian", "-rw-r--r--"),
         ("usr/share/doc/peaqos-agent/mqtt.md", "-rw-r--r--"),
         ("usr/share/doc/peaqos-agent/copyright", "-rw-r--r--"),
+        // The PKCS#11 drop-in, an example the operator enables; the unit
+        // itself is not loosened.
+        (
+            "usr/share/doc/peaqos-agent/examples/pkcs11.conf",
+            "-rw-r--r--",
+        ),
         // lintian reads its overrides from here (each with its reason).
         ("usr/share/lintian/overrides/peaqos-agent", "-rw-r--r--"),
     ] {

@@ -335,3 +335,94 @@ fn is_root() -> bool {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
+
+/// The agent unit with every block of the PKCS#11 example drop-in
+/// uncommented, as one file (a later assignment wins, `LoadCredential=`
+/// empty clears the list, as with a drop-in).
+fn agent_unit_with_pkcs11_drop_in(dir: &Path) -> (PathBuf, String) {
+    let unit = unit_copy(
+        dir,
+        AGENT_UNIT,
+        "/usr/bin/peaqos-agent",
+        Path::new(env!("CARGO_BIN_EXE_peaqos-agent")),
+    );
+    let drop_in = std::fs::read_to_string(repo().join("systemd/examples/pkcs11.conf")).unwrap();
+    let applied: String = drop_in
+        .lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(rest)
+                if rest.starts_with(|c: char| c.is_ascii_uppercase())
+                    && rest.split_once('=').is_some_and(|(k, _)| !k.contains(' ')) =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .fold(String::new(), |out, l| out + l + "\n");
+    let combined = dir.join("peaqos-agent-pkcs11.service");
+    let text = std::fs::read_to_string(&unit).unwrap() + "\n" + &applied;
+    std::fs::write(&combined, &text).unwrap();
+    (combined, applied)
+}
+
+#[test]
+fn the_pkcs11_drop_in_verifies_and_loosens_only_what_tokens_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let (combined, applied) = agent_unit_with_pkcs11_drop_in(dir.path());
+    // The keys it may touch: credentials, the token store, devices, groups.
+    let allowed = [
+        "LoadCredential",
+        "ReadWritePaths",
+        "SupplementaryGroups",
+        "PrivateUsers",
+        "PrivateDevices",
+        "DevicePolicy",
+        "DeviceAllow",
+    ];
+    for line in applied.lines().filter(|l| !l.starts_with(['#', '['])) {
+        if let Some((key, _)) = line.split_once('=') {
+            assert!(allowed.contains(&key), "the drop-in sets {key}=");
+        }
+    }
+    let credentials = values(&applied, "LoadCredential");
+    assert_eq!(
+        credentials.first(),
+        Some(&""),
+        "clears the key file credential"
+    );
+    assert!(credentials.contains(&"token-pin:/etc/peaqos-agent/token.pin"));
+    assert!(!credentials.iter().any(|c| c.starts_with("controller-key:")));
+
+    let Some(analyze) = systemd_analyze("the_pkcs11_drop_in_verifies") else {
+        return;
+    };
+    let out = Command::new(&analyze)
+        .args(["verify", "--man=no"])
+        .arg(&combined)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let about: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(&*combined.to_string_lossy()))
+        .collect();
+    assert!(out.status.success() && about.is_empty(), "{stderr}");
+    let out = Command::new(&analyze)
+        .args(["security", "--offline=true", "--threshold=20", "--no-pager"])
+        .arg(&combined)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    eprintln!("unit with every block of the PKCS#11 drop-in: {line}");
+    let score: f64 = line
+        .rsplit(':')
+        .next()
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse {line:?}"));
+    assert!(score <= MAX_EXPOSURE, "{stdout}");
+}
