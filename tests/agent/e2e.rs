@@ -53,6 +53,13 @@ impl Machine {
     fn machine_id(&self) -> Option<String> {
         stored_machine_id(&self.dir.path().join("state"))
     }
+
+    /// A new key in place of the old one, as after a compromise.
+    fn rotate_key(&mut self) {
+        let (key, key_path) = write_key(self.dir.path(), "controller");
+        self.key = key;
+        self.key_path = key_path;
+    }
 }
 
 #[tokio::test]
@@ -518,6 +525,71 @@ async fn an_operator_block_is_respected() {
     assert_eq!(link.count("PATCH", &record), writes, "{:?}", link.seen);
     assert_eq!(orch.machine(&id).await.1["item"]["status"], "blocked");
     assert_eq!(agent.status.borrow().state, AgentState::Blocked);
+
+    // The operator unblocks (back to `draft`, no proof needed); the agent
+    // proves itself again and is active on the same record by itself.
+    assert_eq!(
+        orch.patch(&id, serde_json::json!({"status": "draft"}))
+            .await,
+        200
+    );
+    let back = agent.wait_state(AgentState::Active, WAIT).await;
+    assert_eq!(back.machine_id.as_deref(), Some(id.as_str()));
+    assert_eq!(orch.machine(&id).await.1["item"]["status"], "active");
+    agent.stop(STOP).await;
+}
+
+/// Key compromise: the controller is removed, and the operator can still
+/// block the machine (it answered 409 before: a block re-verified the
+/// proof it withdraws). The agent reports the block instead of fighting it
+/// with re-proofs; after the key is rotated on the machine and in the
+/// controller data, the operator unblocks and the agent activates with its
+/// new key.
+#[tokio::test]
+async fn a_compromised_key_is_blocked_rotated_and_unblocked() {
+    let orch = Orchestrator::start(|_| {}).await;
+    let mut robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+    let mut agent = robot.start(&orch.url(), "");
+    let id = agent
+        .wait_state(AgentState::Active, WAIT)
+        .await
+        .machine_id
+        .unwrap();
+
+    orch.set_controllers(ID, &[]);
+    assert_eq!(
+        orch.patch(&id, serde_json::json!({"status": "blocked"}))
+            .await,
+        200,
+        "an operator can block a machine whose controller is gone"
+    );
+    let blocked = agent.wait_state(AgentState::Blocked, WAIT).await;
+    assert_eq!(
+        blocked.record_status,
+        Some(peaqos_protocol::MachineStatus::Blocked)
+    );
+    agent.stop(STOP).await;
+
+    robot.rotate_key();
+    orch.set_controllers(ID, &[robot.address()]);
+    let mut agent = robot.start(&orch.url(), "");
+    agent.wait_state(AgentState::Blocked, WAIT).await;
+    assert_eq!(orch.machine(&id).await.1["item"]["status"], "blocked");
+
+    assert_eq!(
+        orch.patch(&id, serde_json::json!({"status": "draft"}))
+            .await,
+        200
+    );
+    let active = agent.wait_state(AgentState::Active, WAIT).await;
+    assert_eq!(active.machine_id.as_deref(), Some(id.as_str()));
+    let record = orch.machine(&id).await.1;
+    assert_eq!(record["item"]["status"], "active");
+    assert_eq!(
+        record["item"]["identityProof"]["signerAddress"],
+        robot.address().checksummed()
+    );
     agent.stop(STOP).await;
 }
 

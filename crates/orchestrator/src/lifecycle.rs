@@ -1,7 +1,8 @@
 //! The machine lifecycle rules the wire contract leaves open
 //! (docs/orchestrator.md, "Rules the contract leaves open"), in one place
 //! and without I/O: which status a PATCH may set, identity immutability,
-//! what `blocked` and `draft` may become, activation with a stored proof,
+//! which PATCH relies on the stored proof (block and unblock do not),
+//! activation with a stored proof,
 //! what a list shows, and when a record reads `degraded`.
 //!
 //! The service layer fetches what these rules need (the record, fresh
@@ -35,8 +36,6 @@ pub enum Refusal {
     DegradedNotSettable,
     #[error("status: archive a machine with DELETE /api/v1/machines/{{machineId}}")]
     ArchiveWithDelete,
-    #[error("status: a blocked machine can only become active, with a fresh identity proof")]
-    BlockedToDraft,
     #[error("identityRef is {current} and cannot be changed")]
     IdentityImmutable { current: IdentityRef },
     #[error(
@@ -107,25 +106,33 @@ pub fn check_identity_unchanged(
     }
 }
 
-/// A blocked machine is left only for `active` (with a fresh proof, see
-/// [`check_activation_with_stored_proof`]), never back to `draft`.
-pub fn check_transition(from: StoredStatus, to: Option<StoredStatus>) -> Result<(), Refusal> {
-    if from == StoredStatus::Blocked && to == Some(StoredStatus::Draft) {
-        return Err(Refusal::BlockedToDraft);
-    }
-    Ok(())
-}
-
-/// Whether a GET re-verifies the stored proof: an archived record is a
-/// tombstone shown as it is.
+/// Whether a GET re-verifies the stored proof. An archived record is a
+/// tombstone shown as it is; a blocked one too, because it claims nothing:
+/// re-verifying it would answer `409` once its controller is gone (the
+/// usual reason to block), and an agent told `409` re-proves, which would
+/// be its way out of an operator's block. Shown as `blocked`, it is
+/// reported and left alone.
 pub fn read_reverifies(status: StoredStatus, policy: Policy) -> bool {
-    status != StoredStatus::Archived && policy.verification_required
+    !matches!(status, StoredStatus::Archived | StoredStatus::Blocked)
+        && policy.verification_required
 }
 
 /// Whether a PATCH re-verifies the stored proof: every one does, unless it
-/// carries a fresh proof (verified instead).
-pub fn patch_reverifies(fresh_proof: bool, policy: Policy) -> bool {
-    !fresh_proof && policy.verification_required
+/// carries a fresh proof (verified instead), or withdraws trust rather than
+/// relying on it: one that leaves the record `blocked` (so that a machine
+/// can be blocked after its key is compromised and its controller removed),
+/// or takes it from `blocked` back to `draft` (an operator's unblock, after
+/// which the agent proves itself again before it is `active`).
+pub fn patch_reverifies(
+    fresh_proof: bool,
+    from: StoredStatus,
+    to: Option<StoredStatus>,
+    policy: Policy,
+) -> bool {
+    let ends = to.unwrap_or(from);
+    let withdraws_trust = ends == StoredStatus::Blocked
+        || (from == StoredStatus::Blocked && ends == StoredStatus::Draft);
+    !fresh_proof && !withdraws_trust && policy.verification_required
 }
 
 /// A stored proof holds while its signer is among the fresh controllers.
@@ -332,7 +339,7 @@ mod tests {
     }
 
     #[test]
-    fn archived_is_final_and_not_reverified() {
+    fn archived_is_final_and_neither_it_nor_blocked_is_reverified_on_read() {
         assert!(!is_patchable(StoredStatus::Archived));
         for s in [
             StoredStatus::Draft,
@@ -340,9 +347,11 @@ mod tests {
             StoredStatus::Blocked,
         ] {
             assert!(is_patchable(s), "{s:?}");
-            assert!(read_reverifies(s, REQUIRED), "{s:?}");
             assert!(!read_reverifies(s, DISABLED), "{s:?}");
         }
+        assert!(read_reverifies(StoredStatus::Draft, REQUIRED));
+        assert!(read_reverifies(StoredStatus::Active, REQUIRED));
+        assert!(!read_reverifies(StoredStatus::Blocked, REQUIRED));
         assert!(!read_reverifies(StoredStatus::Archived, REQUIRED));
     }
 
@@ -361,36 +370,43 @@ mod tests {
     }
 
     #[test]
-    fn blocked_never_goes_back_to_draft() {
-        assert_eq!(
-            check_transition(StoredStatus::Blocked, Some(StoredStatus::Draft)),
-            Err(Refusal::BlockedToDraft)
-        );
-        assert_eq!(
-            check_transition(StoredStatus::Blocked, Some(StoredStatus::Active)),
-            Ok(())
-        );
-        assert_eq!(check_transition(StoredStatus::Blocked, None), Ok(()));
-        for from in [StoredStatus::Draft, StoredStatus::Active] {
-            for to in [
-                StoredStatus::Draft,
-                StoredStatus::Active,
-                StoredStatus::Blocked,
-            ] {
-                assert_eq!(
-                    check_transition(from, Some(to)),
-                    Ok(()),
-                    "{from:?} -> {to:?}"
-                );
-            }
+    fn every_patch_reverifies_unless_it_carries_a_fresh_proof_or_withdraws_trust() {
+        use StoredStatus::{Active, Blocked, Draft};
+        // Relying on the stored proof: re-verified.
+        for (from, to) in [
+            (Draft, None),
+            (Active, None),
+            (Draft, Some(Active)),
+            (Active, Some(Draft)),
+            (Blocked, Some(Active)),
+        ] {
+            assert!(
+                patch_reverifies(false, from, to, REQUIRED),
+                "{from:?} -> {to:?}"
+            );
+            assert!(
+                !patch_reverifies(true, from, to, REQUIRED),
+                "{from:?} -> {to:?}"
+            );
+            assert!(
+                !patch_reverifies(false, from, to, DISABLED),
+                "{from:?} -> {to:?}"
+            );
         }
-    }
-
-    #[test]
-    fn every_patch_reverifies_unless_it_carries_a_fresh_proof() {
-        assert!(patch_reverifies(false, REQUIRED));
-        assert!(!patch_reverifies(true, REQUIRED));
-        assert!(!patch_reverifies(false, DISABLED));
+        // Blocking (also a blocked record edited) and unblocking to draft:
+        // possible after the controller is gone.
+        for (from, to) in [
+            (Draft, Some(Blocked)),
+            (Active, Some(Blocked)),
+            (Blocked, Some(Blocked)),
+            (Blocked, None),
+            (Blocked, Some(Draft)),
+        ] {
+            assert!(
+                !patch_reverifies(false, from, to, REQUIRED),
+                "{from:?} -> {to:?}"
+            );
+        }
     }
 
     #[test]

@@ -148,7 +148,7 @@ fn proof_error(e: &ProofError) -> ApiError {
 fn refusal(r: &Refusal) -> ApiError {
     let message = r.to_string();
     match r {
-        Refusal::DegradedNotSettable | Refusal::ArchiveWithDelete | Refusal::BlockedToDraft => {
+        Refusal::DegradedNotSettable | Refusal::ArchiveWithDelete => {
             ApiError::validation("status", message)
         }
         Refusal::IdentityImmutable { .. } => {
@@ -284,7 +284,7 @@ mod tests {
 
     #[tokio::test]
     async fn refusals_carry_their_code_and_the_field_or_machine() {
-        let (r, body) = answer(Refusal::BlockedToDraft.into()).await;
+        let (r, body) = answer(Refusal::DegradedNotSettable.into()).await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         assert!(body.contains(r#""field":"status""#), "{body}");
         let gone = Refusal::NoLongerResolves {

@@ -123,12 +123,11 @@ impl App {
             .filter(|m| lifecycle::is_patchable(m.status))
             .ok_or(ServiceError::not_found("machine"))?;
         lifecycle::check_identity_unchanged(&machine.identity, request.identity_ref.as_ref())?;
-        lifecycle::check_transition(machine.status, target)?;
         let fresh = match &proof_input {
             Some(input) => Some(self.verify_submitted(&machine.identity, input).await?),
             None => None,
         };
-        if lifecycle::patch_reverifies(fresh.is_some(), policy) {
+        if lifecycle::patch_reverifies(fresh.is_some(), machine.status, target, policy) {
             self.reverify(&machine).await?;
         }
         let now = self.now();

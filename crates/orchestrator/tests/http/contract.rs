@@ -471,7 +471,8 @@ async fn patch_rules() {
         assert_eq!(e.error.details.unwrap()["field"], "status", "{status}");
     }
 
-    // blocked: leaving it needs a fresh proof.
+    // blocked: `active` needs a fresh proof; `draft` (the operator's
+    // unblock) needs none, and leaves the agent to prove itself again.
     let blocked: Machine =
         expect_item(s.patch(&path, &json!({"status": "blocked"})).await, 200).await;
     assert_eq!(blocked.status, MachineStatus::Blocked);
@@ -481,12 +482,10 @@ async fn patch_rules() {
         "MACHINE_NOT_ACTIVATED",
     )
     .await;
-    expect_error(
-        s.patch(&path, &json!({"status": "draft"})).await,
-        400,
-        "VALIDATION_ERROR",
-    )
-    .await;
+    let unblocked: Machine =
+        expect_item(s.patch(&path, &json!({"status": "draft"})).await, 200).await;
+    assert_eq!(unblocked.status, MachineStatus::Draft);
+    expect_item::<Machine>(s.patch(&path, &json!({"status": "blocked"})).await, 200).await;
     let proof = s.proof("did:peaq:1", &k).await;
     let active: Machine = expect_item(
         s.patch(&path, &json!({"status": "active", "identityProof": proof}))
