@@ -215,16 +215,7 @@ impl Drop for Agent {
     }
 }
 
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub(crate) use peaqos_logging::error_chain;
 
 /// One message seen by `mosquitto_sub`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,6 +25,7 @@ use clap::Parser;
 pub(crate) use self::error::ArmError;
 use self::toolchain::{BOARDS, Board};
 use crate::harness::agent::{self, Agent};
+use crate::harness::agent_config::AgentConfig;
 use crate::harness::broker::{self, Broker};
 use crate::harness::cargo::{AGENT, ORCHESTRATOR, cargo};
 use crate::harness::events::{Event, Events};
@@ -417,48 +418,23 @@ fn agent_toml(
     broker: &str,
     prefix: &str,
 ) -> String {
-    let path = |p: &Path| toml_string(&p.to_string_lossy());
-    format!(
-        r#"# Written by `cargo xtask arm`. Every key: config/agent.example.toml.
-
-[identity]
-ref = {identity}
-key_file = {key_file}
-
-[orchestrator]
-url = {orchestrator}
-connect_timeout = "5s"
-request_timeout = "20s"
-
-[machine]
-display_name = {name}
-owner_id = "arm"
-machine_type = "amr"
-runtime_profile = "ros2"
-
-[state]
-dir = {state_dir}
-
-[renewal]
-backoff_initial = "200ms"
-backoff_max = "5s"
-slow_retry = "5s"
-
-[mqtt]
-enabled = true
-url = {broker}
-topic_prefix = {prefix}
-reconnect_min = "200ms"
-reconnect_max = "5s"
-"#,
-        identity = toml_string(&p.identity),
-        key_file = path(&p.key_file),
-        orchestrator = toml_string(orchestrator),
-        name = toml_string(&format!("arm-{}", p.board.short)),
-        state_dir = path(state_dir),
-        broker = toml_string(broker),
-        prefix = toml_string(prefix),
-    )
+    AgentConfig {
+        written_by: "cargo xtask arm",
+        identity: &p.identity,
+        key_file: &p.key_file,
+        orchestrator_url: orchestrator,
+        // Emulated boards are slow.
+        timeouts: Some(("5s", "20s")),
+        display_name: &format!("arm-{}", p.board.short),
+        owner_id: "arm",
+        runtime_profile: "ros2",
+        state_dir,
+        renewal: "backoff_initial = \"200ms\"\nbackoff_max = \"5s\"\nslow_retry = \"5s\"",
+        mqtt: Some((broker, prefix)),
+        fast_reconnect: true,
+        log_level: None,
+    }
+    .render()
 }
 
 fn file_size(path: &Path) -> Result<u64, HarnessError> {

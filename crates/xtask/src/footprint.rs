@@ -47,6 +47,7 @@ use crate::arm::{
     toolchain::{self, BOARDS},
 };
 use crate::harness::agent::Agent;
+use crate::harness::agent_config::AgentConfig;
 use crate::harness::broker::{self, Broker};
 use crate::harness::cargo::{AGENT, ORCHESTRATOR};
 use crate::harness::events::{Event, Events};
@@ -597,44 +598,25 @@ struct AgentSettings<'a> {
 /// of a real deployment) but what it must be told, and the log filter
 /// that shows the milestones.
 fn agent_toml(variant: &Variant, s: &AgentSettings<'_>, state_dir: &Path) -> String {
-    let path = |p: &Path| toml_string(&p.to_string_lossy());
-    let mut text = format!(
-        r#"# Written by `cargo xtask footprint`. Every key: config/agent.example.toml.
-
-[identity]
-ref = {identity}
-key_file = {key_file}
-
-[orchestrator]
-url = {orchestrator}
-
-[machine]
-display_name = {name}
-owner_id = "footprint"
-machine_type = "amr"
-runtime_profile = "ros2"
-
-[state]
-dir = {state_dir}
-
-[log]
-level = {level}
-"#,
-        identity = toml_string(variant.identity),
-        key_file = path(s.key_file),
-        orchestrator = toml_string(s.orchestrator_url),
-        name = toml_string(&format!("footprint-{}", variant.file)),
-        state_dir = path(state_dir),
-        level = toml_string(milestones::LOG_LEVEL),
-    );
-    if let Some(url) = &variant.broker_url {
-        let _ = write!(
-            text,
-            "\n[mqtt]\nenabled = true\nurl = {}\ntopic_prefix = \"peaqos/footprint\"\n",
-            toml_string(url)
-        );
+    AgentConfig {
+        written_by: "cargo xtask footprint",
+        identity: variant.identity,
+        key_file: s.key_file,
+        orchestrator_url: s.orchestrator_url,
+        timeouts: None,
+        display_name: &format!("footprint-{}", variant.file),
+        owner_id: "footprint",
+        runtime_profile: "ros2",
+        state_dir,
+        renewal: "",
+        mqtt: variant
+            .broker_url
+            .as_deref()
+            .map(|url| (url, "peaqos/footprint")),
+        fast_reconnect: false,
+        log_level: Some(milestones::LOG_LEVEL),
     }
-    text
+    .render()
 }
 
 /// Starts the agent and waits until it is active: the times from exec to

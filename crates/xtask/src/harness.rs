@@ -6,6 +6,7 @@
 //! events (signals, the agent's published status).
 
 pub(crate) mod agent;
+pub(crate) mod agent_config;
 pub(crate) mod broker;
 pub(crate) mod cargo;
 mod error;

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use crate::harness::agent_config::AgentConfig;
 use crate::harness::workdir::toml_string;
 
 /// The demo identity: a plain `did:peaq:<decimal>`, so that its controller
@@ -37,47 +38,20 @@ pub(crate) struct AgentSettings<'a> {
 /// The agent's configuration: the example's keys, with intervals short
 /// enough that a person watching sees every step.
 pub(crate) fn agent_toml(s: &AgentSettings<'_>) -> String {
-    let path = |p: &Path| toml_string(&p.to_string_lossy());
-    format!(
-        r#"# Written by `cargo xtask demo`. Every key: config/agent.example.toml.
-
-[identity]
-ref = {identity}
-key_file = {key_file}
-
-[orchestrator]
-url = {orchestrator}
-connect_timeout = "2s"
-request_timeout = "5s"
-
-[machine]
-display_name = {name}
-owner_id = "demo"
-machine_type = "amr"
-runtime_profile = "demo"
-
-[state]
-dir = {state_dir}
-
-[renewal]
-check_interval = "30s"
-backoff_initial = "200ms"
-backoff_max = "5s"
-slow_retry = "5s"
-
-[mqtt]
-enabled = true
-url = {broker}
-topic_prefix = {prefix}
-reconnect_min = "200ms"
-reconnect_max = "5s"
-"#,
-        identity = toml_string(IDENTITY),
-        key_file = path(s.key_file),
-        orchestrator = toml_string(s.orchestrator_url),
-        name = toml_string(MACHINE_NAME),
-        state_dir = path(s.state_dir),
-        broker = toml_string(s.broker_url),
-        prefix = toml_string(TOPIC_PREFIX),
-    )
+    AgentConfig {
+        written_by: "cargo xtask demo",
+        identity: IDENTITY,
+        key_file: s.key_file,
+        orchestrator_url: s.orchestrator_url,
+        timeouts: Some(("2s", "5s")),
+        display_name: MACHINE_NAME,
+        owner_id: "demo",
+        runtime_profile: "demo",
+        state_dir: s.state_dir,
+        renewal: "check_interval = \"30s\"\nbackoff_initial = \"200ms\"\nbackoff_max = \"5s\"\nslow_retry = \"5s\"",
+        mqtt: Some((s.broker_url, TOPIC_PREFIX)),
+        fast_reconnect: true,
+        log_level: None,
+    }
+    .render()
 }
