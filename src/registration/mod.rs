@@ -158,6 +158,7 @@ impl Registrar {
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
         let mut replies: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
         let mut force_renew = false;
+        let mut commands_open = true;
         // Without a watchdog nobody reads the heartbeat: no need to wake.
         let beat_every = crate::systemd::beat_interval().unwrap_or(Duration::MAX);
         let heartbeat = self.heartbeat.clone();
@@ -233,7 +234,7 @@ impl Registrar {
                         tracing::debug!("probe: the orchestrator is still unavailable");
                         next_probe = self.prober.next(Instant::now(), deadline);
                     }
-                    cmd = commands.recv() => match cmd {
+                    cmd = commands.recv(), if commands_open => match cmd {
                         Some(Command::Reregister { reply }) => {
                             tracing::info!("renewal requested");
                             replies.push(reply);
@@ -244,15 +245,9 @@ impl Registrar {
                             force_renew = true;
                             break;
                         }
-                        // No sender left: only the timers and shutdown wake us.
-                        None => loop {
-                            tokio::select! {
-                                biased;
-                                () = shutdown.cancelled() => return self.stopping(replies),
-                                () = tokio::time::sleep_until(deadline) => break,
-                                () = tokio::time::sleep(beat_every) => self.heartbeat.beat(),
-                            }
-                        },
+                        // No sender left (no MQTT): only the timers, the
+                        // probes and shutdown wake us.
+                        None => commands_open = false,
                     },
                 }
                 if Instant::now() >= deadline {
