@@ -98,6 +98,17 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
         }
     };
 
+    for (configured, path) in &config.credentials_outside_systemd {
+        // Not under systemd: the unit's LoadCredential= source stands in.
+        r.push(
+            Outcome::Ok,
+            "credential",
+            format!(
+                "{configured}: {} (the unit's LoadCredential= source; $CREDENTIALS_DIRECTORY is not set)",
+                path.display()
+            ),
+        );
+    }
     let key = key::check_key(&mut r, &config);
     check_state_dir(&mut r, &config.state.dir);
     check_orchestrator(&mut r, &config, key).await;

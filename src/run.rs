@@ -57,6 +57,13 @@ impl Agent {
     /// Opens the key (refusing loose permissions; finding it in its token),
     /// the API key and the state file. No network yet.
     pub fn new(config: Config) -> Result<Self, RunError> {
+        for (configured, path) in &config.credentials_outside_systemd {
+            tracing::info!(
+                credential = configured,
+                file = %path.display(),
+                "not running under systemd: reading the unit's LoadCredential= source"
+            );
+        }
         if config.identity.key.is_some()
             && let Some(file) = &config.identity.key_file
         {

@@ -2,6 +2,11 @@
 //! from the TOML itself. Under systemd they arrive as credentials
 //! (`LoadCredential=` puts them in `$CREDENTIALS_DIRECTORY`, readable only
 //! by the service).
+//!
+//! Outside systemd (`sudo peaqos-agent check`, `address`, `status`, a
+//! manual `run`), `credential:NAME` reads what the shipped unit would pass
+//! as NAME ([`unit_source`]), so that a first check on a correct install
+//! does not fail for want of `$CREDENTIALS_DIRECTORY`.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -11,12 +16,25 @@ use zeroize::Zeroizing;
 /// Prefix of a config value that names a systemd credential instead of a path.
 pub const CREDENTIAL_PREFIX: &str = "credential:";
 
+/// The shipped unit: its `LoadCredential=` lines say where each credential
+/// comes from.
+const UNIT: &str = include_str!("../systemd/peaqos-agent.service");
+/// The unit's `ConfigurationDirectory=`, where its key source lives.
+const UNIT_CONFIG_DIR: &str = "/etc/peaqos-agent";
+/// systemd's credential store, searched in this order for a
+/// `LoadCredential=` source that is a name rather than a path.
+const CREDSTORE: [&str; 3] = ["/etc/credstore", "/run/credstore", "/usr/lib/credstore"];
+
 /// Why a secret could not be read. Never contains the secret.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("cannot read secret file {path}")]
     Read { path: PathBuf, source: io::Error },
-    #[error("secret {name:?} names a systemd credential but $CREDENTIALS_DIRECTORY is not set")]
+    #[error(
+        "secret {name:?} names a systemd credential, $CREDENTIALS_DIRECTORY is not set (not \
+         running under systemd) and the unit has no LoadCredential={name}: line; name the file \
+         itself in the configuration"
+    )]
     NoCredentialsDirectory { name: String },
     #[error("secret file {path} is empty")]
     Empty { path: PathBuf },
@@ -52,4 +70,60 @@ pub fn read(path: &Path) -> Result<Zeroizing<String>, SecretError> {
         });
     }
     Ok(trimmed)
+}
+
+/// Where the shipped unit's `LoadCredential=` takes credential `name` from,
+/// as seen by a process outside systemd whose configuration was read from
+/// `config_dir`: a path in the unit's configuration directory
+/// (`/etc/peaqos-agent`) is taken in `config_dir` (the same directory for
+/// the installed configuration), and a bare name is looked up in systemd's
+/// credential store (the first that exists, else `/etc/credstore`).
+pub fn unit_source(name: &str, config_dir: &Path) -> Option<PathBuf> {
+    let source = UNIT
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("LoadCredential="))
+        .filter_map(|v| v.split_once(':'))
+        .find(|(n, _)| *n == name)
+        .map(|(_, source)| Path::new(source))?;
+    if source.is_absolute() {
+        return Some(match source.strip_prefix(UNIT_CONFIG_DIR) {
+            Ok(rest) => config_dir.join(rest),
+            Err(_) => source.to_owned(),
+        });
+    }
+    let candidates: Vec<PathBuf> = CREDSTORE
+        .iter()
+        .map(|d| Path::new(d).join(source))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .or(candidates.first())
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_resolve_to_the_units_sources_outside_systemd() {
+        let etc = Path::new("/etc/peaqos-agent");
+        assert_eq!(
+            unit_source("controller-key", etc).unwrap(),
+            Path::new("/etc/peaqos-agent/controller.key")
+        );
+        // A configuration read from elsewhere has its key beside it.
+        assert_eq!(
+            unit_source("controller-key", Path::new("/tmp/root/etc/peaqos-agent")).unwrap(),
+            Path::new("/tmp/root/etc/peaqos-agent/controller.key")
+        );
+        let mqtt = unit_source("mqtt-password", etc).unwrap();
+        assert!(
+            mqtt.ends_with("credstore/peaqos-agent.mqtt-password"),
+            "{}",
+            mqtt.display()
+        );
+        assert!(unit_source("no-such-credential", etc).is_none());
+    }
 }

@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 /// File name inside the state directory.
 pub const FILE_NAME: &str = "state.json";
 const VERSION: u32 = 1;
+/// What `check` writes to prove the state directory takes a save: more
+/// than a state file needs (about 1 KiB).
+const PROBE_BYTES: usize = 4096;
 
 /// The last proof the orchestrator confirmed for our record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,12 +191,18 @@ pub fn probe_writable(dir: &Path) -> io::Result<()> {
         .mode(0o700)
         .create(dir)?;
     let probe = dir.join(format!(".probe-{}", std::process::id()));
+    // Creating an empty file succeeds on a full file system (it takes an
+    // inode, no block): write as much as a state file holds, and sync, as
+    // a save does, so that "no space" shows here and not at the first save.
     let result = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&probe)
-        .map(drop);
+        .and_then(|mut f| {
+            f.write_all(&[b' '; PROBE_BYTES])?;
+            f.sync_all()
+        });
     let _ = fs::remove_file(&probe);
     result
 }

@@ -128,7 +128,47 @@ impl Config {
             })?;
             texts.push((file, text));
         }
-        Self::from_texts(texts)
+        let mut config = Self::from_texts(texts)?;
+        if std::env::var_os("CREDENTIALS_DIRECTORY").is_none() {
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            config.use_unit_credentials(dir);
+        }
+        Ok(config)
+    }
+
+    /// Outside systemd: every `credential:NAME` the unit knows becomes the
+    /// file the unit would pass (see [`crate::secrets::unit_source`]).
+    fn use_unit_credentials(&mut self, config_dir: &Path) {
+        let mut found = Vec::new();
+        let mut replace = |value: &mut String| {
+            let Some(name) = value.strip_prefix(crate::secrets::CREDENTIAL_PREFIX) else {
+                return;
+            };
+            let Some(path) = crate::secrets::unit_source(name, config_dir) else {
+                return;
+            };
+            let Some(text) = path.to_str() else { return };
+            let text = text.to_owned();
+            found.push((std::mem::replace(value, text), path));
+        };
+        for value in [
+            &mut self.identity.key_file,
+            &mut self.identity.key_password_file,
+            &mut self.identity.key_pin_file,
+            &mut self.orchestrator.api_key_file,
+            &mut self.orchestrator.client_key_file,
+            &mut self.mqtt.password_file,
+            &mut self.mqtt.client_key_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            replace(value);
+        }
+        self.credentials_outside_systemd = found;
     }
 
     /// Parses already-read files (main file first), as [`Config::load`].

@@ -49,6 +49,10 @@ pub struct Config {
     /// The files this configuration was read from, main file first.
     #[serde(skip)]
     pub files: Vec<PathBuf>,
+    /// `credential:NAME` values replaced by the unit's source because
+    /// `$CREDENTIALS_DIRECTORY` is not set: (value as configured, file).
+    #[serde(skip)]
+    pub credentials_outside_systemd: Vec<(String, PathBuf)>,
 }
 
 /// `[identity]`: which identity this machine proves, with which key.

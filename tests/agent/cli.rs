@@ -120,6 +120,95 @@ fn a_bad_config_stops_run_naming_file_line_and_key() {
     assert!(t.contains("skip  orchestrator"), "{t}");
 }
 
+/// Issue #15 (a newcomer's first minutes): the shipped configuration names
+/// the key `credential:controller-key`, which only systemd provides. Outside
+/// systemd, `check` and `address` read what the unit would pass (its
+/// `LoadCredential=controller-key:/etc/peaqos-agent/controller.key`, that
+/// is `controller.key` beside the configuration) and say so.
+#[test]
+fn outside_systemd_a_credential_is_read_from_the_units_source() {
+    let dir = tempfile::tempdir().unwrap();
+    // Where the unit's source would be, relative to the configuration.
+    let (key, key_path) = write_key(dir.path(), "controller");
+    let config = dir.path().join("agent.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &config,
+        config_text("http://127.0.0.1:9", ID, Path::new("KEY"), &state, "")
+            .replace("\"KEY\"", "\"credential:controller-key\""),
+    )
+    .unwrap();
+    let address = agent(&["address", "--config", config.to_str().unwrap()]);
+    assert!(address.status.success(), "{}", text(&address));
+    assert_eq!(
+        String::from_utf8_lossy(&address.stdout).trim(),
+        key.address().checksummed()
+    );
+    let check = agent(&["check", "--config", config.to_str().unwrap()]);
+    let t = text(&check);
+    assert!(
+        t.contains(&format!(
+            "ok    credential    credential:controller-key: {}",
+            key_path.display()
+        )),
+        "{t}"
+    );
+    assert!(
+        t.lines()
+            .any(|l| l.starts_with("ok    key file") && l.contains(&key.address().checksummed())),
+        "{t}"
+    );
+    // A credential the unit does not define still fails, and says what to do.
+    std::fs::write(
+        &config,
+        config_text("http://127.0.0.1:9", ID, Path::new("KEY"), &state, "")
+            .replace("\"KEY\"", "\"credential:other-key\""),
+    )
+    .unwrap();
+    let check = agent(&["check", "--config", config.to_str().unwrap()]);
+    let t = text(&check);
+    assert!(t.contains("FAIL  key file"), "{t}");
+    assert!(t.contains("name the file itself"), "{t}");
+}
+
+/// Issue #15 (minor): `check` called a 100 %-full state directory
+/// writable, because creating an empty file needs no free block. A tmpfs
+/// filled to the last block, in a private mount namespace (root only).
+#[test]
+fn check_reports_a_full_state_directory() {
+    let Some(unshare) = peaqos_testkit::root_unshare("check_full_state_dir") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_, key) = write_key(dir.path(), "controller");
+    let config = dir.path().join("agent.toml");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(
+        &config,
+        config_text("http://127.0.0.1:9", ID, &key, &state, ""),
+    )
+    .unwrap();
+    let out = Command::new(unshare)
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount -t tmpfs -o size=64k tmpfs \"$1\" && { cat /dev/zero > \"$1/fill\" 2>/dev/null; \
+             exec \"$2\" check --config \"$3\"; }",
+        )
+        .arg("sh")
+        .args([&state, Path::new(BIN), &config])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    let t = text(&out);
+    let line = t
+        .lines()
+        .find(|l| l.contains("state dir"))
+        .unwrap_or_else(|| panic!("no state dir line: {t}"));
+    assert!(line.starts_with("FAIL"), "{t}");
+    assert!(line.contains("No space left"), "{t}");
+}
+
 #[test]
 fn status_without_mqtt_says_why_it_cannot_ask() {
     let dir = tempfile::tempdir().unwrap();
@@ -192,6 +281,61 @@ async fn check_reports_each_part_and_whether_we_are_a_controller() {
     assert!(t.contains("policy standard (default) would sign"), "{t}");
     assert_eq!(t.lines().count(), 7, "{t}");
     assert_eq!(fake.lock().counters.creates, 0, "check registers nothing");
+}
+
+/// Issue #15 item 10, the binary as installed (no MQTT: nothing but the
+/// timers wakes the loop): probes run while it backs off, and end the wait
+/// once the orchestrator answers. (Probes once ran only while a command
+/// sender was alive, that is only with MQTT enabled.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_without_mqtt_probes_during_a_backoff_and_recovers_at_once() {
+    let fake = Fake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, key_path) = write_key(dir.path(), "controller");
+    fake.set_controllers(ID, &[key.address()]);
+    fake.lock().fault = Some(crate::support::fake::Fault {
+        status: 503,
+        code: "SERVICE_UNAVAILABLE",
+        retry_after: None,
+    });
+    let config = dir.path().join("agent.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &config,
+        config_text(
+            &fake.url(),
+            ID,
+            &key_path,
+            &state,
+            // Without probes: a minute at least before the next attempt.
+            "[renewal]\nbackoff_initial = \"10m\"\nbackoff_max = \"1h\"\nprobe_interval = \"100ms\"\n",
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The first cycle, then probes (each a request that is not a cycle).
+    fake.wait_until("a cycle and two probes", Duration::from_secs(10), |c| {
+        c.requests >= 3
+    })
+    .await;
+    fake.lock().fault = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fake
+        .machines()
+        .iter()
+        .any(|m| m.status == MachineStatus::Active)
+    {
+        assert!(Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

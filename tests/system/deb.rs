@@ -286,6 +286,8 @@ fn check_install_upgrade_purge(deb: &Path, root: &Path) {
     );
     assert!(said.contains("[identity] ref"), "{said}");
 
+    first_check_finds_the_key(root, address);
+
     let state_dir = root.join("var/lib/peaqos-agent");
     let state = std::fs::metadata(&state_dir).unwrap();
     assert_eq!(
@@ -332,4 +334,47 @@ fn check_install_upgrade_purge(deb: &Path, root: &Path) {
     );
     assert!(!root.join("usr/bin/peaqos-agent").exists());
     assert!(!config_path.exists(), "purge removes the conffile");
+}
+
+/// The README's step 3 on a correct install, from a shell (no
+/// $CREDENTIALS_DIRECTORY): `check` reads `credential:controller-key` where
+/// the unit would, and finds the key the postinst made. Only the
+/// orchestrator's URL and (to stay inside the throwaway root) the state
+/// directory are changed, in a drop-in.
+fn first_check_finds_the_key(root: &Path, address: &str) {
+    let shipped = root.join("etc/peaqos-agent/agent.toml");
+    let drop_ins = root.join("etc/peaqos-agent/agent.d");
+    let had_drop_ins = drop_ins.exists();
+    std::fs::create_dir_all(&drop_ins).unwrap();
+    let drop_in = drop_ins.join("50-test.toml");
+    std::fs::write(
+        &drop_in,
+        format!(
+            "[orchestrator]\nurl = \"http://127.0.0.1:9\"\n[state]\ndir = \"{}\"\n",
+            root.join("var/lib/peaqos-agent").display()
+        ),
+    )
+    .unwrap();
+    let check = Command::new(root.join("usr/bin/peaqos-agent"))
+        .args(["check", "--config"])
+        .arg(&shipped)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let check = stdout(&check);
+    assert!(
+        check.contains("ok    credential    credential:controller-key: "),
+        "{check}"
+    );
+    assert!(
+        check
+            .lines()
+            .any(|l| l.starts_with("ok    key file") && l.contains(address)),
+        "{check}"
+    );
+    std::fs::remove_file(&drop_in).unwrap();
+    if !had_drop_ins {
+        std::fs::remove_dir(&drop_ins).unwrap();
+    }
 }

@@ -29,6 +29,9 @@ pub enum Service {
     /// SoftHSM2 (its PKCS#11 module and `softhsm2-util`) and OpenSC's
     /// `pkcs11-tool`.
     Softhsm,
+    /// Root with `unshare`: a private mount namespace in which a test may
+    /// mount a tmpfs (a full file system, say) without touching the host.
+    Root,
 }
 
 impl Service {
@@ -40,6 +43,7 @@ impl Service {
             Self::Systemd => "systemd",
             Self::Deb => "deb",
             Self::Softhsm => "softhsm",
+            Self::Root => "root",
         }
     }
 }
@@ -243,5 +247,20 @@ pub fn python_with(test: &str, modules: &[&str]) -> Option<PathBuf> {
             "python cannot import {} (pip install -r tests/interop/requirements.txt)",
             modules.join(", ")
         ),
+    )
+}
+
+/// `unshare`, when this process is root and can use it for a private mount
+/// namespace (see [`Service::Root`]); otherwise one skip line and `None`.
+pub fn root_unshare(test: &str) -> Option<PathBuf> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    available_or_skip(
+        Service::Root,
+        test,
+        find_program("unshare").filter(|_| root),
+        "needs root and unshare (util-linux) for a private mount namespace",
     )
 }

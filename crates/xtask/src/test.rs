@@ -58,6 +58,20 @@ pub(crate) fn run(extra: &[String]) -> Result<(), String> {
                     "SoftHSM2 (no softhsm2-util or pkcs11-tool; PKCS#11 tests skip)".to_owned()
                 }),
         ),
+        (
+            Service::Root,
+            find_program("unshare")
+                .filter(|_| {
+                    Command::new("id")
+                        .arg("-u")
+                        .output()
+                        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+                })
+                .map(|_| "root with unshare (private mounts)".to_owned())
+                .ok_or_else(|| {
+                    "root with unshare (not root; the full-disk check skips)".to_owned()
+                }),
+        ),
     ];
     let (used, missing): (Vec<_>, Vec<_>) = probes.iter().partition(|(_, p)| p.is_ok());
     let list = |items: &[&(Service, Result<String, String>)]| {
