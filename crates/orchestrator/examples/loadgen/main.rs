@@ -11,6 +11,12 @@
 //!     --machines 100000 --scenarios health,get,list,flow,burst,health
 //! ```
 //!
+//! `flow-untrailed` runs the registrations of `flow` on a second set of
+//! servers with the audit trail off (`PEAQOS_AUDIT_TRAIL=false`), on a
+//! database of their own seeded alike: alternate the two
+//! (`--scenarios flow,flow-untrailed,flow,flow-untrailed`) and the report
+//! gives the trail's cost as a ratio measured in one run.
+//!
 //! By default the servers run in this process (each replica on its own
 //! runtime and threads, as a process of its own would be), so that load
 //! generator and servers share the machine's cores the way `wrk` beside a
@@ -92,7 +98,7 @@ struct Args {
     /// Unmeasured seconds before each scenario.
     #[arg(long, default_value_t = 2)]
     warmup: u64,
-    /// Steps, in order: health, get, list, flow, burst.
+    /// Steps, in order: health, get, list, flow, flow-untrailed, burst.
     #[arg(
         long,
         value_delimiter = ',',
@@ -150,35 +156,54 @@ fn main() -> anyhow::Result<()> {
     let client = builder.build()?;
     let dir = tempfile::tempdir()?;
 
-    let (addrs, seeded, schema, backend) = if args.url.is_empty() {
-        let (database_url, schema) = client.block_on(database(&args, &dir))?;
-        let backend = Backend::of(&database_url).context("unsupported --database-url")?;
-        let seeded = client.block_on(setup::seed(&database_url, args.machines))?;
+    let wants_baseline = args
+        .scenarios
+        .contains(&Step::Measure(Scenario::FlowUntrailed));
+    let mut schemas = Vec::new();
+    let mut baseline = Vec::new();
+    let (addrs, seeded, backend) = if args.url.is_empty() {
         let registry_file = dir.path().join("registry.toml");
         std::fs::write(
             &registry_file,
             setup::registry(args.machines, args.flow_identities),
         )?;
-        let addrs = setup::start_servers(&setup::ServerSetup {
-            database_url: &database_url,
-            registry_file: &registry_file,
-            replicas: args.replicas,
-            threads: args.server_threads,
-            log: &args.log,
-        })?;
-        (addrs, seeded, schema, Some(backend))
+        let (database_url, schema) = client.block_on(database(&args, &dir, "orchestrator"))?;
+        schemas.extend(schema);
+        let backend = Backend::of(&database_url).context("unsupported --database-url")?;
+        let seeded = client.block_on(setup::seed(&database_url, args.machines))?;
+        let servers = |database_url: &str, audit_trail: bool| {
+            setup::start_servers(&setup::ServerSetup {
+                database_url,
+                registry_file: &registry_file,
+                replicas: args.replicas,
+                threads: args.server_threads,
+                log: &args.log,
+                audit_trail,
+            })
+        };
+        let addrs = servers(&database_url, true)?;
+        if wants_baseline {
+            let (url, schema) = client.block_on(database(&args, &dir, "untrailed"))?;
+            schemas.extend(schema);
+            client.block_on(setup::seed(&url, args.machines))?;
+            baseline = servers(&url, false)?;
+        }
+        (addrs, seeded, Some(backend))
     } else {
+        if wants_baseline {
+            bail!("flow-untrailed starts servers of its own: it cannot run with --url");
+        }
         let addrs: Vec<SocketAddr> = args
             .url
             .iter()
             .map(|u| resolve(u))
             .collect::<anyhow::Result<_>>()?;
         let seeded = client.block_on(register_over_http(addrs[0], args.machines))?;
-        (addrs, seeded, None, None)
+        (addrs, seeded, None)
     };
 
-    let result = client.block_on(drive(&args, &addrs, seeded, backend));
-    if let Some(schema) = schema {
+    let result = client.block_on(drive(&args, &addrs, &baseline, seeded, backend));
+    for schema in schemas {
         if args.keep_schema {
             eprintln!("kept schema {}", schema.name());
         } else {
@@ -189,19 +214,24 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The in-process servers' database: a fresh PostgreSQL schema, a given
-/// SQLite URL, or a SQLite file in `dir`.
+/// SQLite URL (the first set of servers only), or a SQLite file `name` in
+/// `dir`.
 async fn database(
     args: &Args,
     dir: &tempfile::TempDir,
+    name: &str,
 ) -> anyhow::Result<(String, Option<PgSchema>)> {
     match args.database_url.as_deref() {
         Some(url) if Backend::of(url) == Some(Backend::Postgres) => {
             let schema = PgSchema::create(url).await?;
             Ok((schema.url.clone(), Some(schema)))
         }
-        Some(url) => Ok((url.to_owned(), None)),
-        None => Ok((
-            format!("sqlite://{}", dir.path().join("orchestrator.db").display()),
+        Some(url) if name == "orchestrator" => Ok((url.to_owned(), None)),
+        _ => Ok((
+            format!(
+                "sqlite://{}",
+                dir.path().join(format!("{name}.db")).display()
+            ),
             None,
         )),
     }
@@ -241,6 +271,7 @@ async fn register_over_http(addr: SocketAddr, count: u64) -> anyhow::Result<Vec<
 async fn drive(
     args: &Args,
     addrs: &[SocketAddr],
+    baseline: &[SocketAddr],
     seeded: Vec<Seeded>,
     backend: Option<Backend>,
 ) -> anyhow::Result<()> {
@@ -269,8 +300,13 @@ async fn drive(
     for &step in &args.scenarios {
         match step {
             Step::Measure(scenario) => {
+                let servers = if scenario == Scenario::FlowUntrailed {
+                    baseline
+                } else {
+                    addrs
+                };
                 let o = scenarios::measure(
-                    addrs,
+                    servers,
                     scenario,
                     &shared,
                     args.connections,

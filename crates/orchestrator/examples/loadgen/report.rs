@@ -89,6 +89,7 @@ pub(crate) fn print(run: &Run<'_>) {
             println!("|   ({} errors) | | | | |", o.errors);
         }
     }
+    trail_cost(run.outcomes);
     let w = run.walk;
     println!(
         "\nAll {} machines in {} pages of 500: {:.2} s; a page took {} on average in the first \
@@ -128,5 +129,31 @@ pub(crate) fn print(run: &Run<'_>) {
         if let Some(e) = &r.first_error {
             println!("\nfirst error: {e}");
         }
+    }
+}
+
+/// Registrations with the audit trail against the baseline without it,
+/// each the mean of its runs.
+fn trail_cost(outcomes: &[Outcome]) {
+    let mean = |scenario: Scenario| {
+        let runs: Vec<&Outcome> = outcomes.iter().filter(|o| o.scenario == scenario).collect();
+        (!runs.is_empty()).then(|| {
+            let n = runs.len() as f64;
+            let rate = runs.iter().map(|o| o.per_second).sum::<f64>() / n;
+            let p99 = runs.iter().map(|o| o.p99.as_secs_f64()).sum::<f64>() / n;
+            (rate, p99)
+        })
+    };
+    if let (Some((with, with_p99)), Some((without, without_p99))) =
+        (mean(Scenario::Flow), mean(Scenario::FlowUntrailed))
+    {
+        println!(
+            "\nAudit trail: {with:.0} registrations/s with it, {without:.0}/s without \
+             (ratio {:.3}); p99 {:.2} ms against {:.2} ms (ratio {:.3}).",
+            with / without.max(1e-9),
+            with_p99 * 1e3,
+            without_p99 * 1e3,
+            with_p99 / without_p99.max(1e-9)
+        );
     }
 }

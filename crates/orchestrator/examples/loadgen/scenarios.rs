@@ -19,6 +19,9 @@ pub(crate) enum Scenario {
     Health,
     Get,
     Flow,
+    /// The same registrations on servers with the audit trail off (their
+    /// own database, seeded alike): the trail's baseline.
+    FlowUntrailed,
     List,
 }
 
@@ -29,8 +32,11 @@ impl FromStr for Scenario {
             "health" => Ok(Self::Health),
             "get" => Ok(Self::Get),
             "flow" => Ok(Self::Flow),
+            "flow-untrailed" => Ok(Self::FlowUntrailed),
             "list" => Ok(Self::List),
-            _ => Err(format!("unknown scenario {s:?} (health, get, flow, list)")),
+            _ => Err(format!(
+                "unknown scenario {s:?} (health, get, flow, flow-untrailed, list)"
+            )),
         }
     }
 }
@@ -41,6 +47,7 @@ impl Scenario {
             Self::Health => "`GET /health` (ceiling)",
             Self::Get => "`GET /api/v1/machines/:id`",
             Self::Flow => "registration: challenge, sign, create, activate",
+            Self::FlowUntrailed => "registration, audit trail off (baseline)",
             Self::List => "`GET /api/v1/machines?limit=500` (any page)",
         }
     }
@@ -48,7 +55,7 @@ impl Scenario {
     /// HTTP requests per operation.
     pub(crate) fn requests(self) -> u64 {
         match self {
-            Self::Flow => 3,
+            Self::Flow | Self::FlowUntrailed => 3,
             _ => 1,
         }
     }
@@ -116,7 +123,7 @@ async fn one(conn: &mut Conn, scenario: Scenario, shared: &Shared, i: usize) -> 
             }
             Ok(())
         }
-        Scenario::Flow => {
+        Scenario::Flow | Scenario::FlowUntrailed => {
             let id = shared.next_flow_id.fetch_add(1, Ordering::Relaxed);
             if id >= shared.flow_end {
                 bail!("out of flow identities: raise --flow-identities");

@@ -170,6 +170,8 @@ pub(crate) struct ServerSetup<'a> {
     pub(crate) replicas: usize,
     pub(crate) threads: Option<usize>,
     pub(crate) log: &'a str,
+    /// `false`: the baseline of the audit trail's cost.
+    pub(crate) audit_trail: bool,
 }
 
 /// Starts `replicas` servers in this process, each on its own runtime and
@@ -192,6 +194,7 @@ pub(crate) fn start_servers(setup: &ServerSetup<'_>) -> anyhow::Result<Vec<Socke
             challenge_rate_per_minute: u32::MAX,
             challenge_burst: u32::MAX,
             max_pending_challenges: 1_000_000,
+            audit_trail: setup.audit_trail,
             ..Config::default()
         };
         addrs.push(start_one(config, setup.threads)?);
