@@ -13,6 +13,7 @@ use crate::lifecycle::Policy;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 use crate::store::Store;
+use crate::stream::EventHub;
 
 /// Shared by all handlers (behind an `Arc`).
 #[derive(Debug)]
@@ -24,6 +25,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub limiter: RateLimiter,
     pub api_keys: Option<ApiKeys>,
+    /// The live event stream's tail of the audit log.
+    pub events: Arc<EventHub>,
 }
 
 impl App {

@@ -36,6 +36,7 @@ pub mod serve;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod stream;
 pub mod tls;
 pub mod verify;
 

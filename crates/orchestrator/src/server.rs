@@ -150,6 +150,7 @@ impl Server {
             clock,
             metrics,
             api_keys,
+            events: Arc::default(),
             config,
         });
         let local = listener.local_addr().map_err(Error::LocalAddr)?;
@@ -174,9 +175,23 @@ impl Server {
             .config
             .audit_retention
             .map(|keep| tokio::spawn(prune_audit_events(Arc::clone(&app), keep, stop.clone())));
+        let tailer = app
+            .config
+            .audit_trail
+            .then(|| tokio::spawn(crate::stream::tail(Arc::clone(&app), stop.clone())));
+        // Event streams never end by themselves: they end when shutdown
+        // begins, so that the connections they hold can close.
+        let hub = Arc::clone(&app.events);
+        let shutdown = async move {
+            shutdown.await;
+            hub.close();
+        };
         serve::serve(listener, http::router(Arc::clone(&app)), limits, shutdown).await;
         stop.cancel();
         let _ = collector.await;
+        if let Some(tailer) = tailer {
+            let _ = tailer.await;
+        }
         if let Some(pruner) = pruner {
             let _ = pruner.await;
         }

@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod challenges;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod limits;
@@ -63,6 +64,7 @@ const ROUTES: &[&str] = &[
     paths::MACHINES,
     "/api/v1/machines/{machineId}",
     audit::AUDIT_EVENTS,
+    events::EVENTS,
 ];
 
 fn route_label(matched: Option<&MatchedPath>) -> &'static str {
@@ -177,6 +179,7 @@ pub fn router(app: AppState) -> Router {
         .merge(challenges::router())
         .merge(machines::router())
         .merge(audit::router())
+        .merge(events::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Around the fallbacks too: an unknown route or a wrong method

@@ -474,6 +474,19 @@ fn archive_machine() {}
         (status = 503, description = "SERVICE_UNAVAILABLE: the database is not answering", body = ErrorResponse)))]
 fn list_audit_events() {}
 
+#[utoipa::path(get, path = "/api/v1/events", tag = "observability",
+    params(
+        ("machineId" = Option<String>, Query, description = "Only this machine's events (also `machine_id`)"),
+        ("cursor" = Option<String>, Query, description = "Start right after this event id; without one, at the end of the log"),
+        ("Last-Event-ID" = Option<String>, Header, description = "As `cursor`, and wins over it (what EventSource sends when it reconnects)")),
+    security(("apiKey" = [])),
+    responses(
+        (status = 200, description = "Server-Sent Events: `id` the event id, `event` its type, `data` an AuditEvent; `: keep-alive` comments every 15 s; a final `too_slow` (or `unavailable`) event with the `cursor` to resume from", content_type = "text/event-stream", body = String),
+        (status = 400, description = "VALIDATION_ERROR: bad cursor, Last-Event-ID or machine id", body = ErrorResponse),
+        (status = 401, description = "AUTH_REQUIRED or AUTH_INVALID", body = ErrorResponse),
+        (status = 503, description = "SERVICE_UNAVAILABLE: the database is not answering", body = ErrorResponse)))]
+fn stream_events() {}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -491,7 +504,8 @@ fn list_audit_events() {}
         get_machine,
         update_machine,
         archive_machine,
-        list_audit_events
+        list_audit_events,
+        stream_events
     ),
     components(schemas(
         Health,

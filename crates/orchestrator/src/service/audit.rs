@@ -22,4 +22,10 @@ impl App {
         let next = items.last().filter(|_| full).map(|e| e.id);
         Ok(AuditPage { items, next })
     }
+
+    /// The id of the last committed event: where a stream without a cursor
+    /// starts.
+    pub async fn audit_head(&self) -> Result<i64, ServiceError> {
+        Ok(self.store.audit_head().await?)
+    }
 }

@@ -87,6 +87,7 @@ impl App {
             .insert_machine(&record, consume, event.as_ref())
             .await
             .map_err(write_refused)?;
+        self.events.written();
         tracing::info!(machine = %record.id, identity = %record.identity, "machine created");
         Ok(self.to_wire(record))
     }
@@ -164,6 +165,7 @@ impl App {
         {
             return Err(ServiceError::not_found("machine"));
         }
+        self.events.written();
         Ok(self.to_wire(machine))
     }
 
@@ -183,6 +185,7 @@ impl App {
             None => Err(ServiceError::not_found("machine")),
             Some(archived_now) => {
                 if archived_now {
+                    self.events.written();
                     tracing::info!(machine = %id, "machine archived");
                 }
                 Ok(())

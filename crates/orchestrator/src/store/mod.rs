@@ -270,6 +270,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// (commit) order.
     fn list_audit_events<'a>(&'a self, query: &'a AuditQuery) -> StoreFuture<'a, Vec<AuditEvent>>;
 
+    /// The id of the last committed event (0 if none ever was): every id
+    /// up to it is committed.
+    fn audit_head(&self) -> StoreFuture<'_, i64>;
+
     /// Deletes up to `batch` of the oldest events, in id order, that were
     /// written before `before`; returns how many.
     fn prune_audit_events(&self, before: Timestamp, batch: u32) -> StoreFuture<'_, u64>;

@@ -523,6 +523,13 @@ impl Store for PostgresStore {
         })
     }
 
+    fn audit_head(&self) -> StoreFuture<'_, i64> {
+        Box::pin(async move {
+            let query = sqlx::query_scalar("SELECT last_id FROM audit_sequence WHERE only_row = 1");
+            self.pool.run(|c| Box::pin(query.fetch_one(c))).await
+        })
+    }
+
     fn prune_audit_events(&self, before: Timestamp, batch: u32) -> StoreFuture<'_, u64> {
         Box::pin(async move {
             let query = sqlx::query(pg_audit::PRUNE_SQL)

@@ -515,6 +515,16 @@ impl Store for SqliteStore {
         })
     }
 
+    fn audit_head(&self) -> StoreFuture<'_, i64> {
+        Box::pin(async move {
+            Ok(
+                sqlx::query_scalar("SELECT last_id FROM audit_sequence WHERE only_row = 1")
+                    .fetch_one(&self.reader)
+                    .await?,
+            )
+        })
+    }
+
     fn prune_audit_events(&self, before: Timestamp, batch: u32) -> StoreFuture<'_, u64> {
         Box::pin(async move {
             let done = sqlx::query(PRUNE_AUDIT_SQL)

@@ -60,6 +60,7 @@ async fn every_machine_change_is_one_event_naming_the_key_that_made_it() {
     .await;
     // Behind the key, like the rest of the API.
     expect_error(s.get("/api/v1/audit-events").await, 401, "AUTH_REQUIRED").await;
+    expect_error(s.get("/api/v1/events").await, 401, "AUTH_REQUIRED").await;
     s.client = client_with_key(FLEET_KEY);
     let k = key(0);
 
@@ -297,4 +298,25 @@ async fn retention_prunes_old_events_in_the_background() {
         metrics.contains("peaqos_orchestrator_audit_events_pruned_total 1"),
         "{metrics}"
     );
+}
+
+/// An event stream never ends by itself; shutdown ends it, so that the
+/// server stops in time instead of waiting for its subscribers.
+#[tokio::test]
+async fn open_streams_end_when_the_server_stops() {
+    let s = TestServer::start(|_| {}).await;
+    let mut stream = s
+        .client
+        .get(s.url("/api/v1/events"))
+        .timeout(Duration::from_secs(600))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    s.stop().await.unwrap();
+    let drained = tokio::time::timeout(crate::support::TIMEOUT, async {
+        while let Ok(Some(_)) = stream.chunk().await {}
+    })
+    .await;
+    assert!(drained.is_ok(), "the stream ended");
 }

@@ -53,6 +53,7 @@ async fn openapi_document_matches_the_served_api() {
         ("/api/v1/machines/{machineId}", "patch"),
         ("/api/v1/machines/{machineId}", "delete"),
         ("/api/v1/audit-events", "get"),
+        ("/api/v1/events", "get"),
     ];
     for (path, method) in served {
         assert!(

@@ -140,6 +140,7 @@ async fn every_write_is_one_event_and_a_refused_write_none() {
 
         let events = all(store, None).await;
         assert_eq!(ids(&events), [1, 2, 3], "{name}: {events:#?}");
+        assert_eq!(store.audit_head().await.unwrap(), 3, "{name}");
         let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(
             kinds,
@@ -254,6 +255,11 @@ async fn retention_prunes_the_oldest_events_in_bounded_batches() {
         assert_eq!(
             store.prune_audit_events(ts(1_000_000), 100).await.unwrap(),
             6
+        );
+        assert_eq!(
+            store.audit_head().await.unwrap(),
+            26,
+            "{name}: the head outlives pruning"
         );
         let e = event(EventType::Updated, "mach_a", 1_000_001);
         assert!(store.update_machine(&m, None, Some(&e)).await.unwrap());

@@ -1,0 +1,221 @@
+//! `GET /api/v1/events`: the audit trail as Server-Sent Events, as changes
+//! happen (the SDK's planned `stream_events`: `machine_id`, `cursor`).
+//!
+//! Each event is `id: <event id>`, `event: <type>`, `data: <the event as
+//! in /audit-events>`. A client resumes after the last id it received with
+//! `Last-Event-ID` (what `EventSource` sends when it reconnects) or
+//! `cursor`: it first gets what it missed, read from the database, then the
+//! live tail (`stream`), duplicates between the two dropped by id. Ids
+//! follow commit order without gaps, so nothing falls between.
+//!
+//! A comment every [`KEEP_ALIVE`] keeps idle connections (and proxies) open.
+//! A subscriber that falls more than `stream::CAPACITY` events behind the
+//! tail gets a final `too_slow` event naming the cursor to resume from, and
+//! the stream ends; the server holds nothing more for it.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::routing::get;
+use serde::Deserialize;
+use tokio::sync::broadcast::{Receiver, error::RecvError};
+
+use super::audit::{WireEvent, parse_cursor};
+use super::{ApiError, AppState};
+use crate::audit::{AuditEvent, AuditQuery};
+use crate::error_chain::error_chain;
+use crate::ids;
+
+pub const EVENTS: &str = "/api/v1/events";
+/// Idle time after which a comment is sent.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Events read from the database per query while catching up.
+const CATCH_UP_PAGE: u32 = 500;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route(EVENTS, get(stream))
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamQuery {
+    cursor: Option<String>,
+    machine_id: Option<String>,
+    #[serde(rename = "machineId")]
+    machine_id_camel: Option<String>,
+}
+
+/// One subscriber's position.
+struct Subscriber {
+    app: AppState,
+    live: Receiver<Arc<AuditEvent>>,
+    machine_id: Option<String>,
+    /// The last id sent (or the resume cursor).
+    sent: i64,
+    /// Read from the database, not yet sent.
+    backlog: VecDeque<AuditEvent>,
+    caught_up: bool,
+    done: bool,
+}
+
+fn sse_event(e: &AuditEvent) -> Event {
+    let wire = WireEvent::from(e.clone());
+    Event::default()
+        .id(e.id.to_string())
+        .event(e.kind.clone())
+        .json_data(wire)
+        .unwrap_or_else(|_| Event::default().comment("unencodable event"))
+}
+
+impl Subscriber {
+    fn wants(&self, e: &AuditEvent) -> bool {
+        self.machine_id.as_ref().is_none_or(|m| *m == e.resource_id)
+    }
+
+    /// The next thing to send; `None` ends the stream.
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(e) = self.backlog.pop_front() {
+                self.sent = e.id;
+                return Some(sse_event(&e));
+            }
+            if !self.caught_up {
+                if let Err(event) = self.catch_up().await {
+                    self.done = true;
+                    return Some(event);
+                }
+                continue;
+            }
+            let received = tokio::select! {
+                () = self.app.events.closing().cancelled() => return None,
+                received = self.live.recv() => received,
+            };
+            match received {
+                Ok(e) if e.id > self.sent && self.wants(&e) => {
+                    self.sent = e.id;
+                    return Some(sse_event(&e));
+                }
+                // Sent already (read while catching up), or not asked for.
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => {
+                    self.done = true;
+                    return Some(
+                        Event::default()
+                            .event("too_slow")
+                            .json_data(serde_json::json!({
+                                "message": "this subscriber fell too far behind and is disconnected; resume from cursor",
+                                "cursor": self.sent.to_string(),
+                            }))
+                            .unwrap_or_default(),
+                    );
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// Reads one page of what this subscriber missed. Events committed
+    /// after the subscription started reach it live too; those read here
+    /// are dropped there by id.
+    async fn catch_up(&mut self) -> Result<(), Event> {
+        let query = AuditQuery {
+            machine_id: self.machine_id.clone(),
+            resource_type: None,
+            after: self.sent,
+            limit: CATCH_UP_PAGE,
+        };
+        match self.app.list_audit_events(&query).await {
+            Ok(page) => {
+                let page = page.items;
+                self.caught_up = page.len() < CATCH_UP_PAGE as usize;
+                self.backlog.extend(page);
+                // The live ring overflowed while the backlog was long: what
+                // it lost is in the database, which is read until caught up.
+                if !self.caught_up {
+                    self.live = self.live.resubscribe();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "event stream: cannot read the log");
+                Err(Event::default()
+                    .event("unavailable")
+                    .json_data(serde_json::json!({
+                        "message": "the database is not answering; resume from cursor",
+                        "cursor": self.sent.to_string(),
+                    }))
+                    .unwrap_or_default())
+            }
+        }
+    }
+}
+
+async fn stream(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<StreamQuery>, QueryRejection>,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let Query(q) =
+        query.map_err(|_| ApiError::validation("query", "the query string is malformed"))?;
+    // A reconnecting EventSource sends Last-Event-ID; it wins over the
+    // cursor of the URL it reconnects to.
+    let last_event_id = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("\u{0}").to_owned());
+    let (cursor, field) = match (last_event_id, q.cursor) {
+        (Some(id), _) => (Some(id), "Last-Event-ID"),
+        (None, c) => (c, "cursor"),
+    };
+    let sent =
+        match cursor.as_deref() {
+            None => None,
+            Some(c) => Some(parse_cursor(c).ok_or_else(|| {
+                ApiError::validation(field, format!("{field} is not an event id"))
+            })?),
+        };
+    let machine_id = match (q.machine_id, q.machine_id_camel) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::validation(
+                "machine_id",
+                "machine_id is given twice with different values",
+            ));
+        }
+        (a, b) => a.or(b),
+    };
+    if let Some(id) = &machine_id
+        && !ids::looks_like(ids::MACHINE_PREFIX, id)
+    {
+        return Err(ApiError::validation(
+            "machine_id",
+            "machine_id is not a machine id (mach_...)",
+        ));
+    }
+    let live = app.events.subscribe();
+    // Without a cursor, the stream starts now: at the end of the log.
+    let (sent, caught_up) = match sent {
+        Some(after) => (after, false),
+        None => (app.audit_head().await?, true),
+    };
+    let subscriber = Subscriber {
+        app,
+        live,
+        machine_id,
+        sent,
+        backlog: VecDeque::new(),
+        caught_up,
+        done: false,
+    };
+    let events = futures_util::stream::unfold(subscriber, |mut s| async move {
+        s.next().await.map(|e| (Ok(e), s))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive")))
+}
