@@ -126,6 +126,23 @@ impl Orchestrator {
         (status, r.json().await.unwrap_or_default())
     }
 
+    /// The machine's audit trail, oldest first (one page: tests stay well
+    /// under its 500 events).
+    pub(crate) async fn audit_events(&self, id: &str) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = http()
+            .get(format!(
+                "{}/api/v1/audit-events?machine_id={id}&limit=500",
+                self.url()
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["items"].as_array().cloned().unwrap_or_default()
+    }
+
     /// Ids of every machine in the list (all pages).
     pub(crate) async fn machine_ids(&self) -> Vec<String> {
         let v: serde_json::Value = http()
