@@ -56,7 +56,14 @@ fn with_softhsm(count: usize) -> anyhow::Result<()> {
     let pin = dir.path().join("pin");
     std::fs::write(&pin, "1234\n")?;
     let status = Command::new("softhsm2-util")
-        .args(["--init-token", "--free", "--label", "bench", "--pin", "1234"])
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "bench",
+            "--pin",
+            "1234",
+        ])
         .args(["--so-pin", "5678"])
         .env("SOFTHSM2_CONF", &conf)
         .stdout(std::process::Stdio::null())
@@ -114,7 +121,10 @@ fn measure(uri: &str, count: usize) -> anyhow::Result<()> {
         bail!("the token's signature does not recover to its address");
     }
     let (t, f) = (stats(&mut token_times), stats(&mut file_times));
-    println!("{count} EIP-191 signatures of a {}-byte text each", text.len());
+    println!(
+        "{count} EIP-191 signatures of a {}-byte text each",
+        text.len()
+    );
     println!(
         "| key | median | p90 | p99 |\n|---|---:|---:|---:|\n| PKCS#11 ({}) | {} | {} | {} |\n\
          | key file (k256, in process) | {} | {} | {} |\n| ratio token / file | {:.1} | {:.1} | {:.1} |",
