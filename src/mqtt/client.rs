@@ -86,7 +86,10 @@ pub(crate) enum Event {
     /// Our DISCONNECT has been written: the session is over once the broker
     /// closes the connection.
     DisconnectSent,
-    /// Anything else (acks, pings): progress, no action needed.
+    /// Another packet from the broker (acks, pings): progress, no action
+    /// needed.
+    Received,
+    /// Something we sent: no action needed.
     Other,
 }
 
@@ -389,7 +392,8 @@ impl EventLoop {
                     rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect) => {
                         Event::DisconnectSent
                     }
-                    _ => Event::Other,
+                    rumqttc::Event::Incoming(_) => Event::Received,
+                    rumqttc::Event::Outgoing(_) => Event::Other,
                 })
             }
             Self::V5(el) => {
@@ -400,7 +404,7 @@ impl EventLoop {
                         // MQTT 5 requires UTF-8 topics; a broker that sends
                         // anything else is ignored rather than trusted.
                         let Ok(topic) = String::from_utf8(p.topic.to_vec()) else {
-                            return Ok(Event::Other);
+                            return Ok(Event::Received);
                         };
                         let (response_topic, correlation_data) = p
                             .properties
@@ -431,7 +435,8 @@ impl EventLoop {
                         }
                     }
                     v5::Event::Outgoing(rumqttc::Outgoing::Disconnect) => Event::DisconnectSent,
-                    _ => Event::Other,
+                    v5::Event::Incoming(_) => Event::Received,
+                    v5::Event::Outgoing(_) => Event::Other,
                 })
             }
         }

@@ -81,15 +81,20 @@ async fn drive(
             () = stop.cancelled() => return,
             polled = eventloop.poll() => polled,
         };
-        if polled.is_ok() && std::mem::take(&mut after_suback) {
+        let received = matches!(
+            polled,
+            Ok(Event::Received | Event::Message(_) | Event::Subscribed | Event::SubscribeRefused)
+        );
+        if received && std::mem::take(&mut after_suback) {
             // Anything read after the SUBACK (a PUBACK of `online` at the
-            // latest) comes after the replay: the replay passed.
+            // latest) comes after the replay: the replay passed. What we
+            // send meanwhile proves nothing.
             if events.send(Polled::ReplayPassed).await.is_err() {
                 return;
             }
         }
         let error = match polled {
-            Ok(Event::Other) => continue,
+            Ok(Event::Other | Event::Received) => continue,
             Ok(Event::DisconnectSent) => {
                 // The goodbye waits for `Closed`; `stop` ends this early if
                 // the broker takes too long.
@@ -367,7 +372,9 @@ impl Service {
                  queries or commands will not arrive"
             ),
             Polled::ReplayPassed => self.session.replay_passed = true,
-            Polled::Event(Event::Subscribed | Event::DisconnectSent | Event::Other)
+            Polled::Event(
+                Event::Subscribed | Event::DisconnectSent | Event::Other | Event::Received,
+            )
             | Polled::Closed => {}
             Polled::Lost { error, retry_in } => {
                 self.connected = false;

@@ -11,6 +11,7 @@ use std::path::Path;
 use crate::support::{Agent, Answer, WAIT, broker, config, publish, wait_retained};
 use peaqos_agent::mqtt::{self, Protocol};
 use peaqos_agent::status::AgentState;
+use peaqos_testkit::{Service, available_or_skip, find_program};
 
 /// Over the default `max_packet_size` (64 KiB).
 const POISON_SIZE: usize = 70_000;
@@ -121,4 +122,107 @@ fn a_retained_oversized_query_costs_a_3_1_1_agent_one_reconnection_and_status_st
         again <= seen + 1,
         "{again} connections after the second poison (had {seen})"
     );
+}
+
+/// When the broker does not let the agent clear the retained message (its
+/// ACL), the replay breaks the next session too: the agent then stops
+/// subscribing to `status/get` (a quarantine) and stays connected, instead
+/// of reconnecting in a loop.
+#[test]
+fn when_the_clear_is_refused_the_agent_quarantines_requests_and_stays_connected() {
+    use std::os::unix::fs::PermissionsExt;
+    let name = "mqtt_poison_quarantine";
+    let Some(mosquitto_passwd) = available_or_skip(
+        Service::Mosquitto,
+        name,
+        find_program("mosquitto_passwd"),
+        "no mosquitto_passwd",
+    ) else {
+        return;
+    };
+    let logs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(logs.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let log = logs.path().join("mosquitto.log");
+    let passwd = logs.path().join("passwd");
+    let ok = std::process::Command::new(mosquitto_passwd)
+        .args(["-c", "-b"])
+        .arg(&passwd)
+        .args(["planter", "pw-planter"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    // Anonymous clients (the agent here) may read status/get but not
+    // write it; only "planter" may.
+    let acl = logs.path().join("acl");
+    std::fs::write(
+        &acl,
+        "topic read peaqos/r1/status/get\ntopic readwrite peaqos/r1/availability\n\
+         topic readwrite peaqos/r1/status\ntopic readwrite peaqos/r1/reply/#\n\
+         topic readwrite test-sync/#\nuser planter\ntopic write peaqos/r1/status/get\n",
+    )
+    .unwrap();
+    for f in [&passwd, &acl] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let Some((broker, tools)) = broker(
+        name,
+        &format!(
+            "log_dest file {}\nlog_type all\npassword_file {}\nacl_file {}\n",
+            log.display(),
+            passwd.display(),
+            acl.display()
+        ),
+    ) else {
+        return;
+    };
+    let poison = logs.path().join("poison");
+    std::fs::write(&poison, vec![b'x'; POISON_SIZE]).unwrap();
+    publish(
+        broker.port(),
+        &tools.as_user("planter", "pw-planter"),
+        &[
+            "-V",
+            "311",
+            "-r",
+            "-t",
+            "peaqos/r1/status/get",
+            "-f",
+            poison.to_str().unwrap(),
+        ],
+    );
+    let cfg = config(&broker, Protocol::V311);
+    let agent = Agent::start(&cfg, "r1", Answer::Ok);
+    agent.update(|s| s.state = AgentState::Active);
+    // Two sessions broken by the replay (the second after a refused
+    // clear), then a third that does not subscribe to status/get: its
+    // `online` comes without a SUBSCRIBE before it.
+    let deadline = std::time::Instant::now() + WAIT;
+    let third = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let sessions: Vec<&str> = text.split(" as peaqos-agent-r1 ").collect();
+        if sessions.len() > 3
+            && sessions[3].contains("Received PUBLISH from peaqos-agent-r1 (d0, q1, r1, m")
+            && sessions[3].contains("'peaqos/r1/availability'")
+        {
+            break sessions[3].to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no third, quiet session:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let online_at = third.find("'peaqos/r1/availability'").unwrap();
+    assert!(
+        !third[..online_at].contains("Received SUBSCRIBE from peaqos-agent-r1"),
+        "the quarantined session subscribed:\n{third}"
+    );
+    // It stays: `online` retained, and no fourth session by the time the
+    // status is readable by a fresh subscriber.
+    wait_retained(&broker, &tools, "peaqos/r1/availability", |p| p == "online");
+    wait_retained(&broker, &tools, "peaqos/r1/status", |p| {
+        p.contains("active")
+    });
+    assert_eq!(connections(&log, "peaqos-agent-r1"), 3);
 }
