@@ -62,6 +62,12 @@ impl EventHub {
         self.wake.notify_one();
     }
 
+    /// Hands an event read from the log to every subscriber.
+    pub(crate) fn publish(&self, event: AuditEvent) {
+        // No subscriber is not an error.
+        let _ = self.tx.send(Arc::new(event));
+    }
+
     /// Subscribers now.
     pub fn subscribers(&self) -> usize {
         self.tx.receiver_count()
@@ -110,8 +116,7 @@ pub async fn tail(app: Arc<App>, stop: CancellationToken) {
                     let full = page.len() >= PAGE as usize;
                     for event in page {
                         after = event.id;
-                        // No subscriber is not an error.
-                        let _ = hub.tx.send(Arc::new(event));
+                        hub.publish(event);
                     }
                     if !full {
                         break;

@@ -219,3 +219,85 @@ async fn stream(
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive")))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use peaqos_protocol::Timestamp;
+
+    use super::*;
+    use crate::app::App;
+    use crate::clock::ManualClock;
+    use crate::config::Config;
+    use crate::controllers::address::NoSource;
+    use crate::controllers::{ControllerCache, Resolver};
+    use crate::metrics::Metrics;
+    use crate::rate_limit::RateLimiter;
+    use crate::store::SqliteStore;
+    use crate::stream::{CAPACITY, EventHub};
+
+    fn event(id: i64) -> AuditEvent {
+        AuditEvent {
+            id,
+            actor: "a".into(),
+            kind: "machine.updated".into(),
+            resource_type: "machine".into(),
+            resource_id: "mach_x".into(),
+            payload: serde_json::json!({}),
+            created_at: Timestamp::from_unix_millis(1).unwrap(),
+        }
+    }
+
+    /// A subscriber that does not take what is published until the ring
+    /// has overwritten its place gets one final event and nothing more;
+    /// one that keeps up gets every event once.
+    #[tokio::test]
+    async fn a_subscriber_left_behind_by_the_ring_is_dropped() {
+        let clock = Arc::new(ManualClock::default());
+        let metrics = Arc::new(Metrics::new());
+        let cache = ControllerCache::new(
+            Arc::new(NoSource),
+            Duration::from_secs(1),
+            clock.clone(),
+            Arc::clone(&metrics),
+        );
+        let app = Arc::new(App {
+            config: Config::default(),
+            store: Arc::new(SqliteStore::open("sqlite::memory:").await.unwrap()),
+            resolver: Arc::new(Resolver::new(cache)),
+            limiter: RateLimiter::new(1, 1, clock.clone()),
+            clock,
+            metrics,
+            api_keys: None,
+            events: Arc::new(EventHub::default()),
+        });
+        let subscriber = |app: &AppState| Subscriber {
+            app: Arc::clone(app),
+            live: app.events.subscribe(),
+            machine_id: None,
+            sent: 0,
+            backlog: VecDeque::new(),
+            caught_up: true,
+            done: false,
+        };
+        let mut keeping_up = subscriber(&app);
+        let mut slow = subscriber(&app);
+        for id in 1..=3 {
+            app.events.publish(event(id));
+            assert!(keeping_up.next().await.is_some());
+            assert_eq!(keeping_up.sent, id);
+        }
+        for id in 4..=i64::try_from(CAPACITY).unwrap() + 10 {
+            app.events.publish(event(id));
+        }
+        let last = slow.next().await;
+        assert!(last.is_some(), "the final too_slow event");
+        assert!(slow.done);
+        assert_eq!(slow.sent, 0, "its cursor: nothing was sent");
+        assert!(slow.next().await.is_none(), "then the stream ends");
+        assert_eq!(app.events.subscribers(), 2, "until the stream is dropped");
+        drop(slow);
+        assert_eq!(app.events.subscribers(), 1);
+    }
+}
