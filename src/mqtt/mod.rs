@@ -12,6 +12,7 @@ mod client;
 mod commands;
 mod config;
 mod discovery;
+mod driver;
 mod poison;
 mod probe;
 mod random;

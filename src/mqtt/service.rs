@@ -1,12 +1,18 @@
 //! The running MQTT interface: one task polls rumqttc's event loop and
-//! reconnects with backoff; the service task keeps the broker's retained
-//! state current and answers requests.
+//! reconnects with backoff (`driver.rs`); the service task here keeps the
+//! broker's retained state current and answers requests.
 //!
 //! Nothing here ever waits on the broker while serving: publishes are
 //! `try_*` into rumqttc's bounded queue, retained state is a set of "dirty"
 //! flags rewritten from the newest status snapshot (so a dead broker can
 //! only ever cost one pending copy, never a backlog), and nothing is
 //! queued while disconnected: every CONNACK republishes everything.
+//!
+//! Why this file is somewhat over 600 lines: the service task is one select
+//! loop whose handlers (connection, requests, commands, status, the poison
+//! and rate-limit bookkeeping) all read and write the same `Session`,
+//! `Dirty` and `Counters`; what stands alone (polling, requests, commands,
+//! poison, the token bucket) already has its own module.
 
 use std::time::Duration;
 
@@ -16,10 +22,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::client::{Client, ConnectionError, Event, EventLoop, Message, PublishProps};
+use super::client::{Client, Event, EventLoop, Message, PublishProps};
 use super::commands::{self, Decision, Gate, Outcome};
 use super::config::MqttConfig;
 use super::discovery::Discovery;
+use super::driver::{Polled, drive};
 use super::poison::{Poison, Verdict};
 use super::rate::TokenBucket;
 use super::request;
@@ -30,9 +37,6 @@ use crate::systemd::Heartbeat;
 
 /// Events buffered between the polling task and the service.
 const EVENT_CAPACITY: usize = 32;
-/// A connection that lasted this long resets the reconnect backoff; a
-/// broker that accepts and then drops us at once keeps backing off.
-const STABLE_CONNECTION: Duration = Duration::from_secs(30);
 /// How soon to retry publishing when rumqttc's queue was full.
 const RETRY_FULL_QUEUE: Duration = Duration::from_millis(200);
 /// Time allowed at shutdown for `offline`, DISCONNECT and the broker's close
@@ -47,96 +51,6 @@ const FINAL_STATUS_WAIT: Duration = Duration::from_millis(300);
 const COUNTERS_REPUBLISH: Duration = Duration::from_secs(1);
 /// A rate-limit warning is logged at most this often.
 const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(60);
-
-/// What the polling task reports.
-#[derive(Debug)]
-enum Polled {
-    Event(Event),
-    Lost {
-        error: ConnectionError,
-        retry_in: Duration,
-    },
-    /// Something was read after a SUBACK: the retained messages the
-    /// subscription made the broker replay did not break the connection.
-    ReplayPassed,
-    /// After our DISCONNECT, the broker closed the connection: the clean
-    /// end of the session (no last will).
-    Closed,
-}
-
-/// Polls the event loop until `stop`, backing off between failed attempts.
-async fn drive(
-    mut eventloop: EventLoop,
-    events: mpsc::Sender<Polled>,
-    mut backoff: Backoff,
-    stop: CancellationToken,
-) {
-    let mut connected_at: Option<Instant> = None;
-    // A SUBACK was the last thing read: the broker's replay of retained
-    // messages (if any) comes next.
-    let mut after_suback = false;
-    loop {
-        let polled = tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            polled = eventloop.poll() => polled,
-        };
-        let received = matches!(
-            polled,
-            Ok(Event::Received | Event::Message(_) | Event::Subscribed | Event::SubscribeRefused)
-        );
-        if received && std::mem::take(&mut after_suback) {
-            // Anything read after the SUBACK (a PUBACK of `online` at the
-            // latest) comes after the replay: the replay passed. What we
-            // send meanwhile proves nothing.
-            if events.send(Polled::ReplayPassed).await.is_err() {
-                return;
-            }
-        }
-        let error = match polled {
-            Ok(Event::Other | Event::Received) => continue,
-            Ok(Event::DisconnectSent) => {
-                // The goodbye waits for `Closed`; `stop` ends this early if
-                // the broker takes too long.
-                tokio::select! {
-                    biased;
-                    () = stop.cancelled() => {}
-                    () = eventloop.until_closed() => {
-                        let _ = events.send(Polled::Closed).await;
-                    }
-                }
-                return;
-            }
-            Ok(event) => {
-                match event {
-                    Event::Connected => connected_at = Some(Instant::now()),
-                    Event::Subscribed | Event::SubscribeRefused => after_suback = true,
-                    _ => {}
-                }
-                if events.send(Polled::Event(event)).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-            Err(error) => error,
-        };
-        if connected_at
-            .take()
-            .is_some_and(|at| at.elapsed() >= STABLE_CONNECTION)
-        {
-            backoff.reset();
-        }
-        let retry_in = backoff.next_delay(None);
-        if events.send(Polled::Lost { error, retry_in }).await.is_err() {
-            return;
-        }
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(retry_in) => {}
-        }
-    }
-}
 
 /// Retained state that must be (re)written to the broker.
 // Four independent "needs writing" marks, not a state machine in disguise.

@@ -216,7 +216,9 @@ async fn a_lost_or_corrupt_state_file_finds_the_record_again() {
 
 #[tokio::test]
 async fn a_short_proof_lifetime_is_renewed_unattended_and_never_lapses() {
-    let lifetime = Duration::from_secs(2);
+    // Long enough that a loaded machine's scheduling delays (hundreds of
+    // ms) are not mistaken for a lapse.
+    let lifetime = Duration::from_secs(3);
     let orch = Orchestrator::start(|c| c.proof_max_age = Some(lifetime)).await;
     let robot = Machine::new();
     orch.set_controllers(ID, &[robot.address()]);
@@ -263,16 +265,16 @@ async fn a_short_proof_lifetime_is_renewed_unattended_and_never_lapses() {
     }
     let now = peaqos_protocol::Timestamp::now().unix_millis();
     assert!(now - proved.last().unwrap() < lifetime_ms, "{proved:?}");
-    // Renewal at 7/12..2/3 of the lifetime: about 4.5 renewals in 6 s, and
+    // Renewal at 7/12..2/3 of the lifetime: about 4.5 renewals in three lifetimes, and
     // no renewing in a loop either.
     assert!(
         proofs.len() >= 4,
-        "renewed {} times in 6 s",
+        "renewed {} times in three lifetimes",
         proofs.len() - 1
     );
     assert!(
         proved.len() <= 10,
-        "{} proofs in 6 s: renewing in a loop ({proved:?})",
+        "{} proofs in three lifetimes: renewing in a loop ({proved:?})",
         proved.len()
     );
     agent.stop(STOP).await;
