@@ -23,6 +23,7 @@ pub mod postgres;
 pub mod row_cache;
 mod rows;
 pub mod sqlite;
+mod sqlite_audit;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -22,15 +22,13 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 
 use super::row_cache::RowCache;
-use super::rows::{
-    audit_columns, audit_event_from_row, challenge_from_row, machine_columns, machine_from_row,
-    proof_json, to_json,
-};
+use super::rows::{challenge_from_row, machine_columns, machine_from_row, proof_json, to_json};
+use super::sqlite_audit;
 use super::{
     Backend, ChallengeInsert, ChallengeRecord, CloseFuture, Consume, MachineRecord, PageKey,
     PoolSettings, Store, StoreError, StoreFuture, StoredStatus,
 };
-use crate::audit::{self, AuditEvent, AuditQuery, EventType, NewEvent, RESOURCE_MACHINE};
+use crate::audit::{self, AuditEvent, AuditQuery, EventType, NewEvent};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -185,60 +183,6 @@ async fn consume(
     }
 }
 
-/// Draws the next event id and inserts the event, inside the change's
-/// transaction. The writer is the only connection that writes, so ids
-/// follow commit order.
-async fn record(tx: &mut Transaction<'static, Sqlite>, e: &NewEvent) -> Result<(), StoreError> {
-    insert_event(
-        tx,
-        &e.actor,
-        e.kind,
-        &e.resource_id,
-        &e.payload.to_string(),
-        e.created_at,
-    )
-    .await
-}
-
-async fn insert_event(
-    tx: &mut Transaction<'static, Sqlite>,
-    actor: &str,
-    kind: EventType,
-    resource_id: &str,
-    payload: &str,
-    at: Timestamp,
-) -> Result<(), StoreError> {
-    let id: i64 = sqlx::query_scalar(
-        "UPDATE audit_sequence SET last_id = last_id + 1 WHERE only_row = 1 RETURNING last_id",
-    )
-    .fetch_one(&mut **tx)
-    .await?;
-    sqlx::query(concat!(
-        "INSERT INTO audit_events (",
-        audit_columns!(),
-        ") VALUES (?, ?, ?, ?, ?, ?, ?)"
-    ))
-    .bind(id)
-    .bind(actor)
-    .bind(kind.as_str())
-    .bind(RESOURCE_MACHINE)
-    .bind(resource_id)
-    .bind(payload)
-    .bind(at.unix_millis())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// Deletes up to `?2` of the oldest events before the first one written at
-/// or after `?1` (log order: a clock that stepped back does not make a
-/// later event go first).
-pub const PRUNE_AUDIT_SQL: &str = "DELETE FROM audit_events WHERE id IN (\
-        SELECT id FROM audit_events WHERE id < COALESCE(\
-            (SELECT id FROM audit_events WHERE created_at >= ?1 ORDER BY id LIMIT 1), \
-            9223372036854775807) \
-        ORDER BY id LIMIT ?2)";
-
 impl Store for SqliteStore {
     fn backend(&self) -> Backend {
         Backend::Sqlite
@@ -353,7 +297,7 @@ impl Store for SqliteStore {
                 Err(e) => return Err(e.into()),
             }
             if let Some(e) = event {
-                record(&mut tx, e).await?;
+                sqlite_audit::record(&mut tx, e).await?;
             }
             tx.commit().await?;
             self.rows.written(m);
@@ -431,7 +375,7 @@ impl Store for SqliteStore {
                 return Ok(false);
             }
             if let Some(e) = event {
-                record(&mut tx, e).await?;
+                sqlite_audit::record(&mut tx, e).await?;
             }
             tx.commit().await?;
             self.rows.written(m);
@@ -467,7 +411,8 @@ impl Store for SqliteStore {
                 .await?;
             if let Some(actor) = actor {
                 let payload = audit::archived_payload(old).to_string();
-                insert_event(&mut tx, actor, EventType::Archived, id, &payload, now).await?;
+                sqlite_audit::insert_event(&mut tx, actor, EventType::Archived, id, &payload, now)
+                    .await?;
             }
             tx.commit().await?;
             self.rows.invalidate(id);
@@ -476,64 +421,15 @@ impl Store for SqliteStore {
     }
 
     fn list_audit_events<'a>(&'a self, q: &'a AuditQuery) -> StoreFuture<'a, Vec<AuditEvent>> {
-        Box::pin(async move {
-            let sql = match (q.machine_id.is_some(), q.resource_type.is_some()) {
-                (false, false) => concat!(
-                    "SELECT ",
-                    audit_columns!(),
-                    " FROM audit_events WHERE id > ? ORDER BY id LIMIT ?"
-                ),
-                (true, false) => concat!(
-                    "SELECT ",
-                    audit_columns!(),
-                    " FROM audit_events WHERE id > ? AND resource_id = ? ORDER BY id LIMIT ?"
-                ),
-                (false, true) => concat!(
-                    "SELECT ",
-                    audit_columns!(),
-                    " FROM audit_events WHERE id > ? AND resource_type = ? ORDER BY id LIMIT ?"
-                ),
-                (true, true) => concat!(
-                    "SELECT ",
-                    audit_columns!(),
-                    " FROM audit_events WHERE id > ? AND resource_id = ? \
-                     AND resource_type = ? ORDER BY id LIMIT ?"
-                ),
-            };
-            let mut query = sqlx::query(sql).bind(q.after);
-            if let Some(m) = &q.machine_id {
-                query = query.bind(m);
-            }
-            if let Some(t) = &q.resource_type {
-                query = query.bind(t);
-            }
-            let rows = query
-                .bind(i64::from(q.limit))
-                .fetch_all(&self.reader)
-                .await?;
-            rows.iter().map(audit_event_from_row).collect()
-        })
+        Box::pin(sqlite_audit::list(&self.reader, q))
     }
 
     fn audit_head(&self) -> StoreFuture<'_, i64> {
-        Box::pin(async move {
-            Ok(
-                sqlx::query_scalar("SELECT last_id FROM audit_sequence WHERE only_row = 1")
-                    .fetch_one(&self.reader)
-                    .await?,
-            )
-        })
+        Box::pin(sqlite_audit::head(&self.reader))
     }
 
     fn prune_audit_events(&self, before: Timestamp, batch: u32) -> StoreFuture<'_, u64> {
-        Box::pin(async move {
-            let done = sqlx::query(PRUNE_AUDIT_SQL)
-                .bind(before.unix_millis())
-                .bind(i64::from(batch))
-                .execute(&self.writer)
-                .await?;
-            Ok(done.rows_affected())
-        })
+        Box::pin(sqlite_audit::prune(&self.writer, before, batch))
     }
 
     fn list_machines<'a>(

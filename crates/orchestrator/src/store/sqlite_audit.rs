@@ -1,0 +1,129 @@
+//! The audit trail on SQLite: numbering and inserting an event inside the
+//! change's transaction, and reading and pruning the log.
+
+use peaqos_protocol::Timestamp;
+use sqlx::sqlite::SqlitePool;
+use sqlx::{Sqlite, Transaction};
+
+use super::StoreError;
+use super::rows::{audit_columns, audit_event_from_row};
+use crate::audit::{AuditEvent, AuditQuery, EventType, NewEvent, RESOURCE_MACHINE};
+
+/// Draws the next event id and inserts the event, inside the change's
+/// transaction. The writer is the only connection that writes, so ids
+/// follow commit order.
+pub(super) async fn record(
+    tx: &mut Transaction<'static, Sqlite>,
+    e: &NewEvent,
+) -> Result<(), StoreError> {
+    insert_event(
+        tx,
+        &e.actor,
+        e.kind,
+        &e.resource_id,
+        &e.payload.to_string(),
+        e.created_at,
+    )
+    .await
+}
+
+pub(super) async fn insert_event(
+    tx: &mut Transaction<'static, Sqlite>,
+    actor: &str,
+    kind: EventType,
+    resource_id: &str,
+    payload: &str,
+    at: Timestamp,
+) -> Result<(), StoreError> {
+    let id: i64 = sqlx::query_scalar(
+        "UPDATE audit_sequence SET last_id = last_id + 1 WHERE only_row = 1 RETURNING last_id",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query(concat!(
+        "INSERT INTO audit_events (",
+        audit_columns!(),
+        ") VALUES (?, ?, ?, ?, ?, ?, ?)"
+    ))
+    .bind(id)
+    .bind(actor)
+    .bind(kind.as_str())
+    .bind(RESOURCE_MACHINE)
+    .bind(resource_id)
+    .bind(payload)
+    .bind(at.unix_millis())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Deletes up to `?2` of the oldest events before the first one written at
+/// or after `?1` (log order: a clock that stepped back does not make a
+/// later event go first).
+const PRUNE_AUDIT_SQL: &str = "DELETE FROM audit_events WHERE id IN (\
+        SELECT id FROM audit_events WHERE id < COALESCE(\
+            (SELECT id FROM audit_events WHERE created_at >= ?1 ORDER BY id LIMIT 1), \
+            9223372036854775807) \
+        ORDER BY id LIMIT ?2)";
+
+/// One page of the log after `q.after`, oldest first.
+pub(super) async fn list(
+    reader: &SqlitePool,
+    q: &AuditQuery,
+) -> Result<Vec<AuditEvent>, StoreError> {
+    let sql = match (q.machine_id.is_some(), q.resource_type.is_some()) {
+        (false, false) => concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit_events WHERE id > ? ORDER BY id LIMIT ?"
+        ),
+        (true, false) => concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit_events WHERE id > ? AND resource_id = ? ORDER BY id LIMIT ?"
+        ),
+        (false, true) => concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit_events WHERE id > ? AND resource_type = ? ORDER BY id LIMIT ?"
+        ),
+        (true, true) => concat!(
+            "SELECT ",
+            audit_columns!(),
+            " FROM audit_events WHERE id > ? AND resource_id = ? \
+             AND resource_type = ? ORDER BY id LIMIT ?"
+        ),
+    };
+    let mut query = sqlx::query(sql).bind(q.after);
+    if let Some(m) = &q.machine_id {
+        query = query.bind(m);
+    }
+    if let Some(t) = &q.resource_type {
+        query = query.bind(t);
+    }
+    let rows = query.bind(i64::from(q.limit)).fetch_all(reader).await?;
+    rows.iter().map(audit_event_from_row).collect()
+}
+
+/// The last id numbered (and so committed: the writer is the only one).
+pub(super) async fn head(reader: &SqlitePool) -> Result<i64, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT last_id FROM audit_sequence WHERE only_row = 1")
+            .fetch_one(reader)
+            .await?,
+    )
+}
+
+/// Deletes up to `batch` of the oldest events written before `before`.
+pub(super) async fn prune(
+    writer: &SqlitePool,
+    before: Timestamp,
+    batch: u32,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query(PRUNE_AUDIT_SQL)
+        .bind(before.unix_millis())
+        .bind(i64::from(batch))
+        .execute(writer)
+        .await?;
+    Ok(done.rows_affected())
+}
