@@ -482,9 +482,9 @@ fn list_audit_events() {}
 
 #[utoipa::path(get, path = "/api/v1/events", tag = "observability",
     params(
-        ("machineId" = Option<String>, Query, description = "Only this machine's events (also `machine_id`)"),
-        ("cursor" = Option<String>, Query, description = "Start right after this event id; without one, at the end of the log"),
-        ("Last-Event-ID" = Option<String>, Header, description = "As `cursor`, and wins over it (what EventSource sends when it reconnects)")),
+        ("machineId" = Option<String>, Query, description = "Only this machine's events (also `machine_id`)", pattern = "^mach_[a-z2-7]{26}$"),
+        ("cursor" = Option<String>, Query, description = "Start right after this event id; without one, at the end of the log", pattern = "^[0-9]{1,18}$"),
+        ("Last-Event-ID" = Option<String>, Header, description = "As `cursor`, and wins over it (what EventSource sends when it reconnects)", pattern = "^[0-9]{1,18}$")),
     security(("apiKey" = [])),
     responses(
         (status = 200, description = "Server-Sent Events: `id` the event id, `event` its type, `data` an AuditEvent; `: keep-alive` comments every 15 s; a final `too_slow` (or `unavailable`) event with the `cursor` to resume from", content_type = "text/event-stream", body = String),
