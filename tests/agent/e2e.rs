@@ -50,6 +50,18 @@ impl Machine {
         start(config)
     }
 
+    /// Starts an agent and waits until its record is active: the agent and
+    /// its machine id.
+    async fn start_active(&self, url: &str, drop_in: &str) -> (Running, String) {
+        let mut agent = self.start(url, drop_in);
+        let id = agent
+            .wait_state(AgentState::Active, WAIT)
+            .await
+            .machine_id
+            .unwrap();
+        (agent, id)
+    }
+
     fn machine_id(&self) -> Option<String> {
         stored_machine_id(&self.dir.path().join("state"))
     }
@@ -141,12 +153,7 @@ async fn changed_machine_fields_are_pushed_at_start() {
     let orch = Orchestrator::start(|_| {}).await;
     let robot = Machine::new();
     orch.set_controllers(ID, &[robot.address()]);
-    let mut agent = robot.start(&orch.url(), "");
-    let id = agent
-        .wait_state(AgentState::Active, WAIT)
-        .await
-        .machine_id
-        .unwrap();
+    let (agent, id) = robot.start_active(&orch.url(), "").await;
     agent.stop(STOP).await;
 
     let state = robot.dir.path().join("state");
@@ -174,12 +181,7 @@ async fn a_lost_or_corrupt_state_file_finds_the_record_again() {
     let orch = Orchestrator::start(|_| {}).await;
     let robot = Machine::new();
     orch.set_controllers(ID, &[robot.address()]);
-    let mut agent = robot.start(&orch.url(), "");
-    let id = agent
-        .wait_state(AgentState::Active, WAIT)
-        .await
-        .machine_id
-        .unwrap();
+    let (agent, id) = robot.start_active(&orch.url(), "").await;
     let first_proof = orch.machine(&id).await.1["item"]["identityProof"]["challengeId"].clone();
     agent.stop(STOP).await;
 
@@ -286,12 +288,7 @@ async fn expiry_during_downtime_is_repaired_at_start() {
     let orch = Orchestrator::start(|c| c.proof_max_age = Some(lifetime)).await;
     let robot = Machine::new();
     orch.set_controllers(ID, &[robot.address()]);
-    let mut agent = robot.start(&orch.url(), "");
-    let id = agent
-        .wait_state(AgentState::Active, WAIT)
-        .await
-        .machine_id
-        .unwrap();
+    let (agent, id) = robot.start_active(&orch.url(), "").await;
     agent.stop(STOP).await;
     // The proof lapses while the agent is down.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -315,12 +312,7 @@ async fn a_removed_controller_is_reported_and_recovers_when_restored() {
     let robot = Machine::new();
     let other = SecretKey::generate().unwrap().address();
     orch.set_controllers(ID, &[robot.address()]);
-    let mut agent = robot.start(&orch.url(), "");
-    let id = agent
-        .wait_state(AgentState::Active, WAIT)
-        .await
-        .machine_id
-        .unwrap();
+    let (mut agent, id) = robot.start_active(&orch.url(), "").await;
 
     orch.set_controllers(ID, &[other]);
     let lost = agent.wait_state(AgentState::NotController, WAIT).await;
@@ -350,12 +342,7 @@ async fn an_orchestrator_outage_is_waited_out() {
     let mut orch = Orchestrator::start(|_| {}).await;
     let robot = Machine::new();
     orch.set_controllers(ID, &[robot.address()]);
-    let mut agent = robot.start(&orch.url(), "");
-    let id = agent
-        .wait_state(AgentState::Active, WAIT)
-        .await
-        .machine_id
-        .unwrap();
+    let (mut agent, id) = robot.start_active(&orch.url(), "").await;
 
     orch.stop().await;
     let down = agent.wait_state(AgentState::Backoff, WAIT).await;
@@ -393,15 +380,10 @@ async fn a_returning_orchestrator_is_noticed_by_a_probe_not_after_the_backoff() 
     let mut orch = Orchestrator::start(|_| {}).await;
     let robot = Machine::new();
     orch.set_controllers(ID, &[robot.address()]);
-    let mut agent = robot.start(
+    let (mut agent, id) = robot.start_active(
         &orch.url(),
         "[renewal]\nbackoff_initial = \"10m\"\nbackoff_max = \"1h\"\nprobe_interval = \"200ms\"\n",
-    );
-    let id = agent
-        .wait_state(AgentState::Active, WAIT)
-        .await
-        .machine_id
-        .unwrap();
+    ).await;
     orch.stop().await;
     let down = agent.wait_state(AgentState::Backoff, WAIT).await;
     let failed = down.last_error.unwrap();
@@ -532,12 +514,7 @@ async fn an_operator_block_is_respected() {
     orch.set_controllers(ID, &[robot.address()]);
     // The link counts the agent's requests.
     let link = SlowLink::start(&orch.url(), Duration::ZERO).await;
-    let mut agent = robot.start(&link.url(), "");
-    let id = agent
-        .wait_state(AgentState::Active, WAIT)
-        .await
-        .machine_id
-        .unwrap();
+    let (mut agent, id) = robot.start_active(&link.url(), "").await;
     assert_eq!(
         orch.patch(&id, serde_json::json!({"status": "blocked"}))
             .await,
@@ -578,12 +555,7 @@ async fn a_compromised_key_is_blocked_rotated_and_unblocked() {
     let orch = Orchestrator::start(|_| {}).await;
     let mut robot = Machine::new();
     orch.set_controllers(ID, &[robot.address()]);
-    let mut agent = robot.start(&orch.url(), "");
-    let id = agent
-        .wait_state(AgentState::Active, WAIT)
-        .await
-        .machine_id
-        .unwrap();
+    let (mut agent, id) = robot.start_active(&orch.url(), "").await;
 
     orch.set_controllers(ID, &[]);
     assert_eq!(
