@@ -58,21 +58,25 @@ fn a_retained_oversized_query_costs_a_3_1_1_agent_one_reconnection_and_status_st
     let cfg = config(&broker, Protocol::V311);
     let agent = Agent::start(&cfg, "r1", Answer::Ok);
     agent.update(|s| s.state = AgentState::Active);
+    // Asks `times` status queries; each must be answered `active`.
+    let answers_active = |times: usize| {
+        for _ in 0..times {
+            let answer = rt
+                .block_on(mqtt::query_status(&cfg, "r1", WAIT))
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{}\nbroker log:\n{}",
+                        crate::support::error_chain(&e),
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    )
+                });
+            assert_eq!(answer["state"], "active");
+        }
+    };
     // The retained poison is gone (the agent cleared it before subscribing
     // again), and the agent answers, several times over.
     wait_retained(&broker, &tools, "peaqos/r1/availability", |p| p == "online");
-    for _ in 0..5 {
-        let answer = rt
-            .block_on(mqtt::query_status(&cfg, "r1", WAIT))
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{}\nbroker log:\n{}",
-                    crate::support::error_chain(&e),
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            });
-        assert_eq!(answer["state"], "active");
-    }
+    answers_active(5);
     let seen = connections(&log, "peaqos-agent-r1");
     assert!(
         (1..=2).contains(&seen),
@@ -105,18 +109,7 @@ fn a_retained_oversized_query_costs_a_3_1_1_agent_one_reconnection_and_status_st
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     wait_retained(&broker, &tools, "peaqos/r1/availability", |p| p == "online");
-    for _ in 0..3 {
-        let answer = rt
-            .block_on(mqtt::query_status(&cfg, "r1", WAIT))
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{}\nbroker log:\n{}",
-                    crate::support::error_chain(&e),
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            });
-        assert_eq!(answer["state"], "active");
-    }
+    answers_active(3);
     let again = connections(&log, "peaqos-agent-r1");
     assert!(
         again <= seen + 1,
