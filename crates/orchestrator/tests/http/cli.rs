@@ -10,7 +10,7 @@ use std::process::Stdio;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::support::{TIMEOUT, key, registry_toml};
+use crate::support::{TIMEOUT, key, registry_toml, run_python_peer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_peaqos-orchestrator");
 const PLATFORM_KEY: &str = "cli-test-key-0123456789abcdef";
@@ -31,7 +31,8 @@ impl Run {
 }
 
 async fn peaqos(python: &Path, home: &Path, base: &str, args: &[&str]) -> Run {
-    let child = tokio::process::Command::new(python)
+    let mut command = tokio::process::Command::new(python);
+    command
         // The console script `peaqos` is this function; calling it through
         // the interpreter works wherever the package is installed.
         .args([
@@ -44,24 +45,13 @@ async fn peaqos(python: &Path, home: &Path, base: &str, args: &[&str]) -> Run {
         .env("HOME", home)
         // The CLI reads a .env from its working directory.
         .current_dir(home)
-        .env("DO_NOT_TRACK", "1")
-        .env("PEAQOS_TELEMETRY", "0")
         .env("PEAQOS_ORCHESTRATION_URL", base)
         .env("PEAQOS_ORCH_API_KEY", PLATFORM_KEY)
         // Not the controller: any key satisfies the CLI's start-up.
         .env("PEAQOS_PRIVATE_KEY", &key(3).private_key)
         // Never contacted by these commands.
-        .env("PEAQOS_RPC_URL", "http://127.0.0.1:9")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let out = tokio::time::timeout(TIMEOUT * 3, child.wait_with_output())
-        .await
-        .expect("peaqos finishes")
-        .unwrap();
+        .env("PEAQOS_RPC_URL", "http://127.0.0.1:9");
+    let out = run_python_peer(command, "peaqos").await;
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -2,12 +2,10 @@
 //! server: it validates every response itself, so a passing run means its
 //! wire expectations hold.
 
-use std::process::Stdio;
-
 use serde_json::Value;
 
 use crate::pg::PgSchema;
-use crate::support::{TIMEOUT, TestServer, keys, registry_toml};
+use crate::support::{TestServer, keys, registry_toml, run_python_peer};
 
 async fn run_sdk_flow(
     s: &TestServer,
@@ -16,7 +14,8 @@ async fn run_sdk_flow(
     api_key: &str,
 ) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/http/sdk_flow.py");
-    let child = tokio::process::Command::new(python)
+    let mut command = tokio::process::Command::new(python);
+    command
         .args([
             script,
             &s.base,
@@ -24,20 +23,8 @@ async fn run_sdk_flow(
             api_key,
             "peaqos:machine:21",
         ])
-        // The SDK sends usage analytics unless told not to; tests stay on
-        // loopback.
-        .env("DO_NOT_TRACK", "1")
-        .env("PEAQOS_TELEMETRY", "0")
-        .env("HOME", s.dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let out = tokio::time::timeout(TIMEOUT * 3, child.wait_with_output())
-        .await
-        .expect("SDK flow finishes")
-        .unwrap();
+        .env("HOME", s.dir.path());
+    let out = run_python_peer(command, "the SDK flow").await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "SDK flow failed:\n{stderr}");
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"))

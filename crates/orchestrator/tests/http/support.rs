@@ -393,3 +393,24 @@ pub(crate) async fn expect_item<T: serde::de::DeserializeOwned>(
         .unwrap_or_else(|e| panic!("not an item envelope ({e}): {text}"))
         .item
 }
+
+/// Runs a Python peer (the SDK, the CLI) to its end, bounded in time. It
+/// sends usage analytics unless told not to; tests stay on loopback.
+pub(crate) async fn run_python_peer(
+    mut command: tokio::process::Command,
+    what: &str,
+) -> std::process::Output {
+    let child = command
+        .env("DO_NOT_TRACK", "1")
+        .env("PEAQOS_TELEMETRY", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    tokio::time::timeout(TIMEOUT * 3, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish in time"))
+        .unwrap()
+}
