@@ -114,7 +114,10 @@ async fn first_start_registers_and_restarts_keep_the_same_record() {
 /// A `log::Log` that keeps each entry's structured fields, as
 /// `systemd-journal-logger` would send them as journal fields.
 #[derive(Clone, Default)]
-struct JournalFields(std::sync::Arc<std::sync::Mutex<Vec<Vec<(String, String)>>>>);
+struct JournalFields(std::sync::Arc<std::sync::Mutex<Vec<Entry>>>);
+
+/// One journal entry's fields.
+type Entry = Vec<(String, String)>;
 
 impl log::Log for JournalFields {
     fn enabled(&self, _: &log::Metadata<'_>) -> bool {
