@@ -10,7 +10,7 @@ use peaqos_protocol::{Address, Challenge, Timestamp};
 
 use crate::client::Client;
 use crate::clock::ServerClock;
-use crate::config::Config;
+use crate::config::{Config, IdentityConfig, machines};
 use crate::registration::challenge::{self, ChallengeRefusal, Expected};
 use crate::state;
 
@@ -98,7 +98,17 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
         }
     };
 
-    for (configured, path) in &config.credentials_outside_systemd {
+    credential_lines(&mut r, &config.credentials_outside_systemd);
+    if let Some(identity) = &config.identity {
+        check_machine(&mut r, &config, identity, &config.state.dir).await;
+    }
+    check_machine_files(&mut r, &config).await;
+    check_mqtt(&mut r, &config).await;
+    r.lines
+}
+
+fn credential_lines(r: &mut Report, credentials: &[(String, std::path::PathBuf)]) {
+    for (configured, path) in credentials {
         // Not under systemd: the unit's LoadCredential= source stands in.
         r.push(
             Outcome::Ok,
@@ -109,11 +119,53 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
             ),
         );
     }
-    let key = key::check_key(&mut r, &config);
-    check_state_dir(&mut r, &config.state.dir);
-    check_orchestrator(&mut r, &config, key).await;
-    check_mqtt(&mut r, &config).await;
-    r.lines
+}
+
+/// One machine's lines: its key, state directory, and what the
+/// orchestrator says about its identity and our key.
+async fn check_machine(r: &mut Report, config: &Config, identity: &IdentityConfig, state: &Path) {
+    let key = key::check_key(r, identity);
+    check_state_dir(r, state);
+    check_orchestrator(r, config, identity, key).await;
+}
+
+/// Every file of the machines directory, each line of a machine named
+/// with its machine and the problems with its file.
+async fn check_machine_files(r: &mut Report, config: &Config) {
+    let entries = match machines::read_all(config) {
+        Ok(entries) => entries,
+        Err(e) => {
+            r.push(Outcome::Fail, "machines", error_chain(&e));
+            return;
+        }
+    };
+    if entries.is_empty() {
+        return;
+    }
+    r.push(
+        Outcome::Ok,
+        "machines",
+        format!(
+            "{}: {} machine file{}",
+            config.machines_dir.display(),
+            entries.len(),
+            if entries.len() == 1 { "" } else { "s" }
+        ),
+    );
+    for entry in entries {
+        let from = r.lines.len();
+        match &entry.spec {
+            Err(e) => r.push(Outcome::Fail, "machine", error_chain(e)),
+            Ok(spec) => {
+                r.push(Outcome::Ok, "machine", entry.path.display().to_string());
+                credential_lines(r, &spec.credentials_outside_systemd);
+                check_machine(r, config, &spec.identity, &spec.state_dir).await;
+            }
+        }
+        for line in &mut r.lines[from..] {
+            line.detail = format!("[{}] {}", entry.name, line.detail);
+        }
+    }
 }
 
 /// Whether no line failed.
@@ -147,7 +199,12 @@ fn check_state_dir(r: &mut Report, dir: &Path) {
     }
 }
 
-async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<Address>) {
+async fn check_orchestrator(
+    r: &mut Report,
+    config: &Config,
+    identity: &IdentityConfig,
+    key: Option<Address>,
+) {
     let policy = config.orchestrator.effective_policy();
     let client = match Client::new(&config.orchestrator) {
         Ok(c) => c,
@@ -165,7 +222,8 @@ async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<Address
     // The contract promises the API, not a health endpoint: reachability is
     // the challenge request itself (which registers nothing and is what the
     // agent needs anyway); health, when served, is extra information.
-    let identity = &config.identity.identity_ref;
+    let identity_config = identity;
+    let identity = &identity.identity_ref;
     let started = Instant::now();
     let response = match client.create_challenge(identity).await {
         Ok(c) => c,
@@ -213,7 +271,15 @@ async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<Address
         ),
     );
     let server_now = clock.server_now();
-    check_challenge(r, config, key, &challenge, server_now, client.base());
+    check_challenge(
+        r,
+        config,
+        identity_config,
+        key,
+        &challenge,
+        server_now,
+        client.base(),
+    );
 }
 
 /// Whether our key is a controller, and whether the policy in effect would
@@ -221,13 +287,14 @@ async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<Address
 fn check_challenge(
     r: &mut Report,
     config: &Config,
+    identity: &IdentityConfig,
     key: Option<Address>,
     challenge: &Challenge,
     server_now: Option<Timestamp>,
     base: &str,
 ) {
     let policy = config.orchestrator.effective_policy();
-    let identity = &config.identity.identity_ref;
+    let identity = &identity.identity_ref;
     let controllers = list(&challenge.controller_addresses);
     let Some(key) = key else {
         r.push(

@@ -39,6 +39,10 @@ pub enum AgentState {
     /// backoff, or every `slow_retry` when an operator must act. The agent
     /// never signs with another key meanwhile.
     KeyUnavailable,
+    /// A gateway's machine file cannot be used (lastError `CONFIG` names
+    /// the file and the problem): the machine has no loop until the file
+    /// is fixed and the agent reloaded; the others carry on.
+    ConfigError,
     /// An operator blocked the record; reported, not fought.
     Blocked,
     /// An operator archived the record; reported, not fought.
@@ -59,6 +63,7 @@ impl AgentState {
             Self::NotController => "not_controller",
             Self::ChallengeRefused => "challenge_refused",
             Self::KeyUnavailable => "key_unavailable",
+            Self::ConfigError => "config_error",
             Self::Blocked => "blocked",
             Self::Archived => "archived",
             Self::Stopping => "stopping",
@@ -186,10 +191,66 @@ pub fn status_line(s: &StatusSnapshot) -> String {
         AgentState::Backoff
         | AgentState::NotController
         | AgentState::ChallengeRefused
-        | AgentState::KeyUnavailable,
+        | AgentState::KeyUnavailable
+        | AgentState::ConfigError,
     ) = (&s.last_error, s.state)
     {
         let _ = write!(line, " ({})", e.code);
+    }
+    line
+}
+
+/// How many machine names a [`summary_line`] lists per state.
+const SUMMARY_NAMES: usize = 3;
+
+/// The one-line summary of a gateway's machines for systemd's `STATUS=`,
+/// e.g. `40 machines: 39 active, 1 not_controller (dock-7)`: a count per
+/// state, `active` first, and the names of those that need a look.
+pub fn summary_line<'a>(
+    machines: impl IntoIterator<Item = (&'a str, &'a StatusSnapshot)>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut by_state: Vec<(AgentState, Vec<&str>)> = Vec::new();
+    let mut total = 0;
+    for (name, status) in machines {
+        total += 1;
+        match by_state
+            .iter_mut()
+            .find(|(state, _)| *state == status.state)
+        {
+            Some((_, names)) => names.push(name),
+            None => by_state.push((status.state, vec![name])),
+        }
+    }
+    // `active` first, then the others in the order of the enum.
+    by_state.sort_by_key(|(state, _)| (*state != AgentState::Active, *state as u8));
+    let mut line = format!("{total} machine{}", if total == 1 { "" } else { "s" });
+    for (i, (state, names)) in by_state.iter().enumerate() {
+        let _ = write!(
+            line,
+            "{}{} {state}",
+            if i == 0 { ": " } else { ", " },
+            names.len()
+        );
+        let needs_a_look = matches!(
+            state,
+            AgentState::Backoff
+                | AgentState::NotController
+                | AgentState::ChallengeRefused
+                | AgentState::KeyUnavailable
+                | AgentState::ConfigError
+                | AgentState::Blocked
+                | AgentState::Archived
+        );
+        if needs_a_look {
+            let shown: Vec<&str> = names.iter().take(SUMMARY_NAMES).copied().collect();
+            let more = names.len().saturating_sub(SUMMARY_NAMES);
+            let _ = write!(line, " ({}", shown.join(", "));
+            if more > 0 {
+                let _ = write!(line, ", +{more} more");
+            }
+            line.push(')');
+        }
     }
     line
 }
@@ -388,8 +449,8 @@ mod tests {
     #[test]
     fn the_readme_documents_every_state() {
         use AgentState::{
-            Activating, Active, Archived, Backoff, Blocked, ChallengeRefused, KeyUnavailable,
-            NotController, Registering, Renewing, Starting, Stopping,
+            Activating, Active, Archived, Backoff, Blocked, ChallengeRefused, ConfigError,
+            KeyUnavailable, NotController, Registering, Renewing, Starting, Stopping,
         };
         let all = [
             Starting,
@@ -401,6 +462,7 @@ mod tests {
             NotController,
             ChallengeRefused,
             KeyUnavailable,
+            ConfigError,
             Blocked,
             Archived,
             Stopping,
@@ -408,7 +470,7 @@ mod tests {
         // No wildcard: a new state does not compile until it is listed above.
         match all[0] {
             Starting | Registering | Activating | Active | Renewing | Backoff | NotController
-            | ChallengeRefused | KeyUnavailable | Blocked | Archived | Stopping => {}
+            | ChallengeRefused | KeyUnavailable | ConfigError | Blocked | Archived | Stopping => {}
         }
         let table = doc_section(AGENT_DOC, "The registration loop");
         for state in all {
@@ -417,6 +479,34 @@ mod tests {
                 "docs/agent.md's registration loop table lacks state `{state}`"
             );
         }
+    }
+
+    #[test]
+    fn the_summary_counts_states_active_first_and_names_the_troubled() {
+        let status = |state| {
+            let mut s = StatusSnapshot::new("did:peaq:1".into(), "0xAb".into(), "b".into());
+            s.state = state;
+            s
+        };
+        let mut all = vec![("dock-7".to_owned(), status(AgentState::NotController))];
+        for i in 0..39 {
+            all.push((format!("m{i}"), status(AgentState::Active)));
+        }
+        let line = summary_line(all.iter().map(|(n, s)| (n.as_str(), s)));
+        assert_eq!(line, "40 machines: 39 active, 1 not_controller (dock-7)");
+        let mut few = vec![("a".to_owned(), status(AgentState::Backoff))];
+        for name in ["b", "c", "d", "e"] {
+            few.push((name.to_owned(), status(AgentState::ConfigError)));
+        }
+        few.push(("f".to_owned(), status(AgentState::Registering)));
+        let line = summary_line(few.iter().map(|(n, s)| (n.as_str(), s)));
+        assert_eq!(
+            line,
+            "6 machines: 1 registering, 1 backoff (a), 4 config_error (b, c, d, +1 more)"
+        );
+        let one = status(AgentState::Active);
+        assert_eq!(summary_line([("x", &one)]), "1 machine: 1 active");
+        assert_eq!(summary_line(std::iter::empty()), "0 machines");
     }
 
     #[test]

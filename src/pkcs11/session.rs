@@ -2,6 +2,10 @@
 //! loading the module at run time (no link-time dependency), finding the
 //! token and the key pair named by the URI, and reading the public key.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
@@ -19,14 +23,101 @@ use crate::secrets;
 pub const SECP256K1_PARAMS: [u8; 7] = [0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a];
 
 /// A loaded module with one session on the key's token. Dropping it closes
-/// the session and finalises the module, so that a later one starts afresh
-/// (which is how a restarted or re-plugged token is found again).
+/// the session and, when it was the module's last user in this process,
+/// finalises the module, so that a later one starts afresh (which is how a
+/// restarted or re-plugged token is found again).
 pub(crate) struct Connection {
     session: Option<Session>,
+    module: ModuleRef,
+    pub(crate) slot: Slot,
+}
+
+/// The modules this process has loaded and initialised, by path, with how
+/// many connections use each: a gateway's many keys on one token share one
+/// module load and one `C_Initialize` (and so one login: the token's login
+/// state belongs to the application, not to a session). `C_Finalize`, which
+/// ends every session of the module, runs only when the last connection
+/// goes. Loading and finalising happen under this lock, so that a new
+/// connection never initialises a module that is being finalised.
+static MODULES: Mutex<BTreeMap<PathBuf, LoadedModule>> = Mutex::new(BTreeMap::new());
+
+struct LoadedModule {
     context: Pkcs11,
     /// Whether `C_Initialize` was ours to undo.
     initialized: bool,
-    pub(crate) slot: Slot,
+    users: usize,
+}
+
+/// One connection's use of a loaded module.
+struct ModuleRef {
+    path: PathBuf,
+    context: Pkcs11,
+}
+
+fn modules() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, LoadedModule>> {
+    // The map is changed by whole inserts and removes only.
+    MODULES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ModuleRef {
+    /// The module at `path`, loaded and initialised by its first user.
+    fn get(path: &Path) -> Result<Self, TokenError> {
+        let mut loaded = modules();
+        if let Some(module) = loaded.get_mut(path) {
+            module.users += 1;
+            return Ok(Self {
+                path: path.to_owned(),
+                context: module.context.clone(),
+            });
+        }
+        let context = Pkcs11::new(path).map_err(|source| TokenError::Module {
+            path: path.to_owned(),
+            source,
+        })?;
+        let initialized =
+            match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+                Ok(()) => true,
+                // Another user of the module in this process (not through
+                // this map) initialised it.
+                Err(e) if rv(&e) == Some(RvError::CryptokiAlreadyInitialized) => false,
+                Err(source) => {
+                    return Err(TokenError::Initialize {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+            };
+        loaded.insert(
+            path.to_owned(),
+            LoadedModule {
+                context: context.clone(),
+                initialized,
+                users: 1,
+            },
+        );
+        Ok(Self {
+            path: path.to_owned(),
+            context,
+        })
+    }
+}
+
+impl Drop for ModuleRef {
+    fn drop(&mut self) {
+        let mut loaded = modules();
+        let Some(module) = loaded.get_mut(&self.path) else {
+            return;
+        };
+        module.users -= 1;
+        if module.users == 0
+            && let Some(module) = loaded.remove(&self.path)
+            && module.initialized
+        {
+            let _ = module.context.finalize();
+        }
+    }
 }
 
 impl std::fmt::Debug for Connection {
@@ -39,10 +130,9 @@ impl std::fmt::Debug for Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        // The session first; the module (finalised if this was its last
+        // user) when the fields drop.
         drop(self.session.take());
-        if self.initialized {
-            let _ = self.context.clone().finalize();
-        }
     }
 }
 
@@ -74,33 +164,16 @@ impl Connection {
         pin: &Zeroizing<String>,
         read_write: bool,
     ) -> Result<Self, TokenError> {
-        let context = Pkcs11::new(&uri.module_path).map_err(|source| TokenError::Module {
-            path: uri.module_path.clone(),
-            source,
-        })?;
-        let initialized =
-            match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-                Ok(()) => true,
-                // Another user of the module in this process initialised it.
-                Err(e) if rv(&e) == Some(RvError::CryptokiAlreadyInitialized) => false,
-                Err(source) => {
-                    return Err(TokenError::Initialize {
-                        path: uri.module_path.clone(),
-                        source,
-                    });
-                }
-            };
         let mut me = Self {
             session: None,
-            context,
-            initialized,
+            module: ModuleRef::get(&uri.module_path)?,
             slot: Slot::try_from(0u64).map_err(device("name a slot"))?,
         };
-        me.slot = find_slot(&me.context, uri)?;
+        me.slot = find_slot(&me.module.context, uri)?;
         let session = if read_write {
-            me.context.open_rw_session(me.slot)
+            me.module.context.open_rw_session(me.slot)
         } else {
-            me.context.open_ro_session(me.slot)
+            me.module.context.open_ro_session(me.slot)
         }
         .map_err(device("open a session"))?;
         let auth = AuthPin::from(pin.as_str());
@@ -122,7 +195,8 @@ impl Connection {
     }
 
     pub(crate) fn token_info(&self) -> Result<cryptoki::slot::TokenInfo, TokenError> {
-        self.context
+        self.module
+            .context
             .get_token_info(self.slot)
             .map_err(device("report its token information"))
     }

@@ -168,6 +168,7 @@ impl Registrar {
             None => self.find_own_record().await?,
         };
         tracing::info!(machine_id = %id, "identity already has a record; taking it back");
+        super::note_machine_id(&id);
         self.state.machine_id = Some(id.clone());
         self.state.proof = None;
         self.save()?;
@@ -412,7 +413,11 @@ impl Registrar {
         if proof_changed {
             self.renew_jitter = backoff::random_fraction();
         }
-        let changed = self.state.machine_id.as_deref() != Some(m.id.as_str()) || proof_changed;
+        let new_id = self.state.machine_id.as_deref() != Some(m.id.as_str());
+        if new_id {
+            super::note_machine_id(&m.id);
+        }
+        let changed = new_id || proof_changed;
         self.state.machine_id = Some(m.id.clone());
         if let Some(p) = proof {
             self.state.proof = Some(p);

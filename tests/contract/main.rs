@@ -5,7 +5,8 @@
 //! through the loop a fleet lives through (`scenarios.rs`): registration,
 //! degradation, proof expiry without `expiresAt`, a lost record, a lost
 //! state file, an outage, a removed and restored controller; and over TLS
-//! with a private CA and client certificates (`tls.rs`).
+//! with a private CA and client certificates (`tls.rs`); and a gateway of
+//! many machines, reloaded file by file (`gateway.rs`).
 //!
 //! The agent is watched the way an operator watches it: its log lines on
 //! stderr, its state file, and what the server holds. Every wait is
@@ -13,6 +14,7 @@
 
 mod agent;
 mod double;
+mod gateway;
 mod scenarios;
 #[cfg(feature = "tls")]
 mod tls;
