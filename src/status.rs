@@ -327,6 +327,76 @@ pub fn render_human(value: &serde_json::Value) -> String {
     out
 }
 
+/// `peaqos-agent status` on a gateway: one line per machine (name, state,
+/// machine id, online, last error), after the gateway's own line.
+pub fn render_machines(view: &crate::mqtt::GatewayView) -> String {
+    use std::fmt::Write as _;
+    let field = |status: Option<&serde_json::Value>, key: &str| {
+        status
+            .and_then(|s| s.get(key))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let mut rows = vec![[
+        "NAME".to_owned(),
+        "STATE".to_owned(),
+        "MACHINE ID".to_owned(),
+        "ONLINE".to_owned(),
+        "LAST ERROR".to_owned(),
+    ]];
+    for m in &view.machines {
+        let status = m.status.as_ref();
+        let error = status
+            .and_then(|s| s.get("lastError"))
+            .and_then(|e| e.get("code"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("-");
+        rows.push([
+            m.name.clone(),
+            if status.is_some() {
+                field(status, "state")
+            } else {
+                "unknown (no retained status)".to_owned()
+            },
+            field(status, "machineId"),
+            if m.online(view) { "yes" } else { "no" }.to_owned(),
+            error.to_owned(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = format!(
+        "gateway {}: {}, {} machines\n",
+        view.name,
+        view.availability.as_deref().unwrap_or("unknown"),
+        view.machines.len()
+    );
+    for row in rows {
+        let mut line = String::new();
+        for (cell, width) in row.iter().zip(&widths) {
+            let _ = write!(line, "{cell:<width$}  ");
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
+/// `peaqos-agent status --json` on a gateway.
+pub fn machines_json(view: &crate::mqtt::GatewayView) -> serde_json::Value {
+    serde_json::json!({
+        "gateway": {"name": view.name, "availability": view.availability},
+        "machines": view.machines.iter().map(|m| serde_json::json!({
+            "name": m.name,
+            "topicPrefix": m.prefix,
+            "availability": m.availability,
+            "online": m.online(view),
+            "status": m.status,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,5 +530,54 @@ mod tests {
         assert!(text.contains("clock skew      -42 ms"), "{text}");
         assert!(text.contains("fromTheFuture   1\n"), "{text}");
         assert!(!text.contains("schema"), "{text}");
+    }
+
+    #[test]
+    fn a_gateway_lists_each_machine_offline_when_the_gateway_is() {
+        use crate::mqtt::{GatewayView, MachineView};
+        let machine = |name: &str, state: Option<&str>| MachineView {
+            name: name.to_owned(),
+            prefix: format!("peaqos/{name}"),
+            availability: Some("online".to_owned()),
+            status: state.map(|s| {
+                serde_json::json!({"state": s, "machineId": format!("mach_{name}"),
+                    "lastError": if s == "active" { serde_json::Value::Null }
+                                 else { serde_json::json!({"code": "NOT_CONTROLLER"}) }})
+            }),
+        };
+        let mut view = GatewayView {
+            name: "gw".to_owned(),
+            availability: Some("online".to_owned()),
+            machines: vec![
+                machine("dock-1", Some("active")),
+                machine("dock-7", Some("not_controller")),
+                machine("gone", None),
+            ],
+        };
+        let text = render_machines(&view);
+        assert!(
+            text.starts_with("gateway gw: online, 3 machines\n"),
+            "{text}"
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[2].starts_with("dock-1") && lines[2].contains("mach_dock-1"));
+        assert!(lines[2].contains("yes"), "{text}");
+        assert!(lines[3].ends_with("NOT_CONTROLLER"), "{text}");
+        assert!(lines[4].contains("unknown (no retained status)"), "{text}");
+        view.availability = Some("offline".to_owned());
+        let json = machines_json(&view);
+        assert!(
+            json["machines"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["online"] == false)
+        );
+        assert!(
+            !render_machines(&view)
+                .lines()
+                .skip(2)
+                .any(|l| l.contains("yes"))
+        );
     }
 }
