@@ -171,7 +171,7 @@ fn address(
     let config = Config::load(&path)
         .with_context(|| format!("invalid configuration {}", path.display()))
         .map_err(fail(EX_CONFIG, false))?;
-    let signer = Signer::open(&config.identity).map_err(open_failed)?;
+    let signer = Signer::open(&config.identity, Some(&config.state.dir)).map_err(open_failed)?;
     println!("{}", signer.address().checksummed());
     Ok(ExitCode::SUCCESS)
 }
@@ -226,7 +226,7 @@ fn keygen_token(uri: &str, pin_file: Option<&Path>) -> Result<ExitCode, Failure>
 #[cfg(feature = "pkcs11")]
 fn address_token(uri: &str, pin_file: Option<&Path>) -> Result<ExitCode, Failure> {
     let (uri, pin) = token_args(uri, pin_file)?;
-    let key = peaqos_agent::pkcs11::TokenKey::open(uri, pin).map_err(|e| {
+    let key = peaqos_agent::pkcs11::TokenKey::open(uri, pin, None).map_err(|e| {
         let code = if e.is_transient() {
             EX_UNAVAILABLE
         } else {

@@ -73,7 +73,7 @@ impl Agent {
                  used as a fallback)"
             );
         }
-        let key = Signer::open(&config.identity).map_err(RunError::Key)?;
+        let key = Signer::open(&config.identity, Some(&config.state.dir)).map_err(RunError::Key)?;
         Self::with_key(config, key)
     }
 
@@ -86,6 +86,9 @@ impl Agent {
             StatusSnapshot::new(identity.canonical(), key.address().checksummed(), boot_id());
         let (status_tx, status) = watch::channel(snapshot);
         let store = StateStore::new(&config.state.dir);
+        for stale in store.remove_stale_temps() {
+            tracing::info!(file = %stale.display(), "removed an unfinished state write");
+        }
         let loaded = store.load(&identity.canonical(), client.base());
         tracing::info!(
             identity = %identity,

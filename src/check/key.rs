@@ -47,7 +47,7 @@ fn check_token(r: &mut Report, config: &Config) -> Option<Address> {
     use crate::pkcs11;
     use crate::signer::Signer;
 
-    let signer = match Signer::open(&config.identity) {
+    let signer = match Signer::open(&config.identity, Some(&config.state.dir)) {
         Ok(s) => s,
         Err(e) => {
             r.push(Outcome::Fail, "key token", error_chain(&e));

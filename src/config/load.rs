@@ -168,6 +168,15 @@ impl Config {
         {
             replace(value);
         }
+        // A PKCS#11 URI's pin-source may name a credential too.
+        if let Some(source) = self
+            .identity
+            .key
+            .as_mut()
+            .and_then(|u| u.pin_source.as_mut())
+        {
+            replace(source);
+        }
         self.credentials_outside_systemd = found;
     }
 

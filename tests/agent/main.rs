@@ -9,3 +9,5 @@ mod e2e;
 mod faults;
 #[cfg(feature = "pkcs11")]
 mod pkcs11;
+#[cfg(feature = "pkcs11")]
+mod pkcs11_pin;
