@@ -87,6 +87,7 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
             r.push(Outcome::Fail, "config", error_chain(&e));
             for name in key::LINES.into_iter().chain([
                 "state dir",
+                "clock",
                 "orchestrator",
                 "controller",
                 "challenge",
@@ -111,6 +112,10 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
     }
     let key = key::check_key(&mut r, &config);
     check_state_dir(&mut r, &config.state.dir);
+    match crate::clock::check_line(&config.state.dir) {
+        Ok(line) => r.push(Outcome::Ok, "clock", line),
+        Err(line) => r.push(Outcome::Fail, "clock", line),
+    }
     check_orchestrator(&mut r, &config, key).await;
     check_mqtt(&mut r, &config).await;
     r.lines
@@ -197,7 +202,15 @@ async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<Address
     let challenge = response.value;
     let skew = clock.skew_ms().map_or_else(
         || ", no Date header".to_owned(),
-        |ms| format!(", clock skew {}", format_skew(ms)),
+        |ms| {
+            let off = ms.unsigned_abs() > crate::clock::CLOCK_SKEW_BOUND.as_secs() * 1000;
+            let flag = if off {
+                " (CLOCK: this machine's clock is off; fix NTP)"
+            } else {
+                ""
+            };
+            format!(", clock skew {}{flag}", format_skew(ms))
+        },
     );
     let health = match client.health().await {
         Ok(_) => "; health ok",
@@ -259,15 +272,13 @@ fn check_challenge(
             ),
         );
     }
-    let host = reqwest::Url::parse(base)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned))
-        .unwrap_or_default();
+    let host = challenge::authority(base);
     let expected = Expected {
         identity,
         ours: key,
         host: &host,
         server_now,
+        local_now: crate::clock::sane_now(),
     };
     let id = &challenge.challenge_id;
     match challenge::vet(policy.policy, challenge, &expected) {

@@ -12,6 +12,8 @@
 //! bounded; every scenario counts the challenges it cost.
 
 mod agent;
+#[cfg(feature = "tls")]
+mod clock;
 mod double;
 mod scenarios;
 #[cfg(feature = "tls")]
