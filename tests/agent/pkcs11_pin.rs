@@ -5,9 +5,11 @@
 //! actually saw.
 
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 
 use peaqos_testkit::{Service, SoftHsm, available_or_skip};
+
+use crate::pkcs11::{keygen, text};
 
 const BIN: &str = env!("CARGO_BIN_EXE_peaqos-agent");
 
@@ -16,14 +18,6 @@ const SPY: [&str; 2] = [
     "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so",
     "/usr/lib/aarch64-linux-gnu/pkcs11/pkcs11-spy.so",
 ];
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// A configuration whose `[identity]` is `identity` (the key and its PIN).
 fn config(dir: &Path, identity: &str) -> PathBuf {
@@ -56,28 +50,13 @@ dir = "{}"
     path
 }
 
-fn keygen(hsm: &SoftHsm) -> String {
-    let uri = format!(
-        "{}&pin-source={}",
-        hsm.uri("controller"),
-        hsm.pin_file().display()
-    );
-    let out = hsm
-        .command(BIN)
-        .args(["keygen", "--pkcs11", &uri])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 #[test]
 fn every_spelling_of_the_pin_location_works_through_the_configuration() {
     let test = "every_spelling_of_the_pin_location_works_through_the_configuration";
     let Some(hsm) = SoftHsm::start(test, "robot") else {
         return;
     };
-    let address = keygen(&hsm);
+    let address = keygen(&hsm, "controller").checksummed();
     let dir = tempfile::tempdir().unwrap();
     let pin = hsm.pin_file().display().to_string();
     // A credential outside systemd: what the unit passes as it, here a
@@ -141,7 +120,7 @@ fn a_refused_pin_is_offered_once_across_restarts_until_its_file_changes() {
     ) else {
         return;
     };
-    let address = keygen(&hsm);
+    let address = keygen(&hsm, "controller").checksummed();
     let dir = tempfile::tempdir().unwrap();
     let wrong = dir.path().join("token.pin");
     std::fs::write(&wrong, "0000\n").unwrap();
