@@ -212,7 +212,10 @@ impl Client {
                     .map_err(ClientBuildError::Tls)?;
                 builder.tls_backend_preconfigured(tls)
             }
-            None => builder,
+            // The system's roots, checked at the clock's floor too.
+            None => builder.tls_backend_preconfigured(
+                crate::tls::system_roots_config().map_err(ClientBuildError::Tls)?,
+            ),
         };
         let http = builder.build().map_err(ClientBuildError::Http)?;
         Ok(Self {

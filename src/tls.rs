@@ -94,7 +94,7 @@ pub(crate) fn client_config(
 /// answers, and NTP may itself be behind the orchestrator it cannot reach.
 /// Everything else (chain, name, signatures) is webpki's, unchanged.
 #[derive(Debug)]
-struct FlooredVerifier(Arc<rustls::client::WebPkiServerVerifier>);
+struct FlooredVerifier(Arc<dyn rustls::client::danger::ServerCertVerifier>);
 
 impl rustls::client::danger::ServerCertVerifier for FlooredVerifier {
     fn verify_server_cert(
@@ -140,6 +140,21 @@ impl rustls::client::danger::ServerCertVerifier for FlooredVerifier {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.supported_verify_schemes()
     }
+}
+
+/// The client config for an `https://` orchestrator without `ca_file`: the
+/// system's roots through the verifier reqwest itself uses
+/// (rustls-platform-verifier), checked at the clock's floor as well.
+pub(crate) fn system_roots_config() -> Result<rustls::ClientConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let system =
+        rustls_platform_verifier::Verifier::new(provider.clone()).map_err(TlsError::Rustls)?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Rustls)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(FlooredVerifier(Arc::new(system))))
+        .with_no_client_auth())
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -33,12 +33,23 @@ struct Board {
     clock_file: PathBuf,
     config: PathBuf,
     library: PathBuf,
+    /// The private CA's PEM file.
+    ca_file: PathBuf,
+    /// The CA is the "system's" (SSL_CERT_FILE), not `ca_file`.
+    system_roots: bool,
 }
 
 impl Board {
     /// A device whose agent will read its time from `clock` (libfaketime's
     /// syntax), and an `https://` double it knows through `ca_file`.
     async fn new(test: &str, clock: &str) -> Option<Self> {
+        Self::trusting(test, clock, false).await
+    }
+
+    /// As [`Board::new`]; with `system_roots` the agent has no `ca_file`
+    /// and finds the CA among the system's roots (`SSL_CERT_FILE`, which
+    /// the platform verifier reads on Linux).
+    async fn trusting(test: &str, clock: &str, system_roots: bool) -> Option<Self> {
         let library = LIBFAKETIME.iter().map(PathBuf::from).find(|p| p.is_file());
         let library = available_or_skip(
             Service::Faketime,
@@ -57,11 +68,12 @@ impl Board {
         let device = Device::new(ID);
         double.set_controllers(ID, &[device.address()]);
         let ca_file = write(device.dir.path(), "orchestrator-ca.pem", &ca.pem());
-        let config = device.write_config(
-            &double.url(),
-            &format!("ca_file = \"{}\"", ca_file.display()),
-            "",
-        );
+        let trust = if system_roots {
+            String::new()
+        } else {
+            format!("ca_file = \"{}\"", ca_file.display())
+        };
+        let config = device.write_config(&double.url(), &trust, "");
         // slow_retry far away: a CLOCK failure must not wait for it.
         let written = std::fs::read_to_string(&config).unwrap();
         assert!(written.contains("slow_retry = \"1s\""));
@@ -78,13 +90,15 @@ impl Board {
             clock_file,
             config,
             library,
+            ca_file,
+            system_roots,
         })
     }
 
     /// The environment that gives a process this board's clock.
-    fn clock_env(&self) -> [(&'static str, &Path); 4] {
+    fn clock_env(&self) -> Vec<(&'static str, &Path)> {
         let one = Path::new("1");
-        [
+        let mut env: Vec<(&'static str, &Path)> = vec![
             ("LD_PRELOAD", &self.library),
             ("FAKETIME_TIMESTAMP_FILE", &self.clock_file),
             // Read the file at every call, so that rewriting it corrects
@@ -93,7 +107,11 @@ impl Board {
             // The monotonic clock (timers, backoff) stays true, as on a
             // board whose wall clock NTP has not set yet.
             ("FAKETIME_DONT_FAKE_MONOTONIC", one),
-        ]
+        ];
+        if self.system_roots {
+            env.push(("SSL_CERT_FILE", self.ca_file.as_path()));
+        }
+        env
     }
 
     fn start(&self) -> AgentProcess {
@@ -106,6 +124,7 @@ impl Board {
             .args(["check", "--config"])
             .arg(&self.config)
             .envs(self.clock_env())
+            .env_remove("SSL_CERT_DIR")
             .env_remove("RUST_LOG")
             .env_remove("CREDENTIALS_DIRECTORY")
             .output()
@@ -198,5 +217,17 @@ async fn a_board_two_years_ahead_shows_clock_and_is_active_soon_after_ntp() {
         "active {:?} after the clock was corrected",
         corrected.elapsed()
     );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_board_in_1970_trusting_the_systems_roots_is_active_too() {
+    let test = "a_board_in_1970_trusting_the_systems_roots_is_active_too";
+    let Some(board) = Board::trusting(test, "@1970-01-02 00:00:00\n", true).await else {
+        return;
+    };
+    let mut agent = board.start();
+    agent.wait_line(0, "state=active", AFTER_CORRECTION).await;
+    assert!(!agent.log().contains("not valid yet"), "{}", agent.log());
     agent.stop().await;
 }
