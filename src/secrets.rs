@@ -85,12 +85,48 @@ pub fn read(path: &Path) -> Result<Zeroizing<String>, SecretError> {
 ///
 /// The unit's lines are its effective ones, drop-ins included, as systemd
 /// reports them (`systemctl show -p LoadCredential`) when systemd runs and
-/// knows the unit; else the shipped unit's.
+/// knows the unit; else the shipped unit's followed by its drop-ins' (in
+/// [`DROP_IN_DIRS`], in file-name order, as systemd reads them: a sandbox
+/// or a chroot without systemd can still read those files).
 pub fn unit_source(name: &str, config_dir: &Path) -> Option<PathBuf> {
     static LINES: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
-    let lines =
-        LINES.get_or_init(|| systemd_credentials().unwrap_or_else(|| credential_lines(UNIT)));
+    let lines = LINES.get_or_init(|| {
+        systemd_credentials()
+            .unwrap_or_else(|| credential_lines(&with_drop_ins(UNIT, &DROP_IN_DIRS.map(Path::new))))
+    });
     source_in(lines, name, config_dir)
+}
+
+/// Where systemd reads the unit's drop-ins, lowest precedence first.
+const DROP_IN_DIRS: [&str; 3] = [
+    "/usr/lib/systemd/system/peaqos-agent.service.d",
+    "/run/systemd/system/peaqos-agent.service.d",
+    "/etc/systemd/system/peaqos-agent.service.d",
+];
+
+/// `unit` followed by the `*.conf` drop-ins of `dirs` in file-name order;
+/// a file name in a later directory replaces the same name in an earlier.
+fn with_drop_ins(unit: &str, dirs: &[&Path]) -> String {
+    let mut files = std::collections::BTreeMap::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if Path::new(&name).extension().is_some_and(|e| e == "conf") {
+                files.insert(name, entry.path());
+            }
+        }
+    }
+    let mut text = unit.to_owned();
+    for path in files.values() {
+        if let Ok(drop_in) = std::fs::read_to_string(path) {
+            text.push('\n');
+            text.push_str(&drop_in);
+        }
+    }
+    text
 }
 
 fn source_in(lines: &[(String, String)], name: &str, config_dir: &Path) -> Option<PathBuf> {
@@ -195,5 +231,32 @@ mod tests {
         assert!(source_in(&lines, "controller-key", etc).is_none());
         assert!(source_in(&lines, "token-pin", etc).is_some());
         assert!(source_in(&credential_lines(UNIT), "token-pin", etc).is_none());
+    }
+
+    #[test]
+    fn without_systemd_the_drop_ins_are_read_in_systemds_order() {
+        let vendor = tempfile::tempdir().unwrap();
+        let admin = tempfile::tempdir().unwrap();
+        std::fs::write(
+            vendor.path().join("50-token.conf"),
+            "[Service]\nLoadCredential=token-pin:/usr/share/pin\n",
+        )
+        .unwrap();
+        // The administrator's file of the same name replaces the vendor's.
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/examples/pkcs11.conf"),
+            admin.path().join("50-token.conf"),
+        )
+        .unwrap();
+        std::fs::write(admin.path().join("README"), "LoadCredential=x:/y\n").unwrap();
+        let text = with_drop_ins(UNIT, &[vendor.path(), admin.path()]);
+        let lines = credential_lines(&text);
+        let etc = Path::new("/etc/peaqos-agent");
+        assert_eq!(
+            source_in(&lines, "token-pin", etc).unwrap(),
+            Path::new("/etc/peaqos-agent/token.pin")
+        );
+        assert!(source_in(&lines, "controller-key", etc).is_none());
+        assert!(source_in(&lines, "x", etc).is_none());
     }
 }
