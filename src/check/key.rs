@@ -2,6 +2,8 @@
 //! address), or the token (which token and key, whether the token promises
 //! that the key cannot be read out, and a test signature that verifies).
 
+use std::path::Path;
+
 use peaqos_logging::error_chain;
 use peaqos_protocol::Address;
 
