@@ -18,6 +18,8 @@ const MAX_NAME_LEN: usize = 200;
 const MAX_DB_CONNECTIONS: u32 = 1000;
 const MAX_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_STATEMENT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Shorter, and a client would spend more time reconnecting than reading.
+const MIN_STREAM_LIFETIME: Duration = Duration::from_millis(100);
 
 impl Config {
     /// Checks values and their combinations. Errors name the environment
@@ -25,7 +27,39 @@ impl Config {
     /// `PEAQOS_`).
     pub fn check(&self) -> Result<(), ConfigError> {
         self.check_database()?;
-        self.check_service()
+        self.check_service()?;
+        self.check_streams()
+    }
+
+    /// Event streams and the write deadline.
+    fn check_streams(&self) -> Result<(), ConfigError> {
+        if self.max_streams == Some(0) {
+            return invalid(NAMES.max_streams, "must be at least 1");
+        }
+        if let (Some(streams), Some(connections)) = (self.max_streams, self.max_connections)
+            && streams >= connections
+        {
+            return invalid(
+                NAMES.max_streams,
+                "must be below PEAQOS_MAX_CONNECTIONS (a stream holds a connection; probes and ordinary requests need the rest)",
+            );
+        }
+        if self.max_streams_per_client == Some(0) {
+            return invalid(NAMES.max_streams_per_client, "must be at least 1");
+        }
+        if self.write_timeout.is_zero() {
+            return invalid(NAMES.write_timeout, "must be at least 1 second");
+        }
+        if self
+            .stream_lifetime
+            .is_some_and(|d| d < MIN_STREAM_LIFETIME)
+        {
+            return invalid(
+                NAMES.stream_lifetime,
+                "must be at least 100 milliseconds (leave it unset for no limit)",
+            );
+        }
+        Ok(())
     }
 
     /// `DATABASE_URL` and the pool.
