@@ -18,8 +18,6 @@ const MAX_NAME_LEN: usize = 200;
 const MAX_DB_CONNECTIONS: u32 = 1000;
 const MAX_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_STATEMENT_TIMEOUT: Duration = Duration::from_secs(600);
-/// Shorter, and a client would spend more time reconnecting than reading.
-const MIN_STREAM_LIFETIME: Duration = Duration::from_millis(100);
 
 impl Config {
     /// Checks values and their combinations. Errors name the environment
@@ -49,15 +47,6 @@ impl Config {
         }
         if self.write_timeout.is_zero() {
             return invalid(NAMES.write_timeout, "must be at least 1 second");
-        }
-        if self
-            .stream_lifetime
-            .is_some_and(|d| d < MIN_STREAM_LIFETIME)
-        {
-            return invalid(
-                NAMES.stream_lifetime,
-                "must be at least 100 milliseconds (leave it unset for no limit)",
-            );
         }
         Ok(())
     }

@@ -220,11 +220,6 @@ settings! {
     /// stream gets `too_slow` and the connection is closed.
     write_timeout: Duration as Secs = Duration::from_secs(30),
         env "PEAQOS_WRITE_TIMEOUT_SECS", file "write_timeout_secs";
-    /// Longest an event stream stays open; then it ends and the client
-    /// resumes with `Last-Event-ID` (an `EventSource` does so by itself),
-    /// possibly at another replica. Unset: until the client leaves.
-    stream_lifetime: Option<Duration> as Option<Millis> = None,
-        env "PEAQOS_STREAM_LIFETIME_MS", file "stream_lifetime_ms";
     /// Record every machine change as an audit event, in the change's
     /// transaction. Off only to measure what the trail costs.
     audit_trail: bool as Flag = true,

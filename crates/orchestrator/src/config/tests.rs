@@ -72,10 +72,6 @@ fn bad_values_name_the_setting_in_one_line() {
             "PEAQOS_WRITE_TIMEOUT_SECS",
         ),
         (
-            &[("PEAQOS_STREAM_LIFETIME_MS", "10")],
-            "PEAQOS_STREAM_LIFETIME_MS",
-        ),
-        (
             &[("PEAQOS_MACHINE_IDENTITY_VERIFICATION", "maybe")],
             "PEAQOS_MACHINE_IDENTITY_VERIFICATION",
         ),

@@ -85,8 +85,6 @@ struct Subscriber {
     done: bool,
     /// Cancelled when the connection's socket stopped taking writes.
     stall: WriteStall,
-    /// When the stream ends by itself (`PEAQOS_STREAM_LIFETIME_MS`).
-    ends_at: Option<tokio::time::Instant>,
     /// Held until the stream ends.
     _slot: Option<StreamSlot>,
 }
@@ -126,12 +124,6 @@ impl Subscriber {
             if self.stall.token().is_cancelled() {
                 return Some(self.too_slow());
             }
-            if self
-                .ends_at
-                .is_some_and(|at| tokio::time::Instant::now() >= at)
-            {
-                return None;
-            }
             if let Some(e) = self.backlog.pop_front() {
                 self.sent = e.id;
                 return Some(sse_event(&e));
@@ -143,16 +135,8 @@ impl Subscriber {
                 }
                 continue;
             }
-            let ends_at = self.ends_at;
-            let lifetime = async move {
-                match ends_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             let received = tokio::select! {
                 () = self.app.events.closing().cancelled() => return None,
-                () = lifetime => return None,
                 () = self.stall.token().cancelled() => None,
                 received = self.live.recv() => Some(received),
             };
@@ -253,17 +237,19 @@ async fn stream(
     let last_event_id = headers
         .get("last-event-id")
         .map(|v| v.to_str().unwrap_or("\u{0}").to_owned());
-    let (cursor, field) = match (last_event_id, q.cursor) {
-        (Some(id), _) => (Some(id), "Last-Event-ID"),
-        (None, c) => (c, "cursor"),
+    // Each is checked, used or not: a malformed one is the client's
+    // mistake either way.
+    let parse = |field: &'static str, value: Option<String>| match value {
+        None => Ok(None),
+        Some(c) => parse_cursor(&c)
+            .map(|id| Some((id, field)))
+            .ok_or_else(|| ApiError::validation(field, format!("{field} is not an event id"))),
     };
-    let sent =
-        match cursor.as_deref() {
-            None => None,
-            Some(c) => Some(parse_cursor(c).ok_or_else(|| {
-                ApiError::validation(field, format!("{field} is not an event id"))
-            })?),
-        };
+    let from_url = parse("cursor", q.cursor)?;
+    let (sent, field) = match (parse("Last-Event-ID", last_event_id)?, from_url) {
+        (Some((id, field)), _) | (None, Some((id, field))) => (Some(id), field),
+        (None, None) => (None, "cursor"),
+    };
     let machine_id = match (q.machine_id, q.machine_id_camel) {
         (Some(a), Some(b)) if a != b => {
             return Err(ApiError::validation(
@@ -297,10 +283,6 @@ async fn stream(
         Some(after) => (after, false),
         None => (app.audit_head().await?, true),
     };
-    let ends_at = app
-        .config
-        .stream_lifetime
-        .map(|d| tokio::time::Instant::now() + d);
     let subscriber = Subscriber {
         app,
         live,
@@ -310,7 +292,6 @@ async fn stream(
         caught_up,
         done: false,
         stall: stall.map(|s| s.0).unwrap_or_default(),
-        ends_at,
         _slot: Some(slot),
     };
     let events = futures_util::stream::unfold(subscriber, |mut s| async move {
@@ -381,7 +362,6 @@ mod tests {
             caught_up: true,
             done: false,
             stall: WriteStall::default(),
-            ends_at: None,
             _slot: None,
         }
     }
@@ -428,16 +408,6 @@ mod tests {
             last.contains("too_slow") && last.contains(r#"\"cursor\":\"0\""#),
             "{last}"
         );
-    }
-
-    /// A stream given a lifetime ends by itself when it is over.
-    #[tokio::test]
-    async fn a_stream_ends_at_its_lifetime() {
-        let app = app().await;
-        let mut s = subscriber(&app);
-        s.ends_at = Some(tokio::time::Instant::now() + Duration::from_millis(50));
-        let ended = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
-        assert!(matches!(ended, Ok(None)), "ended without an event");
     }
 
     /// A subscriber that does not take what is published until the ring

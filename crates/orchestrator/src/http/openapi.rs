@@ -509,7 +509,7 @@ fn list_audit_events() {}
         ("Last-Event-ID" = Option<String>, Header, description = "As `cursor`, and wins over it (what EventSource sends when it reconnects)", pattern = "^[0-9]{1,18}$")),
     security(("apiKey" = [])),
     responses(
-        (status = 200, description = "Server-Sent Events, each a StreamEvent: `id` the event id, `event` its type, `data` an AuditEvent; `: keep-alive` comments every 15 s; a final `too_slow` (or `unavailable`) event with the `cursor` to resume from. The stream ends then, at shutdown, or after `PEAQOS_STREAM_LIFETIME_MS` when set", content_type = "text/event-stream", body = StreamEvent),
+        (status = 200, description = "Server-Sent Events, each a StreamEvent: `id` the event id, `event` its type, `data` an AuditEvent; `: keep-alive` comments every 15 s; a final `too_slow` (or `unavailable`) event with the `cursor` to resume from. The stream ends then, or at shutdown", content_type = "text/event-stream", body = StreamEvent),
         (status = 400, description = "VALIDATION_ERROR: bad cursor, Last-Event-ID or machine id; a cursor or Last-Event-ID past the last event (details.field, details.head)", body = ErrorResponse),
         (status = 401, description = "AUTH_REQUIRED or AUTH_INVALID", body = ErrorResponse),
         (status = 429, description = "RATE_LIMITED: this client (API key, or address without auth) holds its share of streams (details.limit), with Retry-After", body = ErrorResponse),
