@@ -28,6 +28,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -62,15 +63,28 @@ pub struct Limits {
     pub write_timeout: Duration,
 }
 
-/// Each request's view of its connection's write deadline: cancelled
-/// once the socket has taken nothing for the write timeout. The
+/// Each request's view of its connection's writes. Its token is cancelled
+/// once the socket has taken nothing for the write timeout; the
 /// connection is reset [`STALL_GRACE`] later, whatever the request does.
 #[derive(Debug, Clone, Default)]
-pub struct WriteStall(CancellationToken);
+pub struct WriteStall {
+    token: CancellationToken,
+    /// A send buffer asked for by the request, in bytes (0: the kernel's).
+    send_buffer: Arc<AtomicUsize>,
+}
 
 impl WriteStall {
     pub fn token(&self) -> &CancellationToken {
-        &self.0
+        &self.token
+    }
+
+    /// Caps the kernel's send buffer of this connection at about `bytes`
+    /// from its next write: for a long-lived answer (an event stream),
+    /// whose unread part the kernel would otherwise hold up to its
+    /// autotuned maximum (megabytes on a fast link) before a write blocks
+    /// and the write deadline can start.
+    pub fn limit_send_buffer(&self, bytes: usize) {
+        self.send_buffer.store(bytes, Ordering::Relaxed);
     }
 }
 
@@ -83,6 +97,8 @@ struct DeadlineIo {
     /// Armed while a write waits for the socket; disarmed when it takes
     /// anything.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The send buffer set, if any.
+    send_buffer: usize,
 }
 
 impl DeadlineIo {
@@ -91,7 +107,7 @@ impl DeadlineIo {
     /// 0: the kernel drops what the client never read instead of holding
     /// it for an orphaned socket).
     fn blocked<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        if self.stall.0.is_cancelled() {
+        if self.stall.token.is_cancelled() {
             return Poll::Pending;
         }
         let timeout = self.timeout;
@@ -101,9 +117,21 @@ impl DeadlineIo {
         if timer.as_mut().poll(cx).is_ready() {
             self.timer = None;
             let _ = self.inner.set_zero_linger();
-            self.stall.0.cancel();
+            self.stall.token.cancel();
         }
         Poll::Pending
+    }
+
+    fn apply_send_buffer(&mut self) {
+        let wanted = self.stall.send_buffer.load(Ordering::Relaxed);
+        if wanted != self.send_buffer {
+            self.send_buffer = wanted;
+            // Linux doubles the value for its bookkeeping; and stops
+            // autotuning this socket's buffer.
+            if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(&self.inner, wanted) {
+                tracing::debug!(error = %e, "cannot set a connection's send buffer");
+            }
+        }
     }
 
     /// The socket took `n` bytes (`Ok(0)` and errors say nothing of a
@@ -140,6 +168,7 @@ impl AsyncWrite for DeadlineIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.apply_send_buffer();
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.wrote(cx, polled)
     }
@@ -149,6 +178,7 @@ impl AsyncWrite for DeadlineIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.apply_send_buffer();
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         self.wrote(cx, polled)
     }
@@ -260,6 +290,7 @@ pub async fn serve(
             timeout: limits.write_timeout,
             stall: stall.clone(),
             timer: None,
+            send_buffer: 0,
         };
         let request_stall = stall.clone();
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
@@ -303,7 +334,7 @@ pub async fn serve(
 
 /// Completes [`STALL_GRACE`] after the connection stalled.
 async fn stalled(stall: &WriteStall) {
-    stall.0.cancelled().await;
+    stall.token.cancelled().await;
     tokio::time::sleep(STALL_GRACE).await;
 }
 

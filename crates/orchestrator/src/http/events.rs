@@ -57,6 +57,11 @@ pub const EVENTS: &str = "/api/v1/events";
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Events read from the database per query while catching up.
 const CATCH_UP_PAGE: u32 = 500;
+/// The kernel's send buffer of a stream's connection: what a subscriber
+/// that stops reading can leave unsent in the kernel (Linux books twice
+/// this) before writes block and the write deadline starts. At 100 ms of
+/// round trip it still carries some 600 KiB a second, thousands of events.
+const STREAM_SEND_BUFFER: usize = 64 * 1024;
 /// Seconds a refused subscriber should wait before trying again.
 const STREAMS_RETRY_AFTER_SECS: u64 = 5;
 
@@ -283,6 +288,8 @@ async fn stream(
         Some(after) => (after, false),
         None => (app.audit_head().await?, true),
     };
+    let stall = stall.map(|s| s.0).unwrap_or_default();
+    stall.limit_send_buffer(STREAM_SEND_BUFFER);
     let subscriber = Subscriber {
         app,
         live,
@@ -291,7 +298,7 @@ async fn stream(
         backlog: VecDeque::new(),
         caught_up,
         done: false,
-        stall: stall.map(|s| s.0).unwrap_or_default(),
+        stall,
         _slot: Some(slot),
     };
     let events = futures_util::stream::unfold(subscriber, |mut s| async move {
