@@ -22,6 +22,7 @@ use crate::error_chain::error_chain;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 use crate::store::{self, StoreError};
+use crate::stream::{EventHub, StreamLimits};
 use crate::{http, serve};
 
 /// Why the server could not start or stopped with an error.
@@ -139,6 +140,7 @@ impl Server {
             Arc::clone(&clock),
             Arc::clone(&metrics),
         );
+        let (limits, streams) = limits(&config);
         let app = Arc::new(App {
             limiter: RateLimiter::new(
                 config.challenge_rate_per_minute,
@@ -150,17 +152,15 @@ impl Server {
             clock,
             metrics,
             api_keys,
-            events: Arc::default(),
+            events: Arc::new(EventHub::new(streams)),
             config,
         });
         let local = listener.local_addr().map_err(Error::LocalAddr)?;
-        let limits = serve::Limits {
-            header_timeout: app.config.header_timeout,
-            max_connections: serve::connection_cap(app.config.max_connections),
-        };
         tracing::info!(
             addr = %local,
             max_connections = limits.max_connections,
+            max_streams = streams.total,
+            max_streams_per_client = streams.per_client,
             controllers = source.name(),
             database = store.backend().name(),
             verification = ?app.config.verification,
@@ -199,6 +199,21 @@ impl Server {
         tracing::info!("peaqos-orchestrator stopped");
         Ok(())
     }
+}
+
+/// The connection limits, and the event streams' within them.
+fn limits(config: &Config) -> (serve::Limits, StreamLimits) {
+    let limits = serve::Limits {
+        header_timeout: config.header_timeout,
+        max_connections: serve::connection_cap(config.max_connections),
+        write_timeout: config.write_timeout,
+    };
+    let streams = StreamLimits::derive(
+        limits.max_connections,
+        config.max_streams,
+        config.max_streams_per_client,
+    );
+    (limits, streams)
 }
 
 /// Deletes expired challenges periodically, so that storage stays bounded.

@@ -25,7 +25,30 @@ impl Config {
     /// `PEAQOS_`).
     pub fn check(&self) -> Result<(), ConfigError> {
         self.check_database()?;
-        self.check_service()
+        self.check_service()?;
+        self.check_streams()
+    }
+
+    /// Event streams and the write deadline.
+    fn check_streams(&self) -> Result<(), ConfigError> {
+        if self.max_streams == Some(0) {
+            return invalid(NAMES.max_streams, "must be at least 1");
+        }
+        if let (Some(streams), Some(connections)) = (self.max_streams, self.max_connections)
+            && streams >= connections
+        {
+            return invalid(
+                NAMES.max_streams,
+                "must be below PEAQOS_MAX_CONNECTIONS (a stream holds a connection; probes and ordinary requests need the rest)",
+            );
+        }
+        if self.max_streams_per_client == Some(0) {
+            return invalid(NAMES.max_streams_per_client, "must be at least 1");
+        }
+        if self.write_timeout.is_zero() {
+            return invalid(NAMES.write_timeout, "must be at least 1 second");
+        }
+        Ok(())
     }
 
     /// `DATABASE_URL` and the pool.

@@ -206,6 +206,20 @@ settings! {
     /// limit allows, less 128 for the database, the MCR client and the log.
     max_connections: Option<u32> as Option<Num<u32>> = None,
         env "PEAQOS_MAX_CONNECTIONS", file "max_connections";
+    /// Event streams (`GET /api/v1/events`) open at once, below the
+    /// connection cap; by default three quarters of it, the rest being
+    /// left to probes and ordinary requests.
+    max_streams: Option<u32> as Option<Num<u32>> = None,
+        env "PEAQOS_MAX_STREAMS", file "max_streams";
+    /// Event streams one API key (or one client address, without auth)
+    /// may hold at once; by default a quarter of the stream cap.
+    max_streams_per_client: Option<u32> as Option<Num<u32>> = None,
+        env "PEAQOS_MAX_STREAMS_PER_CLIENT", file "max_streams_per_client";
+    /// Longest a connection's socket may take nothing while an answer
+    /// waits to be written (a client that stopped reading); then an event
+    /// stream gets `too_slow` and the connection is closed.
+    write_timeout: Duration as Secs = Duration::from_secs(30),
+        env "PEAQOS_WRITE_TIMEOUT_SECS", file "write_timeout_secs";
     /// Record every machine change as an audit event, in the change's
     /// transaction. Off only to measure what the trail costs.
     audit_trail: bool as Flag = true,

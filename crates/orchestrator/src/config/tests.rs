@@ -57,6 +57,21 @@ fn bad_values_name_the_setting_in_one_line() {
         ),
         (&[("PEAQOS_LISTEN_ADDR", "localhost")], "PEAQOS_LISTEN_ADDR"),
         (
+            &[
+                ("PEAQOS_MAX_CONNECTIONS", "100"),
+                ("PEAQOS_MAX_STREAMS", "100"),
+            ],
+            "PEAQOS_MAX_STREAMS",
+        ),
+        (
+            &[("PEAQOS_MAX_STREAMS_PER_CLIENT", "0")],
+            "PEAQOS_MAX_STREAMS_PER_CLIENT",
+        ),
+        (
+            &[("PEAQOS_WRITE_TIMEOUT_SECS", "0")],
+            "PEAQOS_WRITE_TIMEOUT_SECS",
+        ),
+        (
             &[("PEAQOS_MACHINE_IDENTITY_VERIFICATION", "maybe")],
             "PEAQOS_MACHINE_IDENTITY_VERIFICATION",
         ),

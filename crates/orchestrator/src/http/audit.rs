@@ -4,12 +4,15 @@
 //! `resourceType`); the snake_case spellings are accepted too.
 //!
 //! A cursor is an event id: the last id of a page (`next_cursor`), or of
-//! anything seen before, resumes right after it on any replica.
+//! anything seen before, resumes right after it on any replica. A cursor
+//! past the last committed event is refused (`400`, naming it and the
+//! head): accepted, it would skip the events written up to it.
 
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::routing::get;
+use peaqos_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
 
 use super::machines::parse_limit;
@@ -83,6 +86,29 @@ pub fn parse_cursor(cursor: &str) -> Option<i64> {
     cursor.parse().ok()
 }
 
+/// Refuses a cursor past the last committed event: the ids between the
+/// head and the cursor would be skipped as they are written. The head is
+/// read from the database, not this process's tail, since another replica
+/// may have written further.
+pub(super) async fn refuse_past_head(
+    app: &AppState,
+    field: &str,
+    cursor: i64,
+) -> Result<(), ApiError> {
+    let head = app.audit_head().await?;
+    if cursor <= head {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::ValidationError,
+        format!(
+            "{field} {cursor} is past the end of the audit log (its last event is {head}); \
+             resume from an id this server issued"
+        ),
+    )
+    .with_details(serde_json::json!({ "field": field, "head": head.to_string() })))
+}
+
 /// One filter given in either spelling (the same value if both).
 fn either(
     field: &str,
@@ -141,6 +167,11 @@ async fn list(
             limit,
         })
         .await?;
+    // A page with events shows the cursor is within the log; only an
+    // empty one costs the look-up of the head.
+    if page.items.is_empty() && after > 0 {
+        refuse_past_head(&app, "cursor", after).await?;
+    }
     Ok(axum::Json(Page {
         items: page.items.into_iter().map(WireEvent::from).collect(),
         next_cursor: page.next.map(|id| id.to_string()),

@@ -104,6 +104,28 @@ struct AuditEvent {
     created_at: String,
 }
 
+/// One Server-Sent Event of `GET /api/v1/events`, as a client parses the
+/// stream (in OpenAPI 3.1 the schema of `text/event-stream` describes each
+/// event; 3.2 calls it `itemSchema`). Comments (`: keep-alive`) are not
+/// events.
+#[derive(ToSchema)]
+struct StreamEvent {
+    /// The audit event's id, also a cursor to resume from
+    /// (`Last-Event-ID`). The final `too_slow` and `unavailable` events have
+    /// none of their own.
+    #[schema(pattern = "^[0-9]{1,18}$")]
+    id: Option<String>,
+    /// The audit event's `type`; or, as the last event before the stream
+    /// ends, `too_slow` (the subscriber fell behind or stopped reading) or
+    /// `unavailable` (the database stopped answering while it caught up).
+    event: String,
+    /// JSON: an `AuditEvent`; for `too_slow` and `unavailable`,
+    /// `{"message", "cursor"}` with the cursor to resume from.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+    retry: Option<u64>,
+}
+
 #[derive(ToSchema)]
 struct AuditEventList {
     /// Oldest first.
@@ -475,7 +497,7 @@ fn archive_machine() {}
     security(("apiKey" = [])),
     responses(
         (status = 200, description = "Audit events after the cursor, oldest first", body = AuditEventList),
-        (status = 400, description = "VALIDATION_ERROR: bad limit, cursor, machine id or resource type", body = ErrorResponse),
+        (status = 400, description = "VALIDATION_ERROR: bad limit, cursor, machine id or resource type; a cursor past the last event (details.field, details.head)", body = ErrorResponse),
         (status = 401, description = "AUTH_REQUIRED or AUTH_INVALID", body = ErrorResponse),
         (status = 503, description = "SERVICE_UNAVAILABLE: the database is not answering", body = ErrorResponse)))]
 fn list_audit_events() {}
@@ -487,10 +509,11 @@ fn list_audit_events() {}
         ("Last-Event-ID" = Option<String>, Header, description = "As `cursor`, and wins over it (what EventSource sends when it reconnects)", pattern = "^[0-9]{1,18}$")),
     security(("apiKey" = [])),
     responses(
-        (status = 200, description = "Server-Sent Events: `id` the event id, `event` its type, `data` an AuditEvent; `: keep-alive` comments every 15 s; a final `too_slow` (or `unavailable`) event with the `cursor` to resume from", content_type = "text/event-stream", body = String),
-        (status = 400, description = "VALIDATION_ERROR: bad cursor, Last-Event-ID or machine id", body = ErrorResponse),
+        (status = 200, description = "Server-Sent Events, each a StreamEvent: `id` the event id, `event` its type, `data` an AuditEvent; `: keep-alive` comments every 15 s; a final `too_slow` (or `unavailable`) event with the `cursor` to resume from. The stream ends then, or at shutdown", content_type = "text/event-stream", body = StreamEvent),
+        (status = 400, description = "VALIDATION_ERROR: bad cursor, Last-Event-ID or machine id; a cursor or Last-Event-ID past the last event (details.field, details.head)", body = ErrorResponse),
         (status = 401, description = "AUTH_REQUIRED or AUTH_INVALID", body = ErrorResponse),
-        (status = 503, description = "SERVICE_UNAVAILABLE: the database is not answering", body = ErrorResponse)))]
+        (status = 429, description = "RATE_LIMITED: this client (API key, or address without auth) holds its share of streams (details.limit), with Retry-After", body = ErrorResponse),
+        (status = 503, description = "SERVICE_UNAVAILABLE: every stream slot is taken (details.limit), or the database is not answering; with Retry-After", body = ErrorResponse)))]
 fn stream_events() {}
 
 #[derive(OpenApi)]
@@ -521,6 +544,7 @@ fn stream_events() {}
         ReadinessStatus,
         Readiness,
         AuditEvent,
+        StreamEvent,
         AuditEventList,
         ErrorCode,
         ErrorBody,

@@ -89,6 +89,14 @@ pub(super) fn validate_create(r: &CreateMachineRequest) -> Result<(), ApiError> 
 }
 
 pub(super) fn validate_update(r: &UpdateMachineRequest) -> Result<(), ApiError> {
+    // No body, `{}` or only `null`s: nothing to change. Accepting it would
+    // move `updatedAt` and record a `machine.updated` event with no fields.
+    if *r == UpdateMachineRequest::default() {
+        return Err(ApiError::validation(
+            "body",
+            "the request body must give at least one field to change",
+        ));
+    }
     let text = [
         ("displayName", &r.display_name, true),
         ("ownerId", &r.owner_id, true),

@@ -9,10 +9,14 @@ pub enum StoreError {
     #[error("database error")]
     Database(#[source] sqlx::Error),
     /// The database cannot answer now: unreachable, restarting, out of
-    /// connections, too slow (statement or pool timeout), or busy. Worth
-    /// retrying; never a sign that the request was wrong.
+    /// connections, too slow (statement or pool timeout), busy, or
+    /// refusing this role (login, privileges, a table hidden or dropped).
+    /// Worth retrying once mended; never a sign that the request was wrong.
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
+    /// The role may connect but lacks privileges requests need (readiness).
+    #[error("this database role lacks privileges the orchestrator needs: {missing}")]
+    MissingPrivileges { missing: String },
     #[error("database migration failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
     #[error("DATABASE_URL is neither sqlite:... nor postgres://...")]
@@ -45,7 +49,7 @@ impl StoreError {
     /// Whether the database could not answer (a 503 with `Retry-After`),
     /// as opposed to a fault (a 500).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::MissingPrivileges { .. })
     }
 }
 
@@ -83,22 +87,35 @@ fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
-/// PostgreSQL SQLSTATEs that mean "not now" rather than "never".
+/// PostgreSQL SQLSTATEs that mean "not now" or "this database cannot be
+/// used as configured" rather than "this request is wrong": either way a
+/// client is told `503` (retry later), never `500`.
 fn transient_sqlstate(code: &str) -> bool {
     // 08: connection exception; 53: insufficient resources (too many
-    // connections, out of memory or disk); 57P01-57P03: the server is
-    // shutting down, crashed, or not yet accepting connections.
+    // connections, out of memory or disk); 57P: the server is shutting
+    // down, crashed, not yet accepting connections, or its database was
+    // dropped; 28: the role is refused at login (NOLOGIN, a password or
+    // pg_hba change).
     code.starts_with("08")
         || code.starts_with("53")
+        || code.starts_with("57P")
+        || code.starts_with("28")
         || matches!(
             code,
             // statement_timeout (or a cancel); lock_timeout
             "57014" | "55P03"
-            | "57P01" | "57P02" | "57P03"
             // serialization failure, deadlock: retrying succeeds
             | "40001" | "40P01"
             // read-only transaction: a fail-over left us on a standby
             | "25006"
+            // insufficient_privilege: a grant was revoked
+            | "42501"
+            // undefined_table, invalid_schema_name, invalid_catalog_name:
+            // the migrations made these tables at start-up, so a table
+            // that is gone now was dropped or hidden underneath us (a
+            // revoked USAGE on the schema hides its tables from
+            // search_path); the operator's to mend, not a fault of ours
+            | "42P01" | "3F000" | "3D000"
         )
 }
 
@@ -120,10 +137,13 @@ mod tests {
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert!(StoreError::from(sqlx::Error::Io(refused)).is_unavailable());
         assert!(!StoreError::from(sqlx::Error::RowNotFound).is_unavailable());
-        for code in ["57014", "08006", "53300", "57P01", "40001", "25006"] {
+        for code in [
+            "57014", "08006", "53300", "57P01", "57P04", "40001", "25006", "28000", "28P01",
+            "42501", "42P01",
+        ] {
             assert!(transient_sqlstate(code), "{code}");
         }
-        for code in ["23505", "42P01", "22P02"] {
+        for code in ["23505", "22P02", "42601", "42703"] {
             assert!(!transient_sqlstate(code), "{code}");
         }
         // SQLITE_BUSY, SQLITE_BUSY_SNAPSHOT, SQLITE_LOCKED; not a constraint.

@@ -244,6 +244,18 @@ impl PostgresStore {
     }
 }
 
+/// The privileges requests use, each as `(table, privilege)`, and the
+/// query that names those this role lacks as `table:PRIVILEGE`. Readiness
+/// asks it: a `SELECT 1` passes with every grant revoked.
+/// `has_table_privilege` with a list is true when any one is held, so
+/// each is asked alone.
+const NEEDED_PRIVILEGES: &str = "SELECT t || ':' || p FROM (VALUES \
+     ('machines', 'SELECT'), ('machines', 'INSERT'), ('machines', 'UPDATE'), \
+     ('challenges', 'SELECT'), ('challenges', 'INSERT'), ('challenges', 'DELETE'), \
+     ('audit_sequence', 'SELECT'), ('audit_sequence', 'UPDATE'), \
+     ('audit_events', 'SELECT'), ('audit_events', 'INSERT'), ('audit_events', 'DELETE')\
+     ) AS needed (t, p) WHERE NOT has_table_privilege(t, p)";
+
 /// Attempts at an insert whose identity conflict vanished before the
 /// holder could be named (it was archived in between).
 const INSERT_ATTEMPTS: usize = 3;
@@ -255,9 +267,18 @@ impl Store for PostgresStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            let query = sqlx::query("SELECT 1");
-            self.pool.run(|c| Box::pin(query.execute(c))).await?;
-            Ok(())
+            // Names resolve through search_path as the requests' own do: a
+            // schema whose USAGE was revoked hides its tables, and this
+            // fails as they would (undefined_table, a 503).
+            let query = sqlx::query_scalar::<_, String>(NEEDED_PRIVILEGES);
+            let missing = self.pool.run(|c| Box::pin(query.fetch_all(c))).await?;
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(StoreError::MissingPrivileges {
+                    missing: missing.join(", "),
+                })
+            }
         })
     }
 

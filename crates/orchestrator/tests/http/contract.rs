@@ -506,7 +506,7 @@ async fn patch_rules() {
     expect_error(
         s.patch(
             "/api/v1/machines/mach_aaaaaaaaaaaaaaaaaaaaaaaaaa",
-            &json!({}),
+            &json!({"displayName": "x"}),
         )
         .await,
         404,
@@ -762,4 +762,43 @@ async fn graceful_stop_returns_ok() {
     let s = TestServer::start(|_| {}).await;
     s.create("did:peaq:1", &key(0)).await;
     s.stop().await.unwrap();
+}
+
+/// A PATCH that changes nothing (no body, `{}`, only `null`s) is refused
+/// and writes nothing: `updatedAt` stays and no audit event is recorded.
+#[tokio::test]
+async fn a_patch_without_fields_is_refused_and_writes_nothing() {
+    let s = TestServer::start(|_| {}).await;
+    let m = s.create("did:peaq:1", &key(0)).await;
+    let path = format!("/api/v1/machines/{}", m.id);
+    let log = format!("/api/v1/audit-events?machineId={}", m.id);
+    let before: serde_json::Value = s.get(&log).await.json().await.unwrap();
+    s.clock.advance(std::time::Duration::from_secs(5));
+    let bodyless = s.client.patch(s.url(&path)).send().await.unwrap();
+    let as_json = s
+        .client
+        .patch(s.url(&path))
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    for r in [
+        bodyless,
+        as_json,
+        s.patch(&path, &json!({})).await,
+        s.patch(&path, &json!({"displayName": null, "labels": null}))
+            .await,
+    ] {
+        let e = expect_error(r, 400, "VALIDATION_ERROR").await;
+        assert_eq!(e.error.details.unwrap()["field"], "body");
+        assert!(
+            e.error.message.contains("at least one field"),
+            "{}",
+            e.error.message
+        );
+    }
+    let after: Machine = expect_item(s.get(&path).await, 200).await;
+    assert_eq!(after.updated_at, m.updated_at, "updatedAt did not move");
+    let log_after: serde_json::Value = s.get(&log).await.json().await.unwrap();
+    assert_eq!(log_after["items"], before["items"], "no event was written");
 }

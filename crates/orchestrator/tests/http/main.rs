@@ -25,3 +25,4 @@ mod outage;
 mod replicas;
 mod schema;
 mod sdk;
+mod streams;

@@ -190,3 +190,146 @@ async fn a_database_outage_answers_503_and_the_server_recovers_by_itself() {
         "{metrics}"
     );
 }
+
+/// Statements run as the superuser of the test database.
+async fn admin(schema: &PgSchema, statements: &[String]) {
+    use sqlx::Executor as _;
+    let mut conn = schema.connect().await;
+    for sql in statements {
+        conn.execute(sqlx::AssertSqlSafe(sql.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}
+
+/// Every request that needs the database answers `503` with the envelope
+/// and `Retry-After` (never `500`), and `/ready` says not ready.
+async fn expect_refused_use(s: &TestServer, path: &str, what: &str) {
+    for _ in 0..3 {
+        for r in [
+            s.get(path).await,
+            s.get("/api/v1/machines").await,
+            s.get("/api/v1/audit-events").await,
+            s.post(
+                "/api/v1/machine-identity/challenges",
+                &json!({"identityRef": "did:peaq:3"}),
+            )
+            .await,
+        ] {
+            assert!(r.headers().contains_key("retry-after"), "{what}: {r:?}");
+            let body = expect_error(r, 503, "SERVICE_UNAVAILABLE").await;
+            assert!(!body.error.message.contains("permission"), "{what}");
+        }
+    }
+    let r = s.get("/ready").await;
+    let not_ready = expect_error(r, 503, "SERVICE_UNAVAILABLE").await;
+    assert_eq!(
+        not_ready.error.details.unwrap()["store"],
+        "unavailable",
+        "{what}"
+    );
+    let readiness: Value = s.get("/api/v1/readiness").await.json().await.unwrap();
+    assert_eq!(readiness["status"], "not_ready", "{what}");
+}
+
+async fn wait_ready(s: &TestServer, what: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    while s.get("/ready").await.status() != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: readiness did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The database answers but refuses this role: its grants revoked, the
+/// schema's USAGE revoked, or the role refused at login (`NOLOGIN`). Each
+/// is `503`, never `500`, readiness checks the privileges requests need
+/// (not `SELECT 1`), and the server recovers once the grant is back.
+#[tokio::test]
+async fn a_role_refused_its_privileges_or_its_login_answers_503_and_is_not_ready() {
+    let test = "a_role_refused_its_privileges_or_its_login_answers_503_and_is_not_ready";
+    let Some(schema) = PgSchema::create(test).await else {
+        return;
+    };
+    let (name, role) = (schema.name.clone(), format!("{}_role", schema.name));
+    admin(
+        &schema,
+        &[
+            format!("CREATE ROLE {role} LOGIN"),
+            format!("GRANT ALL ON SCHEMA {name} TO {role}"),
+        ],
+    )
+    .await;
+    let mut url = reqwest::Url::parse(&schema.url).unwrap();
+    url.set_username(&role).unwrap();
+    let url = url.to_string();
+    let s = TestServer::start(move |c| {
+        c.database_url = url;
+        c.db_acquire_timeout = Duration::from_millis(500);
+        c.request_timeout = Duration::from_secs(10);
+    })
+    .await;
+    let m = s.create_active("did:peaq:1", &key(0)).await;
+    let path = format!("/api/v1/machines/{}", m.id);
+    assert_eq!(s.get("/ready").await.status(), 200);
+
+    let cases = [
+        (
+            "table grants revoked",
+            format!("REVOKE ALL ON ALL TABLES IN SCHEMA {name} FROM {role}"),
+            format!("GRANT ALL ON ALL TABLES IN SCHEMA {name} TO {role}"),
+        ),
+        (
+            "one write privilege revoked",
+            format!("REVOKE INSERT ON audit_events FROM {role}"),
+            format!("GRANT INSERT ON audit_events TO {role}"),
+        ),
+        (
+            "schema usage revoked",
+            format!("REVOKE USAGE ON SCHEMA {name} FROM {role}"),
+            format!("GRANT USAGE ON SCHEMA {name} TO {role}"),
+        ),
+    ];
+    for (what, revoke, grant) in cases {
+        admin(&schema, &[format!("SET search_path = {name}"), revoke]).await;
+        if what == "one write privilege revoked" {
+            // Reads still work; readiness fails on what writes need.
+            assert_eq!(s.get(&path).await.status(), 200, "{what}");
+            let r = s.get("/ready").await;
+            expect_error(r, 503, "SERVICE_UNAVAILABLE").await;
+        } else {
+            expect_refused_use(&s, &path, what).await;
+        }
+        admin(&schema, &[format!("SET search_path = {name}"), grant]).await;
+        wait_ready(&s, what).await;
+        assert_eq!(s.get(&path).await.status(), 200, "{what}: back");
+    }
+
+    // Refused at login: the pool's connections are cut, new ones refused.
+    admin(
+        &schema,
+        &[
+            format!("ALTER ROLE {role} NOLOGIN"),
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+            ),
+        ],
+    )
+    .await;
+    expect_refused_use(&s, &path, "NOLOGIN").await;
+    admin(&schema, &[format!("ALTER ROLE {role} LOGIN")]).await;
+    wait_ready(&s, "LOGIN again").await;
+    assert_eq!(s.get(&path).await.status(), 200);
+    drop(s);
+    drop(schema);
+    // The schema's objects went with it; the role is ours to drop.
+    if let Some(base) = peaqos_testkit::postgres_url(test) {
+        use sqlx::{Connection as _, Executor as _};
+        let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
+        let _ = conn
+            .execute(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
+            .await;
+    }
+}

@@ -499,4 +499,18 @@ async fn the_event_stream_follows_the_other_replica_and_resumes_without_loss() {
     // Bad cursors are refused before the stream starts.
     let r = b.get("/api/v1/events?cursor=x").await;
     expect_error(r, 400, "VALIDATION_ERROR").await;
+    // So is one past the head, which is the database's: an id just written
+    // at A is a cursor at B before B's own tail has read it (within
+    // `stream::POLL`), and one past it is refused at both.
+    let r = a.patch(&path, &json!({"displayName": "c"})).await;
+    assert_eq!(r.status(), 200);
+    let _at_b = Sse::open(&b, "?cursor=12", None).await;
+    let audit = b.get("/api/v1/audit-events?cursor=12").await;
+    assert_eq!(audit.status(), 200);
+    for replica in [&a, &b] {
+        for path in ["/api/v1/events?cursor=13", "/api/v1/audit-events?cursor=13"] {
+            let e = expect_error(replica.get(path).await, 400, "VALIDATION_ERROR").await;
+            assert_eq!(e.error.details.unwrap()["head"], "12", "{path}");
+        }
+    }
 }
