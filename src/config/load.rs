@@ -193,26 +193,19 @@ impl Config {
 
     /// Rules that involve more than one key.
     pub fn check(&self) -> Result<(), CheckError> {
+        // A machine of its own needs both tables; a gateway only may have
+        // neither.
+        let missing = |key: &str, set: &str| CheckError {
+            key: key.to_owned(),
+            message: format!(
+                "missing: [{set}] is set, so the agent is a machine itself and needs [{key}] \
+                 too (or leave both out on a gateway whose machines are in machines.d)"
+            ),
+        };
         match (&self.identity, &self.machine) {
             (Some(identity), Some(_)) => identity.check()?,
-            (Some(_), None) => {
-                return Err(CheckError {
-                    key: "machine".into(),
-                    message: "missing: [identity] is set, so the agent is a machine itself and \
-                              needs [machine] too (or leave both out on a gateway whose \
-                              machines are in machines.d)"
-                        .into(),
-                });
-            }
-            (None, Some(_)) => {
-                return Err(CheckError {
-                    key: "identity".into(),
-                    message: "missing: [machine] is set, so the agent is a machine itself and \
-                              needs [identity] too (or leave both out on a gateway whose \
-                              machines are in machines.d)"
-                        .into(),
-                });
-            }
+            (Some(_), None) => return Err(missing("machine", "identity")),
+            (None, Some(_)) => return Err(missing("identity", "machine")),
             (None, None) => {}
         }
         self.orchestrator.check()?;
