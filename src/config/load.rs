@@ -110,19 +110,23 @@ pub fn drop_in_dir(main: &Path) -> PathBuf {
 /// `agent.d/*.toml` in lexical order; none when the directory is absent.
 pub fn drop_in_files(main: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let dir = drop_in_dir(main);
-    let entries = match std::fs::read_dir(&dir) {
+    toml_files(&dir, false).map_err(|source| ConfigError::DropIns { path: dir, source })
+}
+
+/// `<dir>/*.toml` in lexical order (with `skip_hidden`, those whose name
+/// starts with a dot left out); none when the directory is absent.
+pub(super) fn toml_files(dir: &Path, skip_hidden: bool) -> std::io::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(ConfigError::DropIns { path: dir, source }),
+        Err(e) => return Err(e),
     };
     let mut files = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|source| ConfigError::DropIns {
-            path: dir.clone(),
-            source,
-        })?;
+        let entry = entry?;
         let path = entry.path();
-        if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
+        let hidden = skip_hidden && entry.file_name().to_string_lossy().starts_with('.');
+        if !hidden && path.extension().is_some_and(|e| e == "toml") && path.is_file() {
             files.push(path);
         }
     }

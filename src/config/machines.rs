@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::load::{CheckError, ConfigError, parse, use_unit_credentials};
+use super::load::{CheckError, ConfigError, parse, toml_files, use_unit_credentials};
 use super::{Config, IdentityConfig, MachineConfig};
 use crate::mqtt::MqttConfig;
 
@@ -177,30 +177,10 @@ pub fn check_name(name: &str) -> Result<(), NameError> {
 /// `<dir>/*.toml` in lexical order, hidden files (an editor's) left out;
 /// none when the directory does not exist.
 pub fn list(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(ConfigError::MachinesDir {
-                path: dir.to_owned(),
-                source,
-            });
-        }
-    };
-    let mut files = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|source| ConfigError::MachinesDir {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let path = entry.path();
-        let hidden = entry.file_name().to_string_lossy().starts_with('.');
-        if !hidden && path.extension().is_some_and(|e| e == "toml") && path.is_file() {
-            files.push(path);
-        }
-    }
-    files.sort();
-    Ok(files)
+    toml_files(dir, true).map_err(|source| ConfigError::MachinesDir {
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 /// Reads every machine file of `config`'s machines directory. Only a
