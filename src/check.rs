@@ -87,6 +87,7 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
             r.push(Outcome::Fail, "config", error_chain(&e));
             for name in key::LINES.into_iter().chain([
                 "state dir",
+                "clock",
                 "orchestrator",
                 "controller",
                 "challenge",
@@ -99,6 +100,12 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
     };
 
     credential_lines(&mut r, &config.credentials_outside_systemd);
+    // One clock for every machine; its floor is read from the state
+    // directory (build time, or the last server time saved).
+    match crate::clock::check_line(&config.state.dir) {
+        Ok(line) => r.push(Outcome::Ok, "clock", line),
+        Err(line) => r.push(Outcome::Fail, "clock", line),
+    }
     if let Some(identity) = &config.identity {
         check_machine(&mut r, &config, identity, &config.state.dir).await;
     }
@@ -124,7 +131,7 @@ fn credential_lines(r: &mut Report, credentials: &[(String, std::path::PathBuf)]
 /// One machine's lines: its key, state directory, and what the
 /// orchestrator says about its identity and our key.
 async fn check_machine(r: &mut Report, config: &Config, identity: &IdentityConfig, state: &Path) {
-    let key = key::check_key(r, identity);
+    let key = key::check_key(r, identity, &config.state.dir);
     check_state_dir(r, state);
     check_orchestrator(r, config, identity, key).await;
 }
@@ -255,7 +262,15 @@ async fn check_orchestrator(
     let challenge = response.value;
     let skew = clock.skew_ms().map_or_else(
         || ", no Date header".to_owned(),
-        |ms| format!(", clock skew {}", format_skew(ms)),
+        |ms| {
+            let off = ms.unsigned_abs() > crate::clock::CLOCK_SKEW_BOUND.as_secs() * 1000;
+            let flag = if off {
+                " (CLOCK: this machine's clock is off; fix NTP)"
+            } else {
+                ""
+            };
+            format!(", clock skew {}{flag}", format_skew(ms))
+        },
     );
     let health = match client.health().await {
         Ok(_) => "; health ok",
@@ -326,15 +341,13 @@ fn check_challenge(
             ),
         );
     }
-    let host = reqwest::Url::parse(base)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned))
-        .unwrap_or_default();
+    let host = challenge::authority(base);
     let expected = Expected {
         identity,
         ours: key,
         host: &host,
         server_now,
+        local_now: crate::clock::sane_now(),
     };
     let id = &challenge.challenge_id;
     match challenge::vet(policy.policy, challenge, &expected) {

@@ -31,5 +31,6 @@ pub mod status;
 pub mod systemd;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod tls_failure;
 
 pub use run::{Agent, RunError, run};

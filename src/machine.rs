@@ -330,7 +330,9 @@ impl Life {
             let opened = {
                 let _permit = self.shared.opens.acquire().await.ok();
                 let identity = self.spec.identity.clone();
-                tokio::task::spawn_blocking(move || Signer::open(&identity)).await
+                let state_root = self.shared.state_root.clone();
+                tokio::task::spawn_blocking(move || Signer::open(&identity, Some(&state_root)))
+                    .await
             };
             let error = match opened {
                 Ok(Ok(key)) => return Some(key),
@@ -437,6 +439,9 @@ fn registrar(
     let controller = key.address().checksummed();
     status.send_modify(|s| s.controller_address.clone_from(&controller));
     let store = StateStore::new(&spec.state_dir);
+    for stale in store.remove_stale_temps() {
+        tracing::info!(file = %stale.display(), "removed an unfinished state write");
+    }
     let loaded = store.load(&identity.canonical(), shared.client.base());
     tracing::info!(
         identity = %identity,

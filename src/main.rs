@@ -193,7 +193,7 @@ fn address(
             config.machines_dir.display()
         )));
     };
-    let signer = Signer::open(identity).map_err(open_failed)?;
+    let signer = Signer::open(identity, Some(&config.state.dir)).map_err(open_failed)?;
     println!("{}", signer.address().checksummed());
     Ok(ExitCode::SUCCESS)
 }
@@ -248,7 +248,7 @@ fn keygen_token(uri: &str, pin_file: Option<&Path>) -> Result<ExitCode, Failure>
 #[cfg(feature = "pkcs11")]
 fn address_token(uri: &str, pin_file: Option<&Path>) -> Result<ExitCode, Failure> {
     let (uri, pin) = token_args(uri, pin_file)?;
-    let key = peaqos_agent::pkcs11::TokenKey::open(uri, pin).map_err(|e| {
+    let key = peaqos_agent::pkcs11::TokenKey::open(uri, pin, None).map_err(|e| {
         let code = if e.is_transient() {
             EX_UNAVAILABLE
         } else {

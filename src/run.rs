@@ -70,7 +70,8 @@ impl Agent {
         let own = match MachineSpec::own(&config) {
             Some(spec) => {
                 log_key_choice(&spec);
-                let key = Signer::open(&spec.identity).map_err(RunError::Key)?;
+                let key =
+                    Signer::open(&spec.identity, Some(&config.state.dir)).map_err(RunError::Key)?;
                 Some((spec, key))
             }
             None => None,

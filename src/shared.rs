@@ -33,6 +33,9 @@ pub struct Shared {
     pub heartbeats: Heartbeats,
     pub opens: Arc<Semaphore>,
     pub boot_id: String,
+    /// `[state] dir`: where what the machines share is recorded (a PIN
+    /// their token refused).
+    pub state_root: std::path::PathBuf,
 }
 
 impl Shared {
@@ -45,6 +48,7 @@ impl Shared {
             heartbeats: Heartbeats::default(),
             opens: Arc::new(Semaphore::new(CONCURRENT_OPENS)),
             boot_id: boot_id(),
+            state_root: config.state.dir.clone(),
         })
     }
 }

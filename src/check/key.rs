@@ -2,6 +2,8 @@
 //! address), or the token (which token and key, whether the token promises
 //! that the key cannot be read out, and a test signature that verifies).
 
+use std::path::Path;
+
 use peaqos_logging::error_chain;
 use peaqos_protocol::Address;
 
@@ -14,7 +16,11 @@ use crate::key;
 pub(super) const LINES: [&str; 1] = ["key file"];
 
 /// Pushes the key's lines and returns its address if the key is usable.
-pub(super) fn check_key(r: &mut Report, identity: &IdentityConfig) -> Option<Address> {
+pub(super) fn check_key(
+    r: &mut Report,
+    identity: &IdentityConfig,
+    state_root: &Path,
+) -> Option<Address> {
     match identity.key_source() {
         KeySource::File { location, password } => match key::load(location, password) {
             Ok((key, info)) => {
@@ -36,18 +42,18 @@ pub(super) fn check_key(r: &mut Report, identity: &IdentityConfig) -> Option<Add
             }
         },
         #[cfg(feature = "pkcs11")]
-        KeySource::Token { .. } => check_token(r, identity),
+        KeySource::Token { .. } => check_token(r, identity, state_root),
         #[cfg(not(feature = "pkcs11"))]
         KeySource::Token { .. } => unreachable!("Config::check refuses it in this build"),
     }
 }
 
 #[cfg(feature = "pkcs11")]
-fn check_token(r: &mut Report, identity: &IdentityConfig) -> Option<Address> {
+fn check_token(r: &mut Report, identity: &IdentityConfig, state_root: &Path) -> Option<Address> {
     use crate::pkcs11;
     use crate::signer::Signer;
 
-    let signer = match Signer::open(identity) {
+    let signer = match Signer::open(identity, Some(state_root)) {
         Ok(s) => s,
         Err(e) => {
             r.push(Outcome::Fail, "key token", error_chain(&e));

@@ -265,7 +265,7 @@ fn read(path: &Path, state_root: &Path, config_dir: &Path) -> MachineEntry {
                         mqtt,
                     } = file;
                     let credentials = if std::env::var_os("CREDENTIALS_DIRECTORY").is_none() {
-                        use_unit_credentials(identity.secret_locations().into(), config_dir)
+                        use_unit_credentials(identity.secret_locations(), config_dir)
                     } else {
                         Vec::new()
                     };

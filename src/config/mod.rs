@@ -100,17 +100,19 @@ pub struct IdentityConfig {
 }
 
 /// Where the controller key is, as the configuration says.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum KeySource<'a> {
     /// A key file (hex or V3 keystore) and its keystore password file.
     File {
         location: &'a str,
         password: Option<&'a str>,
     },
-    /// A key in a PKCS#11 token and the location of its PIN.
+    /// A key in a PKCS#11 token and the location of its PIN (a path or
+    /// `credential:NAME`: a `file:` URI in `pin-source` is already its
+    /// path, by [`Pkcs11Uri::pin_location`], the one parser of it).
     Token {
         uri: &'a Pkcs11Uri,
-        pin: Option<&'a str>,
+        pin: Option<String>,
     },
 }
 
@@ -120,7 +122,7 @@ impl IdentityConfig {
         match (&self.key, &self.key_file) {
             (Some(uri), _) => KeySource::Token {
                 uri,
-                pin: self.key_pin_file.as_deref().or(uri.pin_source.as_deref()),
+                pin: self.key_pin_file.clone().or_else(|| uri.pin_location()),
             },
             (None, Some(location)) => KeySource::File {
                 location,
@@ -131,12 +133,17 @@ impl IdentityConfig {
     }
 
     /// The values that may name a `credential:NAME`.
-    fn secret_locations(&mut self) -> [&mut Option<String>; 3] {
-        [
+    fn secret_locations(&mut self) -> Vec<&mut Option<String>> {
+        let mut locations = vec![
             &mut self.key_file,
             &mut self.key_password_file,
             &mut self.key_pin_file,
-        ]
+        ];
+        // A PKCS#11 URI's pin-source may name a credential too.
+        if let Some(uri) = &mut self.key {
+            locations.push(&mut uri.pin_source);
+        }
+        locations
     }
 
     fn check(&self) -> Result<(), CheckError> {

@@ -311,7 +311,7 @@ fn a_key_in_a_token_sits_beside_key_file_and_wins() {
     match c.identity.as_ref().unwrap().key_source() {
         KeySource::Token { uri, pin } => {
             assert_eq!(uri.token.as_deref(), Some("robot"));
-            assert_eq!(pin, Some("credential:token-pin"));
+            assert_eq!(pin.as_deref(), Some("credential:token-pin"));
         }
         other @ KeySource::File { .. } => panic!("{other:?}"),
     }

@@ -16,6 +16,7 @@ use peaqos_protocol::{Address, address_of_public_key};
 use zeroize::Zeroizing;
 
 use super::error::TokenError;
+use super::refused::{PinFileIdentity, RefusedPins};
 use super::uri::Pkcs11Uri;
 use crate::secrets;
 
@@ -149,21 +150,59 @@ fn rv(e: &CkError) -> Option<RvError> {
 
 impl Connection {
     /// Loads the module, finds the token and logs in with the PIN read now
-    /// from its file (so that a changed PIN file is picked up).
+    /// from its file (so that a changed PIN file is picked up), unless the
+    /// token's flags or a recorded refusal forbid the login (see
+    /// [`Login`]).
     pub(crate) fn open(
         uri: &Pkcs11Uri,
-        pin_location: Option<&str>,
+        login: &mut Login<'_>,
         read_write: bool,
     ) -> Result<Self, TokenError> {
-        let pin = read_pin(pin_location)?;
-        Self::open_with_pin(uri, &pin, read_write)
+        let me = Self::connect(uri, read_write)?;
+        let info = me.token_info()?;
+        login_allowed(
+            info.user_pin_locked(),
+            info.user_pin_final_try(),
+            info.user_pin_count_low(),
+        )?;
+        // The file's identity before its content: a change in between makes
+        // the record name the old file, which only costs one more login.
+        let identity = login.location.and_then(PinFileIdentity::of);
+        let pin = read_pin(login.location)?;
+        if login.refused_here.as_ref().is_some_and(|p| *p == pin) {
+            return Err(TokenError::PinIncorrect);
+        }
+        if let (Some(record), Some(identity)) = (login.record, &identity)
+            && let Some(refusal) = record.find(uri.as_str(), identity, info.user_pin_count_low())
+        {
+            return Err(TokenError::PinRefusedBefore {
+                path: identity.path.clone(),
+                refused_at: refusal.refused_at,
+                record: refusal.record,
+            });
+        }
+        match me.login(&pin) {
+            Err(TokenError::PinIncorrect) => {
+                if let (Some(record), Some(identity)) = (login.record, identity) {
+                    record.remember(uri.as_str(), identity);
+                }
+                login.refused_here = Some(pin);
+                Err(TokenError::PinIncorrect)
+            }
+            Err(e) => Err(e),
+            Ok(()) => {
+                if let Some(record) = login.record {
+                    record.forget(uri.as_str());
+                }
+                login.refused_here = None;
+                Ok(me)
+            }
+        }
     }
 
-    pub(crate) fn open_with_pin(
-        uri: &Pkcs11Uri,
-        pin: &Zeroizing<String>,
-        read_write: bool,
-    ) -> Result<Self, TokenError> {
+    /// The module loaded (once per process, shared), the token found and a
+    /// session opened; not yet logged in.
+    fn connect(uri: &Pkcs11Uri, read_write: bool) -> Result<Self, TokenError> {
         let mut me = Self {
             session: None,
             module: ModuleRef::get(&uri.module_path)?,
@@ -176,18 +215,21 @@ impl Connection {
             me.module.context.open_ro_session(me.slot)
         }
         .map_err(device("open a session"))?;
-        let auth = AuthPin::from(pin.as_str());
-        match session.login(UserType::User, Some(&auth)) {
-            Ok(()) => {}
-            Err(e) => match rv(&e) {
-                Some(RvError::UserAlreadyLoggedIn) => {}
-                Some(RvError::PinIncorrect) => return Err(TokenError::PinIncorrect),
-                Some(RvError::PinLocked) => return Err(TokenError::PinLocked),
-                _ => return Err(device("accept the login")(e)),
-            },
-        }
         me.session = Some(session);
         Ok(me)
+    }
+
+    fn login(&self, pin: &Zeroizing<String>) -> Result<(), TokenError> {
+        let auth = AuthPin::from(pin.as_str());
+        match self.session().login(UserType::User, Some(&auth)) {
+            Ok(()) => Ok(()),
+            Err(e) => match rv(&e) {
+                Some(RvError::UserAlreadyLoggedIn) => Ok(()),
+                Some(RvError::PinIncorrect) => Err(TokenError::PinIncorrect),
+                Some(RvError::PinLocked) => Err(TokenError::PinLocked),
+                _ => Err(device("accept the login")(e)),
+            },
+        }
     }
 
     pub(crate) fn session(&self) -> &Session {
@@ -333,8 +375,35 @@ fn read_pin(location: Option<&str>) -> Result<Zeroizing<String>, TokenError> {
     secrets::read(&path).map_err(TokenError::Pin)
 }
 
-pub(crate) fn read_pin_for(location: Option<&str>) -> Result<Zeroizing<String>, TokenError> {
-    read_pin(location)
+/// Whether the token's flags let the agent try its PIN at all. A token
+/// one wrong PIN away from locking (`CKF_USER_PIN_FINAL_TRY`), or locked,
+/// is never offered a PIN: an operator must check the PIN by hand. A low
+/// count (`CKF_USER_PIN_COUNT_LOW`: wrong PINs since the last good login)
+/// is logged; the recorded refusals decide then.
+fn login_allowed(locked: bool, final_try: bool, count_low: bool) -> Result<(), TokenError> {
+    if locked {
+        return Err(TokenError::PinLocked);
+    }
+    if final_try {
+        return Err(TokenError::PinFinalTry);
+    }
+    if count_low {
+        tracing::warn!(
+            "the token reports failed PIN logins since its last good one \
+             (CKF_USER_PIN_COUNT_LOW); a wrong PIN now may bring it closer to locking"
+        );
+    }
+    Ok(())
+}
+
+/// What a login needs besides the token: where the PIN is, where refused
+/// PINs are recorded (the state directory; none for one-shot commands
+/// without a configuration), and the PIN this process saw refused.
+#[derive(Default)]
+pub(crate) struct Login<'a> {
+    pub(crate) location: Option<&'a str>,
+    pub(crate) record: Option<&'a RefusedPins>,
+    pub(crate) refused_here: Option<Zeroizing<String>>,
 }
 
 /// The slot whose token matches every token attribute of the URI; the
@@ -372,4 +441,23 @@ fn find_slot(context: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, TokenError> {
             present.join(", ")
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_locked_or_last_try_token_is_never_offered_a_pin() {
+        assert!(matches!(
+            login_allowed(true, false, true),
+            Err(TokenError::PinLocked)
+        ));
+        assert!(matches!(
+            login_allowed(false, true, true),
+            Err(TokenError::PinFinalTry)
+        ));
+        assert!(login_allowed(false, false, true).is_ok());
+        assert!(login_allowed(false, false, false).is_ok());
+    }
 }

@@ -320,6 +320,7 @@ impl Registrar {
             ours: self.key.address(),
             host: &self.host,
             server_now: self.clock.server_now(),
+            local_now: crate::clock::sane_now(),
         };
         match challenge::vet(self.policy.policy, &challenge, &expected) {
             Ok(vetted) => {

@@ -147,10 +147,7 @@ impl Registrar {
         };
         let backoff = Backoff::new(renewal.backoff_initial, renewal.backoff_max);
         let prober = Prober::new(renewal.probe_interval);
-        let host = reqwest::Url::parse(client.base())
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_owned))
-            .unwrap_or_default();
+        let host = challenge::authority(client.base());
         tracing::info!(policy = %policy.policy, "challenge signing policy: {policy}");
         let me = Self {
             identity,
@@ -350,6 +347,10 @@ impl Registrar {
                 (AgentState::ChallengeRefused, self.renewal.slow_retry)
             }
             FailureKind::NeedsOperator => (AgentState::Backoff, self.renewal.slow_retry),
+            FailureKind::Clock => (
+                AgentState::Backoff,
+                failure::CLOCK_RETRY.min(self.renewal.slow_retry),
+            ),
             // A token that went away is looked for again like an outage; a
             // token that refuses the PIN or lost the key needs an operator.
             FailureKind::KeyUnavailable { transient: true } => {

@@ -55,7 +55,9 @@ pub(super) fn read(answer: Result<&serde_json::Value, &ClientError>) -> Probe {
         // Readiness without the SDK's shape, or a client-side refusal of a
         // machine id (never for this route): reachable.
         Ok(_) | Err(ClientError::InvalidMachineId { .. }) => Probe::Up,
-        Err(ClientError::Network { .. } | ClientError::Timeout { .. }) => Probe::Down,
+        Err(
+            ClientError::Network { .. } | ClientError::Tls { .. } | ClientError::Timeout { .. },
+        ) => Probe::Down,
         Err(ClientError::Api { status, .. } | ClientError::BadResponse { status, .. }) => {
             if *status == 408 || *status == 429 || *status >= 500 {
                 Probe::Down

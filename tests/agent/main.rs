@@ -11,3 +11,5 @@ mod faults;
 mod gateway;
 #[cfg(feature = "pkcs11")]
 mod pkcs11;
+#[cfg(feature = "pkcs11")]
+mod pkcs11_pin;

@@ -32,7 +32,7 @@ fn agent(hsm: &SoftHsm, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -50,7 +50,7 @@ fn uri_with_pin(hsm: &SoftHsm, object: &str) -> String {
 }
 
 /// `keygen --pkcs11` in the token; returns the printed address.
-fn keygen(hsm: &SoftHsm, object: &str) -> Address {
+pub(crate) fn keygen(hsm: &SoftHsm, object: &str) -> Address {
     let out = agent(hsm, &["keygen", "--pkcs11", &uri_with_pin(hsm, object)]);
     assert!(out.status.success(), "{}", text(&out));
     Address::parse(String::from_utf8(out.stdout).unwrap().trim()).unwrap()

@@ -13,6 +13,8 @@
 //! bounded; every scenario counts the challenges it cost.
 
 mod agent;
+#[cfg(feature = "tls")]
+mod clock;
 mod double;
 mod gateway;
 mod scenarios;
