@@ -5,6 +5,7 @@
 mod support;
 
 mod cli;
+mod console;
 mod e2e;
 mod faults;
 #[cfg(feature = "pkcs11")]

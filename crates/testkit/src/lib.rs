@@ -4,7 +4,7 @@
 //! them (Mosquitto and its clients, PostgreSQL, Python's `eth-account` and
 //! the peaqOS SDK). On a machine without them a test prints one line saying
 //! what it skipped and passes; with `PEAQOS_TEST_REQUIRE` naming the service
-//! (CI sets `mosquitto,postgres,python,systemd,deb,softhsm`), a missing service fails the test.
+//! (CI sets `mosquitto,postgres,python,systemd,deb,softhsm,root,chromium`), a missing service fails the test.
 
 pub mod man;
 pub mod softhsm;
@@ -32,6 +32,8 @@ pub enum Service {
     /// Root with `unshare`: a private mount namespace in which a test may
     /// mount a tmpfs (a full file system, say) without touching the host.
     Root,
+    /// Headless Chromium and its WebDriver (`chromium`, `chromedriver`).
+    Chromium,
 }
 
 impl Service {
@@ -44,6 +46,7 @@ impl Service {
             Self::Deb => "deb",
             Self::Softhsm => "softhsm",
             Self::Root => "root",
+            Self::Chromium => "chromium",
         }
     }
 }
