@@ -250,6 +250,16 @@ impl Browser {
         .await;
     }
 
+    /// Waits until the element `id` reads `text`.
+    async fn wait_text(&self, id: &str, text: &str) {
+        let script = format!("return document.getElementById('{id}').textContent;");
+        let (b, script) = (self, &script);
+        self.until(&format!("#{id} to read {text}"), move || async move {
+            (b.script(script).await == text).then_some(())
+        })
+        .await;
+    }
+
     async fn screenshot(&self) -> Vec<u8> {
         let v = self
             .call(reqwest::Method::GET, "/screenshot", &Value::Null)
@@ -326,15 +336,7 @@ async fn watch_and_block(chromium: &Path, chromedriver: &Path) {
         .await;
     // Marks this page load: a reload would lose it.
     browser.script("window.notReloaded = true;").await;
-    browser
-        .until("the count of active machines", || async {
-            let b = &browser;
-            let n = b
-                .script("return document.getElementById('count-active').textContent;")
-                .await;
-            (n == "3").then_some(())
-        })
-        .await;
+    browser.wait_text("count-active", "3").await;
 
     // A fourth registers: its row appears and turns active, live.
     let newcomer = &fleet[3].identity;
@@ -360,6 +362,7 @@ async fn watch_and_block(chromium: &Path, chromedriver: &Path) {
             status_of(rows, newcomer) == Some("blocked")
         })
         .await;
+    browser.wait_text("count-blocked", "1").await;
     browser
         .until("the block in the history", || async {
             let b = &browser;

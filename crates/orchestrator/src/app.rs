@@ -8,7 +8,7 @@ use peaqos_protocol::Timestamp;
 use crate::auth::ApiKeys;
 use crate::clock::Clock;
 use crate::config::{Config, VerificationMode};
-use crate::console::session::Sessions;
+use crate::console::ConsoleState;
 use crate::controllers::Resolver;
 use crate::lifecycle::Policy;
 use crate::metrics::Metrics;
@@ -28,8 +28,8 @@ pub struct App {
     pub api_keys: Option<ApiKeys>,
     /// The live event stream's tail of the audit log.
     pub events: Arc<EventHub>,
-    /// The console's logged-in browsers.
-    pub sessions: Sessions,
+    /// The fleet console's sessions and counts.
+    pub console: ConsoleState,
 }
 
 impl App {

@@ -151,7 +151,7 @@ impl Server {
             metrics,
             api_keys,
             events: Arc::default(),
-            sessions: crate::console::session::Sessions::default(),
+            console: crate::console::ConsoleState::default(),
             config,
         });
         let local = listener.local_addr().map_err(Error::LocalAddr)?;

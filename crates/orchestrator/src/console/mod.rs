@@ -12,6 +12,9 @@
 
 pub mod session;
 
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -141,7 +144,7 @@ async fn login(
             ));
         }
     };
-    let (id, session) = app.sessions.open(caller).map_err(|e| match e {
+    let (id, session) = app.console.sessions.open(caller).map_err(|e| match e {
         session::OpenError::Full => {
             ApiError::new(ErrorCode::RateLimited, e.to_string()).retry_after(60)
         }
@@ -167,17 +170,25 @@ async fn session(
     if app.api_keys.is_none() {
         return Ok(axum::Json(SessionView::OPEN));
     }
-    let s = app.sessions.of_request(&headers).ok_or_else(no_session)?;
+    let s = app
+        .console
+        .sessions
+        .of_request(&headers)
+        .ok_or_else(no_session)?;
     Ok(axum::Json(SessionView::of(&s)))
 }
 
 /// Ends the session; like every action, only with its CSRF token.
 async fn logout(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let s = app.sessions.of_request(&headers).ok_or_else(no_session)?;
+    let s = app
+        .console
+        .sessions
+        .of_request(&headers)
+        .ok_or_else(no_session)?;
     if !s.csrf_matches(headers.get(session::CSRF_HEADER).map(HeaderValue::as_bytes)) {
         return Err(csrf_refused());
     }
-    app.sessions.close(&headers);
+    app.console.sessions.close(&headers);
     let mut response = StatusCode::NO_CONTENT.into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
@@ -194,24 +205,55 @@ pub fn csrf_refused() -> ApiError {
     )
 }
 
+/// How long one count is reused: however many pages are open, one
+/// aggregate query per this (it reads every live row).
+const COUNTS_TTL: Duration = Duration::from_secs(2);
+
+/// What the console keeps per process.
+#[derive(Debug, Default)]
+pub struct ConsoleState {
+    /// Logged-in browsers.
+    pub sessions: session::Sessions,
+    /// The counts by status, reused for a moment.
+    pub counts: CountsCache,
+}
+
+/// The last counts, with when they were read.
+#[derive(Debug, Default)]
+pub struct CountsCache(Mutex<Option<(Instant, Arc<Counts>)>>);
+
 #[derive(Debug, Serialize)]
-struct Counts {
+pub struct Counts {
     /// Live machines by stored status (`degraded` is read from `active`
     /// per machine, so it is not counted apart).
     counts: std::collections::BTreeMap<String, i64>,
     total: i64,
 }
 
-/// One aggregate query, whatever the fleet's size.
-async fn counts(State(app): State<AppState>) -> Result<axum::Json<Counts>, ApiError> {
+/// One aggregate query, whatever the fleet's size, at most every
+/// [`COUNTS_TTL`].
+async fn counts(State(app): State<AppState>) -> Result<axum::Json<Arc<Counts>>, ApiError> {
+    let cache = &app.console.counts.0;
+    let lock = || {
+        cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    if let Some((read, counts)) = &*lock()
+        && read.elapsed() < COUNTS_TTL
+    {
+        return Ok(axum::Json(Arc::clone(counts)));
+    }
     let rows = app
         .store
         .count_by_status()
         .await
         .map_err(crate::service::ServiceError::from)?;
     let total = rows.iter().map(|(_, n)| n).sum();
-    Ok(axum::Json(Counts {
+    let counts = Arc::new(Counts {
         counts: rows.into_iter().collect(),
         total,
-    }))
+    });
+    *lock() = Some((Instant::now(), Arc::clone(&counts)));
+    Ok(axum::Json(counts))
 }

@@ -271,7 +271,7 @@ mod tests {
             metrics,
             api_keys: None,
             events: Arc::new(EventHub::default()),
-            sessions: crate::console::session::Sessions::default(),
+            console: crate::console::ConsoleState::default(),
         });
         let subscriber = |app: &AppState| Subscriber {
             app: Arc::clone(app),

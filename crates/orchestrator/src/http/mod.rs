@@ -161,7 +161,7 @@ fn authenticate(app: &App, keys: &crate::auth::ApiKeys, req: &Request) -> Result
             "an API key is required (header x-api-key)",
         ));
     }
-    let Some(session) = app.sessions.of_request(headers) else {
+    let Some(session) = app.console.sessions.of_request(headers) else {
         return Err(ApiError::new(
             ErrorCode::AuthInvalid,
             "the console session has ended; log in again",

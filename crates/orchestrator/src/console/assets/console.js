@@ -201,7 +201,8 @@ async function readPending() {
   }));
   applyFilter();
   if (state.selected) showDetail(state.selected);
-  if (!countsTimer) countsTimer = setTimeout(refreshCounts, 500);
+  // The server reuses a count for 2 s: ask once it is due again.
+  if (!countsTimer) countsTimer = setTimeout(refreshCounts, 2100);
 }
 
 // ---- table ----
