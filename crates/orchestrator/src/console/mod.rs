@@ -138,6 +138,8 @@ async fn login(
     let caller = match keys.check(Some(body.api_key.as_bytes())) {
         KeyCheck::Accepted(caller) => caller,
         KeyCheck::Missing | KeyCheck::Invalid => {
+            // Never the key itself: a near miss is still most of one.
+            tracing::warn!("console login refused: the API key is not valid");
             return Err(ApiError::new(
                 ErrorCode::AuthInvalid,
                 "the API key is not valid",
