@@ -6,6 +6,7 @@
 mod support;
 
 mod cli;
+mod console;
 mod e2e;
 mod faults;
 mod gateway;

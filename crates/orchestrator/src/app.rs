@@ -8,6 +8,7 @@ use peaqos_protocol::Timestamp;
 use crate::auth::ApiKeys;
 use crate::clock::Clock;
 use crate::config::{Config, VerificationMode};
+use crate::console::ConsoleState;
 use crate::controllers::Resolver;
 use crate::lifecycle::Policy;
 use crate::metrics::Metrics;
@@ -27,6 +28,8 @@ pub struct App {
     pub api_keys: Option<ApiKeys>,
     /// The live event stream's tail of the audit log.
     pub events: Arc<EventHub>,
+    /// The fleet console's sessions and counts.
+    pub console: ConsoleState,
 }
 
 impl App {

@@ -64,6 +64,8 @@ impl EventType {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub key_name: std::sync::Arc<str>,
+    /// What the key may do.
+    pub role: crate::roles::Role,
 }
 
 /// The actor of a change: the caller's key name; without auth, the signer

@@ -9,6 +9,10 @@
 //! A key's name is who the audit trail says made a change. A key without
 //! one is named `key-` and the first 8 hex digits of its digest: stable,
 //! and 32 bits of a hash say nothing usable about a 16+ character key.
+//!
+//! A named key may end with its [`Role`] (`NAME KEY ROLE`); a key without
+//! one (`NAME KEY`, or the key alone) is an `operator`, which may do
+//! everything, as every key could before roles.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use sha3::{Digest, Keccak256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::audit::Caller;
+pub use crate::roles::Role;
 
 /// Keys shorter than this are refused at start-up: they can be guessed.
 pub const MIN_KEY_LEN: usize = 16;
@@ -51,6 +56,7 @@ pub enum KeyCheck {
 pub struct ApiKeys {
     digests: Vec<[u8; 32]>,
     names: Vec<Arc<str>>,
+    roles: Vec<Role>,
 }
 
 impl std::fmt::Debug for ApiKeys {
@@ -58,6 +64,7 @@ impl std::fmt::Debug for ApiKeys {
         f.debug_struct("ApiKeys")
             .field("count", &self.digests.len())
             .field("names", &self.names)
+            .field("roles", &self.roles)
             .finish()
     }
 }
@@ -79,6 +86,7 @@ impl ApiKeys {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ApiKeysError> {
         let mut digests = Vec::new();
         let mut names: Vec<Arc<str>> = Vec::new();
+        let mut roles = Vec::new();
         for (index, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -90,14 +98,26 @@ impl ApiKeys {
                 message,
             };
             let mut words = line.split_whitespace();
-            let (name, key) = match (words.next(), words.next(), words.next()) {
-                (Some(key), None, _) => (None, key),
-                (Some(name), Some(key), None) => (Some(name), key),
+            let (name, key, role) = match (words.next(), words.next(), words.next(), words.next()) {
+                (Some(key), None, ..) => (None, key, None),
+                (Some(name), Some(key), None, _) => (Some(name), key, None),
+                (Some(name), Some(key), Some(role), None) => (Some(name), key, Some(role)),
                 _ => {
-                    return Err(bad(
-                        "expected `NAME KEY` or a key alone (a key has no spaces)".to_owned(),
-                    ));
+                    return Err(bad("expected `NAME KEY ROLE`, `NAME KEY` or a key alone \
+                             (a key has no spaces)"
+                        .to_owned()));
                 }
+            };
+            // The third word is not echoed: a key pasted there by mistake
+            // must not reach a log.
+            let role = match role {
+                None => Role::Operator,
+                Some(word) => Role::parse(word).ok_or_else(|| {
+                    bad(format!(
+                        "the third word is not a role (one of {})",
+                        Role::NAMES.join(", ")
+                    ))
+                })?,
             };
             if key.len() < MIN_KEY_LEN {
                 return Err(bad(format!("key is shorter than {MIN_KEY_LEN} characters")));
@@ -121,13 +141,18 @@ impl ApiKeys {
             };
             digests.push(digest);
             names.push(name);
+            roles.push(role);
         }
         if digests.is_empty() {
             return Err(ApiKeysError::Empty {
                 path: path.to_owned(),
             });
         }
-        Ok(Self { digests, names })
+        Ok(Self {
+            digests,
+            names,
+            roles,
+        })
     }
 
     /// Checks a presented header value.
@@ -143,9 +168,11 @@ impl ApiKeys {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
             found = u32::conditional_select(&found, &i, d.ct_eq(&presented));
         }
-        match usize::try_from(found).ok().and_then(|i| self.names.get(i)) {
-            Some(name) => KeyCheck::Accepted(Caller {
+        let found = usize::try_from(found).ok();
+        match found.and_then(|i| Some((self.names.get(i)?, self.roles.get(i)?))) {
+            Some((name, role)) => KeyCheck::Accepted(Caller {
                 key_name: Arc::clone(name),
+                role: *role,
             }),
             None => KeyCheck::Invalid,
         }
@@ -219,7 +246,7 @@ mod tests {
         // The name is not a key.
         assert_eq!(keys.check(Some(b"fleet-a")), KeyCheck::Invalid);
         for (text, says) in [
-            ("a b key-aaaaaaaaaaaaaaaa\n", "NAME KEY"),
+            ("a b key-aaaaaaaaaaaaaaaa c\n", "NAME KEY"),
             ("0xabc key-aaaaaaaaaaaaaaaa\n", "cannot name"),
             ("fleet/a key-aaaaaaaaaaaaaaaa\n", "only letters"),
             ("x key-aaaaaaaaaaaaaaaa\nx key-bbbbbbbbbbbbbbbb\n", "twice"),
@@ -229,6 +256,39 @@ mod tests {
                 .to_string();
             assert!(shown.contains(says), "{text:?}: {shown}");
             assert!(!shown.contains("key-aaaa"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn named_keys_may_carry_a_role_and_keys_without_one_may_do_everything() {
+        let keys = ApiKeys::parse(
+            Path::new(PATH),
+            "dash key-aaaaaaaaaaaaaaaa read\nrobots key-bbbbbbbbbbbbbbbb agent\n\
+             ops key-cccccccccccccccc operator\nold key-dddddddddddddddd\nkey-eeeeeeeeeeeeeeee\n",
+        )
+        .unwrap();
+        let role = |k: &[u8]| match keys.check(Some(k)) {
+            KeyCheck::Accepted(c) => c.role,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(role(b"key-aaaaaaaaaaaaaaaa"), Role::Read);
+        assert_eq!(role(b"key-bbbbbbbbbbbbbbbb"), Role::Agent);
+        assert_eq!(role(b"key-cccccccccccccccc"), Role::Operator);
+        assert_eq!(role(b"key-dddddddddddddddd"), Role::Operator);
+        assert_eq!(role(b"key-eeeeeeeeeeeeeeee"), Role::Operator);
+        for text in [
+            "x key-aaaaaaaaaaaaaaaa admin\n",
+            "x key-aaaaaaaaaaaaaaaa key-bbbbbbbbbbbbbbbb\n",
+            "x key-aaaaaaaaaaaaaaaa read extra\n",
+        ] {
+            let shown = ApiKeys::parse(Path::new(PATH), text)
+                .unwrap_err()
+                .to_string();
+            assert!(shown.contains("line 1"), "{shown}");
+            assert!(
+                !shown.contains("key-bbbb") && !shown.contains("admin"),
+                "{shown}"
+            );
         }
     }
 

@@ -153,6 +153,7 @@ impl Server {
             metrics,
             api_keys,
             events: Arc::new(EventHub::new(streams)),
+            console: crate::console::ConsoleState::default(),
             config,
         });
         let local = listener.local_addr().map_err(Error::LocalAddr)?;

@@ -53,6 +53,8 @@ error_codes! {
     ProofRequired = "MACHINE_IDENTITY_PROOF_REQUIRED" => 400,
     AuthRequired = "AUTH_REQUIRED" => 401,
     AuthInvalid = "AUTH_INVALID" => 401,
+    // Our extension: the API key's role does not allow the request.
+    Forbidden = "FORBIDDEN" => 403,
     ProofInvalid = "MACHINE_IDENTITY_PROOF_INVALID" => 403,
     NotFound = "NOT_FOUND" => 404,
     MethodNotAllowed = "METHOD_NOT_ALLOWED" => 405,

@@ -4,7 +4,7 @@
 //! them (Mosquitto and its clients, PostgreSQL, Python's `eth-account` and
 //! the peaqOS SDK). On a machine without them a test prints one line saying
 //! what it skipped and passes; with `PEAQOS_TEST_REQUIRE` naming the service
-//! (CI sets `mosquitto,postgres,python,systemd,deb,softhsm`), a missing service fails the test.
+//! (CI sets `mosquitto,postgres,python,systemd,deb,softhsm,root,chromium`), a missing service fails the test.
 
 pub mod man;
 pub mod softhsm;
@@ -34,6 +34,8 @@ pub enum Service {
     Root,
     /// libfaketime (Debian's `faketime`): a process's wall clock set apart.
     Faketime,
+    /// Headless Chromium and its WebDriver (`chromium`, `chromedriver`).
+    Chromium,
 }
 
 impl Service {
@@ -47,6 +49,7 @@ impl Service {
             Self::Softhsm => "softhsm",
             Self::Root => "root",
             Self::Faketime => "faketime",
+            Self::Chromium => "chromium",
         }
     }
 }

@@ -177,6 +177,7 @@ impl From<ServiceError> for ApiError {
                 Self::new(ErrorCode::IdentityExists, e.to_string()).with_machine(machine_id)
             }
             ServiceError::NotFound { .. } => Self::new(ErrorCode::NotFound, e.to_string()),
+            ServiceError::Forbidden { .. } => Self::new(ErrorCode::Forbidden, e.to_string()),
             ServiceError::RateLimited { retry_after } => {
                 Self::new(ErrorCode::RateLimited, e.to_string())
                     .retry_after(retry_after.as_secs() + 1)

@@ -356,6 +356,7 @@ mod tests {
             metrics,
             api_keys: None,
             events: Arc::new(EventHub::default()),
+            console: crate::console::ConsoleState::default(),
         })
     }
 

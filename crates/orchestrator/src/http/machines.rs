@@ -18,6 +18,7 @@ use super::validate::{validate_create, validate_update};
 use super::{ApiError, ApiJson, AppState};
 use crate::audit::Caller;
 use crate::ids;
+use crate::roles::{self, Role};
 use crate::store::PageKey;
 
 /// The path of one machine, as routed.
@@ -76,8 +77,13 @@ async fn update(
     ApiJson(request): ApiJson<UpdateMachineRequest>,
 ) -> Result<Item, ApiError> {
     let id = machine_id(path)?;
-    validate_update(&request)?;
     let caller = caller.as_ref().map(|c| &c.0);
+    roles::require(
+        caller,
+        Role::needed_to_set(request.status),
+        "set this status",
+    )?;
+    validate_update(&request)?;
     Ok(item(app.update_machine(&id, request, caller).await?))
 }
 

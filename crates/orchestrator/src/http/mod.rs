@@ -31,10 +31,13 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 pub use self::error::ApiError;
 pub use self::extract::ApiJson;
 use crate::app::App;
+use crate::audit::Caller;
 use crate::auth::KeyCheck;
+use crate::console;
 /// Kept here for callers from before the helper had its own module.
 pub use crate::error_chain::error_chain;
 use crate::metrics::{RequestLabels, RouteLabels};
+use crate::roles::{self, Role};
 
 pub type AppState = Arc<App>;
 
@@ -65,6 +68,14 @@ const ROUTES: &[&str] = &[
     "/api/v1/machines/{machineId}",
     audit::AUDIT_EVENTS,
     events::EVENTS,
+    "/",
+    console::PAGE,
+    console::LOGIN,
+    console::LOGOUT,
+    console::SESSION,
+    console::COUNTS,
+    console::SCRIPT,
+    console::STYLE,
 ];
 
 fn route_label(matched: Option<&MatchedPath>) -> &'static str {
@@ -113,16 +124,65 @@ async fn observe(State(app): State<AppState>, req: Request, next: Next) -> Respo
 /// Routes answered without an API key even when auth is on: probes, and
 /// the API's description (it holds no data, and clients and fuzzers read it
 /// before they have a key). Everything else under `/api/` (unknown routes
-/// and wrong methods included, so that probing learns nothing) and
-/// `/metrics` need the key.
+/// and wrong methods included, so that probing learns nothing), `/metrics`
+/// and the console's data (`/console/api/`) need the key or a session.
 const PUBLIC_WITH_AUTH: &[&str] = &[paths::OPENAPI, paths::API_HEALTH, health::API_READINESS];
 
 fn needs_api_key(path: &str) -> bool {
-    (path == "/metrics" || path.starts_with("/api/")) && !PUBLIC_WITH_AUTH.contains(&path)
+    (path == "/metrics" || path.starts_with("/api/") || path.starts_with("/console/api/"))
+        && !PUBLIC_WITH_AUTH.contains(&path)
 }
 
-/// Refuses requests without a valid `x-api-key` (when auth is on), and
-/// tells the handlers whose key it was (the audit trail's actor).
+/// Who a request comes from: its `x-api-key`, or else the console session
+/// its cookie names.
+///
+/// A session authenticates the API too (an `EventSource` cannot send a
+/// header, and the page acts through the API). A cookie goes with every
+/// request the browser makes, whoever's page asks, so a session's request
+/// that changes anything must also carry the session's CSRF token in a
+/// header: another site can neither read the token nor set the header
+/// without a CORS preflight, which this server never grants; and the
+/// cookie is `SameSite=Strict` besides. A request with `x-api-key` needs
+/// no token: a browser never adds that header by itself.
+fn authenticate(app: &App, keys: &crate::auth::ApiKeys, req: &Request) -> Result<Caller, ApiError> {
+    let headers = req.headers();
+    if let Some(presented) = headers.get(paths::API_KEY_HEADER) {
+        return match keys.check(Some(presented.as_bytes())) {
+            KeyCheck::Accepted(caller) => Ok(caller),
+            KeyCheck::Missing | KeyCheck::Invalid => Err(ApiError::new(
+                ErrorCode::AuthInvalid,
+                "the API key is not valid",
+            )),
+        };
+    }
+    if console::session::cookie_value(headers).is_none() {
+        return Err(ApiError::new(
+            ErrorCode::AuthRequired,
+            "an API key is required (header x-api-key)",
+        ));
+    }
+    let Some(session) = app.console.sessions.of_request(headers) else {
+        return Err(ApiError::new(
+            ErrorCode::AuthInvalid,
+            "the console session has ended; log in again",
+        ));
+    };
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe
+        && !session.csrf_matches(
+            headers
+                .get(console::session::CSRF_HEADER)
+                .map(HeaderValue::as_bytes),
+        )
+    {
+        return Err(console::csrf_refused());
+    }
+    Ok(session.caller)
+}
+
+/// Refuses requests without a valid `x-api-key` or session (when auth is
+/// on), or whose key's role does not allow the method; and tells the
+/// handlers whose key it was (the audit trail's actor, and its role).
 async fn require_api_key(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
     let Some(keys) = &app.api_keys else {
         return next.run(req).await;
@@ -130,24 +190,19 @@ async fn require_api_key(State(app): State<AppState>, mut req: Request, next: Ne
     if !needs_api_key(req.uri().path()) {
         return next.run(req).await;
     }
-    let presented = req
-        .headers()
-        .get(paths::API_KEY_HEADER)
-        .map(HeaderValue::as_bytes);
-    match keys.check(presented) {
-        KeyCheck::Accepted(caller) => {
-            req.extensions_mut().insert(caller);
-            next.run(req).await
-        }
-        KeyCheck::Missing => ApiError::new(
-            ErrorCode::AuthRequired,
-            "an API key is required (header x-api-key)",
-        )
-        .into_response(),
-        KeyCheck::Invalid => {
-            ApiError::new(ErrorCode::AuthInvalid, "the API key is not valid").into_response()
-        }
+    let caller = match authenticate(&app, keys, &req) {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = roles::require(
+        Some(&caller),
+        Role::needed_for(req.method()),
+        "use this method",
+    ) {
+        return ApiError::from(e).into_response();
     }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
 }
 
 async fn not_found() -> ApiError {
@@ -180,6 +235,7 @@ pub fn router(app: AppState) -> Router {
         .merge(machines::router())
         .merge(audit::router())
         .merge(events::router())
+        .merge(console::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Around the fallbacks too: an unknown route or a wrong method

@@ -22,6 +22,12 @@ pub enum ServiceError {
     IdentityExists { machine_id: String },
     #[error("{what} not found")]
     NotFound { what: &'static str },
+    /// The caller's role does not allow this change.
+    #[error("this API key's role ({role}) may not {action}")]
+    Forbidden {
+        role: &'static str,
+        action: &'static str,
+    },
     #[error("too many challenge requests from this address; retry later")]
     RateLimited { retry_after: Duration },
     #[error("too many challenges are pending; retry later")]

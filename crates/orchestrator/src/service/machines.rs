@@ -9,6 +9,7 @@ use crate::app::App;
 use crate::audit::{self, Caller};
 use crate::ids;
 use crate::lifecycle;
+use crate::roles::Role;
 use crate::store::{Consume, MachineRecord, PageKey, StoreError, StoredStatus};
 
 /// A list request examines at most this many batches of `limit` records
@@ -124,6 +125,18 @@ impl App {
             .filter(|m| lifecycle::is_patchable(m.status))
             .ok_or(ServiceError::not_found("machine"))?;
         lifecycle::check_identity_unchanged(&machine.identity, request.identity_ref.as_ref())?;
+        // Lifting a block is an operator's decision, even with a fresh
+        // proof: an agent's key re-proving its own machine may not undo it.
+        if let Some(caller) = caller
+            && machine.status == StoredStatus::Blocked
+            && target.is_some_and(|t| t != StoredStatus::Blocked)
+            && !caller.role.allows(Role::Operator)
+        {
+            return Err(ServiceError::Forbidden {
+                role: caller.role.as_str(),
+                action: "lift a block",
+            });
+        }
         let fresh = match &proof_input {
             Some(input) => Some(self.verify_submitted(&machine.identity, input).await?),
             None => None,

@@ -285,4 +285,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         after: Option<&'a PageKey>,
         limit: u32,
     ) -> StoreFuture<'a, Vec<MachineRecord>>;
+
+    /// How many live (not archived) machines have each stored status, as
+    /// `(status, count)` rows (the console's counts).
+    fn count_by_status(&self) -> StoreFuture<'_, Vec<(String, i64)>>;
 }
+
+/// The counts by status in one statement, the same on both stores.
+pub const COUNT_BY_STATUS_SQL: &str =
+    "SELECT status, COUNT(*) FROM machines WHERE status <> 'archived' GROUP BY status";

@@ -561,6 +561,13 @@ impl Store for PostgresStore {
         })
     }
 
+    fn count_by_status(&self) -> StoreFuture<'_, Vec<(String, i64)>> {
+        Box::pin(async move {
+            let query = sqlx::query_as(super::COUNT_BY_STATUS_SQL);
+            self.pool.run(|c| Box::pin(query.fetch_all(c))).await
+        })
+    }
+
     fn list_machines<'a>(
         &'a self,
         after: Option<&'a PageKey>,

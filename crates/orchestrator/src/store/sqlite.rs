@@ -432,6 +432,14 @@ impl Store for SqliteStore {
         Box::pin(sqlite_audit::prune(&self.writer, before, batch))
     }
 
+    fn count_by_status(&self) -> StoreFuture<'_, Vec<(String, i64)>> {
+        Box::pin(async move {
+            Ok(sqlx::query_as(super::COUNT_BY_STATUS_SQL)
+                .fetch_all(&self.reader)
+                .await?)
+        })
+    }
+
     fn list_machines<'a>(
         &'a self,
         after: Option<&'a PageKey>,

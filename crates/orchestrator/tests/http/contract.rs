@@ -732,7 +732,10 @@ async fn health_readiness_errors_and_dates() {
     assert_eq!(ready["controllerSource"], "registry");
 
     expect_error(s.get("/api/v1/nothing-here").await, 404, "NOT_FOUND").await;
-    expect_error(s.get("/").await, 404, "NOT_FOUND").await;
+    expect_error(s.get("/nothing-here").await, 404, "NOT_FOUND").await;
+    // The root leads to the fleet console.
+    let r = s.get("/").await;
+    assert_eq!(r.url().path(), "/console");
     let r = s
         .client
         .put(s.url("/api/v1/machines"))

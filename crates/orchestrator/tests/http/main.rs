@@ -17,6 +17,7 @@ mod binary;
 mod cli;
 mod concurrency;
 mod connections;
+mod console;
 mod contract;
 mod docs;
 mod lifetime;
