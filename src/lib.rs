@@ -19,7 +19,6 @@ pub mod keystore;
 pub mod local_code;
 pub mod machine;
 pub mod mqtt;
-pub mod mqtt_link;
 pub mod pkcs11;
 pub mod registration;
 pub mod reload;

@@ -15,7 +15,7 @@ use crate::client::ClientBuildError;
 use crate::config::{Config, ConfigError, MachineEntry, MachineSpec, machines};
 use crate::machine::{Machine, Prepared, log_key_choice};
 use crate::mqtt::MqttError;
-use crate::mqtt_link::{self, MachinePort, Membership};
+use crate::mqtt::{self, MachinePort, Membership};
 use crate::reload;
 use crate::shared::{Shared, start_delay};
 use crate::signer::{OpenError, Signer};
@@ -146,7 +146,7 @@ impl Agent {
         let mqtt_task = if config.mqtt.enabled {
             let heartbeat = Heartbeat::new("mqtt");
             shared.heartbeats.insert(heartbeat.clone());
-            let handle = mqtt_link::spawn_host(
+            let handle = mqtt::spawn_host(
                 &config.mqtt,
                 config.machine_name(),
                 members_rx,
