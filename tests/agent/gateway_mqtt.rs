@@ -91,33 +91,10 @@ fn start(hsm: &SoftHsm, config: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
-/// Every retained message under `filter`, as a fresh subscriber sees it.
-fn retained(sub: &Path, port: u16, filter: &str) -> BTreeMap<String, String> {
-    let out = Command::new(sub)
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args([
-            "-t",
-            filter,
-            "--retained-only",
-            "-W",
-            "1",
-            "-F",
-            "%t\u{1f}%p",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| line.split_once('\u{1f}'))
-        .map(|(t, p)| (t.to_owned(), p.to_owned()))
-        .collect()
-}
-
 /// The retained messages under `filter` once `pred` holds for them.
 fn retained_until(
+    broker: &Mosquitto,
     sub: &Path,
-    port: u16,
     filter: &str,
     what: &str,
     log: &Path,
@@ -125,7 +102,7 @@ fn retained_until(
 ) -> BTreeMap<String, String> {
     let deadline = Instant::now() + WAIT;
     loop {
-        let seen = retained(sub, port, filter);
+        let seen = broker.retained(sub, filter);
         if pred(&seen) {
             return seen;
         }
@@ -225,7 +202,6 @@ async fn a_gateway_of_200_machines_on_one_mqtt_connection() {
     ) else {
         return;
     };
-    let port = broker.port();
     let orchestrator = Orchestrator::start(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let machines = dir.path().join("machines.d");
@@ -255,8 +231,8 @@ async fn a_gateway_of_200_machines_on_one_mqtt_connection() {
     let mut agent = start(&hsm, &config, &agent_log);
     let everyone: Vec<usize> = (0..MACHINES).collect();
     retained_until(
+        &broker,
         &sub,
-        port,
         "peaqos/+/status",
         "200 active",
         &agent_log,
@@ -318,8 +294,8 @@ async fn a_gateway_of_200_machines_on_one_mqtt_connection() {
     signal(&agent, rustix::process::Signal::HUP);
     let kept: Vec<usize> = (0..MACHINES).filter(|n| !removed.contains(n)).collect();
     let after = retained_until(
+        &broker,
         &sub,
-        port,
         "peaqos/#",
         "10 machines cleared",
         &agent_log,
@@ -333,8 +309,8 @@ async fn a_gateway_of_200_machines_on_one_mqtt_connection() {
     );
     assert!(all_active(&kept)(&after), "the other 190 statuses stay");
     let discovery = retained_until(
+        &broker,
         &sub,
-        port,
         "homeassistant/sensor/#",
         "10 discovery configs cleared",
         &agent_log,
@@ -342,13 +318,13 @@ async fn a_gateway_of_200_machines_on_one_mqtt_connection() {
     );
 
     // kill -9: every machine reads offline through its availability list.
-    let avail = retained(&sub, port, "peaqos/+/availability");
+    let avail = broker.retained(&sub, "peaqos/+/availability");
     assert!(kept.iter().all(|n| ha_available(&discovery, &avail, *n)));
     agent.kill().unwrap();
     agent.wait().unwrap();
     let avail = retained_until(
+        &broker,
         &sub,
-        port,
         "peaqos/+/availability",
         "the will",
         &agent_log,
@@ -362,7 +338,8 @@ async fn a_gateway_of_200_machines_on_one_mqtt_connection() {
     assert!(still.is_empty(), "available after kill -9: {still:?}");
 
     // Restart: all back from their state files, no new record.
-    let killed_at = retained(&sub, port, "peaqos/+/status")
+    let killed_at = broker
+        .retained(&sub, "peaqos/+/status")
         .values()
         .filter_map(|p| serde_json::from_str::<serde_json::Value>(p).ok())
         .filter_map(|s| s["timestamp"].as_str().map(str::to_owned))
@@ -370,16 +347,16 @@ async fn a_gateway_of_200_machines_on_one_mqtt_connection() {
         .unwrap();
     let mut agent = start(&hsm, &config, &agent_log);
     retained_until(
+        &broker,
         &sub,
-        port,
         "peaqos/+/availability",
         "online again",
         &agent_log,
         |s| s.get(GATEWAY_AVAILABILITY).is_some_and(|p| p == "online"),
     );
     retained_until(
+        &broker,
         &sub,
-        port,
         "peaqos/+/status",
         "190 active again",
         &agent_log,
@@ -402,7 +379,7 @@ async fn a_gateway_of_200_machines_on_one_mqtt_connection() {
         assert!(Instant::now() < deadline, "the gateway did not stop");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let avail = retained(&sub, port, "peaqos/+/availability");
+    let avail = broker.retained(&sub, "peaqos/+/availability");
     assert_eq!(avail.len(), kept.len() + 1, "{avail:#?}");
     assert!(avail.values().all(|p| p == "offline"), "{avail:#?}");
 }
