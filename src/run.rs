@@ -1,7 +1,7 @@
 //! `peaqos-agent run`: the host of the agent's machines. It assembles what
 //! they share ([`crate::shared`]), starts one [`crate::machine`] per
 //! machine (the agent's own, from `agent.toml`, and one per file of the
-//! machines directory), tells the MQTT side and systemd about them, and
+//! machines directory), tells the MQTT interface (one connection for all of them) and systemd about them, and
 //! applies reloads ([`crate::reload`]) until shutdown. A robot is the case
 //! of one machine.
 
@@ -14,8 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::ClientBuildError;
 use crate::config::{Config, ConfigError, MachineEntry, MachineSpec, machines};
 use crate::machine::{Machine, Prepared, log_key_choice};
-use crate::mqtt::MqttError;
-use crate::mqtt::{self, MachinePort, Membership};
+use crate::mqtt::{self, MachinePort, Membership, MqttError};
 use crate::reload;
 use crate::shared::{Shared, start_delay};
 use crate::signer::{OpenError, Signer};

@@ -110,19 +110,23 @@ pub fn drop_in_dir(main: &Path) -> PathBuf {
 /// `agent.d/*.toml` in lexical order; none when the directory is absent.
 pub fn drop_in_files(main: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let dir = drop_in_dir(main);
-    let entries = match std::fs::read_dir(&dir) {
+    toml_files(&dir, false).map_err(|source| ConfigError::DropIns { path: dir, source })
+}
+
+/// `<dir>/*.toml` in lexical order (with `skip_hidden`, those whose name
+/// starts with a dot left out); none when the directory is absent.
+pub(super) fn toml_files(dir: &Path, skip_hidden: bool) -> std::io::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(ConfigError::DropIns { path: dir, source }),
+        Err(e) => return Err(e),
     };
     let mut files = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|source| ConfigError::DropIns {
-            path: dir.clone(),
-            source,
-        })?;
+        let entry = entry?;
         let path = entry.path();
-        if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
+        let hidden = skip_hidden && entry.file_name().to_string_lossy().starts_with('.');
+        if !hidden && path.extension().is_some_and(|e| e == "toml") && path.is_file() {
             files.push(path);
         }
     }
@@ -193,26 +197,19 @@ impl Config {
 
     /// Rules that involve more than one key.
     pub fn check(&self) -> Result<(), CheckError> {
+        // A machine of its own needs both tables; a gateway only may have
+        // neither.
+        let missing = |key: &str, set: &str| CheckError {
+            key: key.to_owned(),
+            message: format!(
+                "missing: [{set}] is set, so the agent is a machine itself and needs [{key}] \
+                 too (or leave both out on a gateway whose machines are in machines.d)"
+            ),
+        };
         match (&self.identity, &self.machine) {
             (Some(identity), Some(_)) => identity.check()?,
-            (Some(_), None) => {
-                return Err(CheckError {
-                    key: "machine".into(),
-                    message: "missing: [identity] is set, so the agent is a machine itself and \
-                              needs [machine] too (or leave both out on a gateway whose \
-                              machines are in machines.d)"
-                        .into(),
-                });
-            }
-            (None, Some(_)) => {
-                return Err(CheckError {
-                    key: "identity".into(),
-                    message: "missing: [machine] is set, so the agent is a machine itself and \
-                              needs [identity] too (or leave both out on a gateway whose \
-                              machines are in machines.d)"
-                        .into(),
-                });
-            }
+            (Some(_), None) => return Err(missing("machine", "identity")),
+            (None, Some(_)) => return Err(missing("identity", "machine")),
             (None, None) => {}
         }
         self.orchestrator.check()?;

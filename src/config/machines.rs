@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::load::{CheckError, ConfigError, parse, use_unit_credentials};
+use super::load::{CheckError, ConfigError, parse, toml_files, use_unit_credentials};
 use super::{Config, IdentityConfig, MachineConfig};
 use crate::mqtt::MqttConfig;
 
@@ -129,6 +129,11 @@ pub enum MachineFileError {
     #[error("invalid machine file")]
     Invalid(#[source] ConfigError),
     #[error(
+        "{path}: {name:?} is the gateway's own name (agent.toml's [machine] display_name, \
+         or \"gateway\"); its topics and status would be the gateway's: rename the file"
+    )]
+    NameTaken { path: PathBuf, name: String },
+    #[error(
         "{path}: identity {identity} is already kept by machine {other:?} ({other_path}); \
          one identity, one machine"
     )]
@@ -177,30 +182,10 @@ pub fn check_name(name: &str) -> Result<(), NameError> {
 /// `<dir>/*.toml` in lexical order, hidden files (an editor's) left out;
 /// none when the directory does not exist.
 pub fn list(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(ConfigError::MachinesDir {
-                path: dir.to_owned(),
-                source,
-            });
-        }
-    };
-    let mut files = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|source| ConfigError::MachinesDir {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let path = entry.path();
-        let hidden = entry.file_name().to_string_lossy().starts_with('.');
-        if !hidden && path.extension().is_some_and(|e| e == "toml") && path.is_file() {
-            files.push(path);
-        }
-    }
-    files.sort();
-    Ok(files)
+    toml_files(dir, true).map_err(|source| ConfigError::MachinesDir {
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 /// Reads every machine file of `config`'s machines directory. Only a
@@ -231,6 +216,13 @@ pub fn read_all(config: &Config) -> Result<Vec<MachineEntry>, ConfigError> {
         );
     }
     for entry in &mut entries {
+        if entry.name == config.machine_name() {
+            entry.spec = Err(MachineFileError::NameTaken {
+                path: entry.path.clone(),
+                name: entry.name.clone(),
+            });
+            continue;
+        }
         let Ok(spec) = &entry.spec else { continue };
         let identity = spec.identity.identity_ref.canonical();
         if let Some((other, other_path)) = seen.get(&identity) {
@@ -369,13 +361,17 @@ topic_prefix = "site/dock-7"
                 ("dock 9.toml", GOOD),
                 ("dock-10.toml", GOOD),
                 ("plc-1.toml", &other),
+                ("gateway.toml", &other.replace("did:peaq:78", "did:peaq:79")),
                 ("notes.txt", "not a machine"),
                 (".dock-7.toml.swp.toml", "editor"),
             ],
         );
         let entries = read_all(&config).unwrap();
         let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, ["dock 9", "dock-10", "dock-7", "dock-8", "plc-1"]);
+        assert_eq!(
+            names,
+            ["dock 9", "dock-10", "dock-7", "dock-8", "gateway", "plc-1"]
+        );
         let error = |name: &str| {
             let e = entries.iter().find(|e| e.name == name).unwrap();
             peaqos_logging::error_chain(e.spec.as_ref().unwrap_err())
@@ -388,6 +384,8 @@ topic_prefix = "site/dock-7"
             e.contains("dock-7.toml") && e.contains("dock-10") && e.contains("did:peaq:77"),
             "{e}"
         );
+        let e = error("gateway");
+        assert!(e.contains("gateway.toml") && e.contains("own name"), "{e}");
         let e = error("dock-8");
         assert!(
             e.contains("dock-8.toml:8:") && e.contains("machine.owner_id"),

@@ -400,6 +400,21 @@ async fn run_registers_then_stops_cleanly_on_sigterm() {
     );
     let saved = std::fs::read_to_string(state.join("state.json")).unwrap();
     assert!(saved.contains(&active.id), "{saved}");
+    // Issue #22 (11): `journalctl STATE=active MACHINE_ID=mach_…` found
+    // nothing. The state entries are in the loop's span, which carries the
+    // machine's name and, once known, its record's id: the journal gets
+    // both as fields (crates/logging), stderr shows the span.
+    let state_line = log
+        .lines()
+        .find(|l| l.contains("state=active"))
+        .unwrap_or_else(|| panic!("no state=active entry:\n{log}"));
+    assert!(
+        state_line.contains(&format!(
+            "machine{{machine_name=test robot machine_id={}}}",
+            active.id
+        )),
+        "{state_line}"
+    );
 }
 
 #[test]
@@ -464,4 +479,65 @@ print(acct.address)
         "{}",
         text(&wrong)
     );
+}
+
+/// `check` on a gateway: agent.toml, then every machine file, each of a
+/// machine's lines marked with its name; a bad file fails the check with
+/// the file, line and key named, and the good machine is checked in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_each_machine_file_and_its_problems() {
+    let fake = Fake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let machines = dir.path().join("machines.d");
+    std::fs::create_dir(&machines).unwrap();
+    let (key, key_path) = write_key(&machines, "dock-1");
+    fake.set_controllers(ID, &[key.address()]);
+    std::fs::write(
+        machines.join("dock-1.toml"),
+        format!(
+            "[identity]\nref = \"{ID}\"\nkey_file = \"{}\"\n\n[machine]\ndisplay_name = \"Dock 1\"\n\
+             owner_id = \"o\"\nmachine_type = \"t\"\nruntime_profile = \"r\"\n",
+            key_path.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        machines.join("dock-2.toml"),
+        "[identity]\nref = \"did:peaq:2\"\nkey_file = \"k\"\n",
+    )
+    .unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[orchestrator]\nurl = \"{}\"\n\n[state]\ndir = \"{}\"\n",
+            fake.url(),
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let arg = config.to_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || agent(&["check", "--config", &arg]))
+        .await
+        .unwrap();
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    for line in [
+        "ok    config",
+        "ok    machines      ",
+        "ok    machine       [dock-1] ",
+        "ok    key file      [dock-1] ",
+        "ok    state dir     [dock-1] ",
+        "ok    orchestrator  [dock-1] ",
+        "ok    controller    [dock-1] ",
+        "ok    challenge     [dock-1] ",
+        "FAIL  machine       [dock-2] invalid machine file: ",
+    ] {
+        assert!(t.contains(line), "{line:?} missing in:\n{t}");
+    }
+    assert!(
+        t.contains("dock-2.toml:") && t.contains("missing field `machine`"),
+        "{t}"
+    );
+    assert_eq!(fake.lock().counters.creates, 0, "check registers nothing");
 }

@@ -150,3 +150,56 @@ async fn a_gateway_of_twenty_machines_is_active_reloads_and_survives_kill_9() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A gateway that is a machine itself: agent.toml's own `[identity]` kept
+/// exactly as a robot's (its state in `<state dir>/state.json`), beside
+/// the machines of `machines.d/` (theirs under `machines/<name>/`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_is_a_machine_keeps_its_own_identity_beside_its_files() {
+    use peaqos_agent::status::AgentState;
+
+    let orchestrator = Orchestrator::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let machines = dir.path().join("machines.d");
+    std::fs::create_dir(&machines).unwrap();
+    let state = dir.path().join("state");
+    let (own_key, own_key_path) = write_key(dir.path(), "controller");
+    let mut registry = vec![("did:peaq:4242".to_owned(), own_key.address())];
+    registry.extend((0..2).map(|n| (identity(n), add_machine(&machines, n))));
+    orchestrator.set_registry(&registry);
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        crate::support::config_text(
+            &orchestrator.url(),
+            "did:peaq:4242",
+            &own_key_path,
+            &state,
+            crate::support::FAST_RENEWAL,
+        ),
+    )
+    .unwrap();
+    let config = peaqos_agent::config::Config::load(&config).unwrap();
+    let agent = peaqos_agent::Agent::new(config).unwrap();
+    let mut statuses = vec![agent.status()];
+    statuses.extend((0..2).map(|n| agent.machine_status(&name(n)).unwrap()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(agent.run(shutdown.clone()));
+    for status in &mut statuses {
+        tokio::time::timeout(WAIT, status.wait_for(|s| s.state == AgentState::Active))
+            .await
+            .expect("active in time")
+            .unwrap();
+    }
+    let own_id = statuses[0].borrow().machine_id.clone().unwrap();
+    let own_state = std::fs::read_to_string(state.join("state.json")).unwrap();
+    assert!(own_state.contains(&own_id), "{own_state}");
+    until_active(&orchestrator, &state, &[0, 1]).await;
+    assert_eq!(orchestrator.machine_ids().await.len(), 3);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
