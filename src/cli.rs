@@ -72,10 +72,14 @@ pub enum Command {
     /// controllers) and the MQTT broker; one line per check, non-zero exit
     /// status if any fails.
     Check(ConfigArg),
-    /// Ask the running agent for its status over MQTT and print it.
+    /// Ask the running agent for its status over MQTT and print it; on a
+    /// gateway, list every machine, or show the one named.
     Status {
         #[command(flatten)]
         config: ConfigArg,
+        /// One machine of a gateway (its file's stem); default: all of them.
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
         /// Print the status JSON as the agent publishes it.
         #[arg(long)]
         json: bool,

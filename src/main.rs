@@ -97,9 +97,10 @@ async fn dispatch(command: Command, hardened: std::io::Result<()>) -> Result<Exi
         }
         Command::Status {
             config,
+            name,
             json,
             timeout,
-        } => status_cmd(&config.config, json, timeout).await,
+        } => status_cmd(&config.config, name.as_deref(), json, timeout).await,
     }
 }
 
@@ -279,9 +280,11 @@ fn no_pkcs11() -> Failure {
 
 async fn status_cmd(
     path: &Path,
+    name: Option<&str>,
     json: bool,
     timeout: std::time::Duration,
 ) -> Result<ExitCode, Failure> {
+    use peaqos_agent::mqtt::{self, MachineRef};
     let config = Config::load(path)
         .with_context(|| format!("invalid configuration {}", path.display()))
         .map_err(fail(EX_CONFIG, false))?;
@@ -291,10 +294,52 @@ async fn status_cmd(
             path.display()
         )));
     }
-    let answer = peaqos_agent::mqtt::query_status(&config.mqtt, config.machine_name(), timeout)
-        .await
-        .context("no status from the agent")
-        .map_err(fail(1, false))?;
+    let gateway = config.machine_name();
+    let mut machines: Vec<MachineRef> = Vec::new();
+    if config.identity.is_some() {
+        machines.push(MachineRef {
+            name: gateway.to_owned(),
+            topic_prefix: config.mqtt.topic_prefix.clone(),
+        });
+    }
+    let files = peaqos_agent::config::machines::read_all(&config)
+        .with_context(|| format!("cannot read {}", config.machines_dir.display()))
+        .map_err(fail(EX_CONFIG, false))?;
+    let robot = files.is_empty() && config.identity.is_some();
+    // A machine whose file is broken still has topics (the default ones):
+    // its status says what is wrong with it.
+    machines.extend(files.into_iter().map(|entry| MachineRef {
+        topic_prefix: entry.spec.ok().and_then(|spec| spec.topic_prefix),
+        name: entry.name,
+    }));
+    let answer = match name {
+        None if !robot => {
+            let view = mqtt::read_machines(&config.mqtt, gateway, &machines, timeout)
+                .await
+                .context("cannot read the machines' status from the MQTT broker")
+                .map_err(fail(1, false))?;
+            if json {
+                println!("{:#}", status::machines_json(&view));
+            } else {
+                print!("{}", status::render_machines(&view));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => mqtt::query_status(&config.mqtt, gateway, timeout).await,
+        Some(name) => {
+            let Some(machine) = machines.iter().find(|m| m.name == name) else {
+                let known: Vec<&str> = machines.iter().map(|m| m.name.as_str()).collect();
+                return Err(fail(EX_CONFIG, false)(anyhow::anyhow!(
+                    "no machine named {name:?} in {} (machines: {})",
+                    path.display(),
+                    known.join(", ")
+                )));
+            };
+            mqtt::query_machine(&config.mqtt, gateway, machine, timeout).await
+        }
+    }
+    .context("no status from the agent")
+    .map_err(fail(1, false))?;
     if json {
         let text = serde_json::to_string_pretty(&answer).unwrap_or_else(|_| answer.to_string());
         println!("{text}");

@@ -36,6 +36,25 @@ pub(crate) fn node_id(config: &HomeAssistantConfig, name: &str) -> Option<String
     }
 }
 
+/// A device as Home Assistant's discovery describes it.
+fn device(node_id: &str, name: &str) -> serde_json::Value {
+    json!({
+        "identifiers": [device_id(node_id)],
+        "name": name,
+        "manufacturer": "peaqOS",
+        "model": "peaqos-agent",
+        "sw_version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// What published the discovery.
+fn origin() -> serde_json::Value {
+    json!({
+        "name": "peaqos-agent",
+        "sw_version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
 /// A device's identifier in Home Assistant.
 pub(crate) fn device_id(node_id: &str) -> String {
     format!("peaqos_{node_id}")
@@ -101,17 +120,8 @@ impl Discovery {
             "payload_available": "online",
             "payload_not_available": "offline",
             "icon": "mdi:shield-account",
-            "device": {
-                "identifiers": [device_id(node_id)],
-                "name": device_name,
-                "manufacturer": "peaqOS",
-                "model": "peaqos-agent",
-                "sw_version": env!("CARGO_PKG_VERSION"),
-            },
-            "origin": {
-                "name": "peaqos-agent",
-                "sw_version": env!("CARGO_PKG_VERSION"),
-            },
+            "device": device(node_id, device_name),
+            "origin": origin(),
         });
         if let (Some(link), Some(object)) = (gateway, payload.as_object_mut()) {
             object.remove("availability_topic");
@@ -147,17 +157,8 @@ impl Discovery {
             "payload_on": "online",
             "payload_off": "offline",
             "device_class": "connectivity",
-            "device": {
-                "identifiers": [device_id(node_id)],
-                "name": gateway_name,
-                "manufacturer": "peaqOS",
-                "model": "peaqos-agent",
-                "sw_version": env!("CARGO_PKG_VERSION"),
-            },
-            "origin": {
-                "name": "peaqos-agent",
-                "sw_version": env!("CARGO_PKG_VERSION"),
-            },
+            "device": device(node_id, gateway_name),
+            "origin": origin(),
         });
         Self {
             config_topic: format!("{prefix}/binary_sensor/{node_id}/gateway/config"),

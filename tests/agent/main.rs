@@ -1,7 +1,8 @@
 //! The agent's integration tests, one binary: the `peaqos-agent` command
 //! line (`cli`), the registration loop against the real orchestrator
 //! (`e2e`) and against a fake that misbehaves on purpose (`faults`), and a
-//! gateway of many machines in one process (`gateway`).
+//! gateway of many machines in one process (`gateway`; through MQTT with
+//! 200 machines, some keys on a token: `gateway_mqtt`).
 
 mod support;
 
@@ -10,6 +11,8 @@ mod console;
 mod e2e;
 mod faults;
 mod gateway;
+#[cfg(feature = "pkcs11")]
+mod gateway_mqtt;
 #[cfg(feature = "pkcs11")]
 mod pkcs11;
 #[cfg(feature = "pkcs11")]

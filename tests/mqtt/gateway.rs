@@ -5,7 +5,6 @@
 //! every machine through the topics Home Assistant subscribes to.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,26 +19,7 @@ const GATEWAY_AVAILABILITY: &str = "peaqos/site-gw/availability";
 
 /// Every retained message under `filter`, as a fresh subscriber sees it.
 fn retained(broker: &Mosquitto, tools: &Tools, filter: &str) -> BTreeMap<String, String> {
-    let out = Command::new(&tools.sub)
-        .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
-        .args(&tools.auth)
-        .args([
-            "-t",
-            filter,
-            "--retained-only",
-            "-W",
-            "1",
-            "-F",
-            "%t\u{1f}%p",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| line.split_once('\u{1f}'))
-        .map(|(t, p)| (t.to_owned(), p.to_owned()))
-        .collect()
+    broker.retained(&tools.sub, filter)
 }
 
 /// The retained messages under `filter` once `pred` holds for them.

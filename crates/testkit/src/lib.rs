@@ -168,6 +168,34 @@ impl Mosquitto {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 
+    /// Every retained message under `filter` (topic to payload), as a
+    /// fresh subscriber sees it within a second, read with `mosquitto_sub`.
+    pub fn retained(
+        &self,
+        mosquitto_sub: &Path,
+        filter: &str,
+    ) -> std::collections::BTreeMap<String, String> {
+        let out = Command::new(mosquitto_sub)
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "-t",
+                filter,
+                "--retained-only",
+                "-W",
+                "1",
+                "-F",
+                "%t\u{1f}%p",
+            ])
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| line.split_once('\u{1f}'))
+            .map(|(t, p)| (t.to_owned(), p.to_owned()))
+            .collect()
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
