@@ -27,6 +27,7 @@ pub mod clock;
 pub mod config;
 pub mod controllers;
 pub mod error_chain;
+pub mod healthcheck;
 pub mod http;
 pub mod ids;
 pub mod lifecycle;

@@ -18,6 +18,7 @@ mod cli;
 mod concurrency;
 mod connections;
 mod contract;
+mod deploy;
 mod docs;
 mod lifetime;
 mod mcr;
