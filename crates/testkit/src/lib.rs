@@ -32,6 +32,9 @@ pub enum Service {
     /// Root with `unshare`: a private mount namespace in which a test may
     /// mount a tmpfs (a full file system, say) without touching the host.
     Root,
+    /// podman (build, inspect, create, export) and the musl target the
+    /// orchestrator's image is built with (`cargo xtask image`).
+    Podman,
 }
 
 impl Service {
@@ -44,6 +47,7 @@ impl Service {
             Self::Deb => "deb",
             Self::Softhsm => "softhsm",
             Self::Root => "root",
+            Self::Podman => "podman",
         }
     }
 }
