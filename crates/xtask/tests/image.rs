@@ -111,11 +111,7 @@ fn image_is_built_from_scratch_runs_read_only_as_a_user_and_registers_a_machine(
         .stdout(Stdio::null())
         .output()
         .unwrap();
-    assert!(
-        health.status.success(),
-        "healthcheck: {}",
-        text(&health.stderr)
-    );
+    assert_healthy(&health);
     stop(server);
     // The database went to the volume: the one writable place.
     assert!(data.join("orchestrator.db").exists());
@@ -284,11 +280,7 @@ impl Ran {
             .args(["stop", "--time", "10", &self.name])
             .output()
             .unwrap();
-        assert!(
-            health.status.success(),
-            "healthcheck: {}",
-            text(&health.stderr)
-        );
+        assert_healthy(&health);
         assert!(stopped.status.success(), "{}", text(&stopped.stderr));
     }
 }
@@ -550,6 +542,15 @@ fn stop(mut server: Child) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The image's health check passed.
+fn assert_healthy(check: &Output) {
+    assert!(
+        check.status.success(),
+        "healthcheck: {}",
+        text(&check.stderr)
+    );
 }
 
 fn run_ok(command: &mut Command) -> Output {

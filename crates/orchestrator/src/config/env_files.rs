@@ -44,16 +44,10 @@ pub(super) fn read(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use crate::Config;
 
     fn load(vars: &[(&str, &str)]) -> Result<Config, crate::ConfigError> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        Config::from_sources(None, |k| map.get(k).cloned())
+        super::super::tests::from(None, vars)
     }
 
     #[test]
