@@ -4,12 +4,12 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Serves the peaqOS Machine Markets machines & identity API. Settings come
-/// from the environment (`PEAQOS_*`, `DATABASE_URL`), over an optional TOML
-/// file; once it listens it prints `listening on http://<address>` on
-/// stdout.
+/// from the environment (`PEAQOS_*`, `DATABASE_URL`; `NAME_FILE` gives
+/// `NAME` from a file), over an optional TOML file; once it listens it
+/// prints `listening on http://<address>` on stdout.
 #[derive(Debug, Parser)]
 #[command(
     name = "peaqos-orchestrator",
@@ -18,8 +18,24 @@ use clap::Parser;
 )]
 pub struct Args {
     /// TOML settings file; environment variables override it.
-    #[arg(long, value_name = "FILE", env = "PEAQOS_ORCHESTRATOR_CONFIG")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "PEAQOS_ORCHESTRATOR_CONFIG",
+        global = true
+    )]
     pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What to do instead of serving.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Asks the orchestrator these settings describe, on loopback at the
+    /// port of PEAQOS_LISTEN_ADDR, for GET /ready; exits 0 when it answers
+    /// 200, else 1 (the container image's HEALTHCHECK: it has no shell).
+    Healthcheck,
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub mod config;
 pub mod console;
 pub mod controllers;
 pub mod error_chain;
+pub mod healthcheck;
 pub mod http;
 pub mod ids;
 pub mod lifecycle;

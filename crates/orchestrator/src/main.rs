@@ -1,13 +1,15 @@
 //! `peaqos-orchestrator`: settings from `--config FILE` (TOML) and the
 //! environment, logs to stderr/journald, stops gracefully on SIGTERM/SIGINT.
 //! Once it listens, it prints `listening on http://<address>` on stdout.
+//! `healthcheck` asks a running one for `/ready` instead (the image's
+//! health check).
 
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use peaqos_orchestrator::Config;
-use peaqos_orchestrator::cli::Args;
+use peaqos_orchestrator::cli::{Args, Command};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -18,6 +20,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Healthcheck) = args.command {
+        return healthcheck(&config);
+    }
     if let Err(e) = peaqos_logging::init(config.log_level.as_deref()) {
         eprintln!("peaqos-orchestrator: {e}");
         return ExitCode::from(2);
@@ -28,6 +33,20 @@ fn main() -> ExitCode {
             // One line with the whole chain ("what: why: detail").
             let chain = peaqos_orchestrator::error_chain(e.as_ref());
             eprintln!("peaqos-orchestrator: {chain}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One line on failure, for `podman healthcheck run` and `inspect`.
+fn healthcheck(config: &Config) -> ExitCode {
+    match peaqos_orchestrator::healthcheck::check(config.listen_addr) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "peaqos-orchestrator healthcheck: {}",
+                peaqos_orchestrator::error_chain(&e)
+            );
             ExitCode::FAILURE
         }
     }

@@ -36,6 +36,9 @@ pub enum Service {
     Faketime,
     /// Headless Chromium and its WebDriver (`chromium`, `chromedriver`).
     Chromium,
+    /// podman (build, inspect, create, export) and the musl target the
+    /// orchestrator's image is built with (`cargo xtask image`).
+    Podman,
 }
 
 impl Service {
@@ -50,6 +53,7 @@ impl Service {
             Self::Root => "root",
             Self::Faketime => "faketime",
             Self::Chromium => "chromium",
+            Self::Podman => "podman",
         }
     }
 }

@@ -8,6 +8,7 @@ mod arm;
 mod demo;
 mod footprint;
 mod harness;
+mod image;
 mod man;
 mod test;
 
@@ -21,6 +22,9 @@ const USAGE: &str = "usage: cargo xtask <task>\n\n\
     arm [--debs]   cross-build the minsize agent for aarch64 and armv7, run each\n                 \
     under qemu-user to `active` against the x86-64 orchestrator; --debs\n                 \
     also makes every Debian package from those builds and lints them\n  \
+    image [--tag T]\n                 \
+    the orchestrator's container image with podman or buildah: FROM\n                 \
+    scratch, offline, the static (musl) binary, a non-root user\n  \
     man            rewrite packaging/man/*.1 from the command lines (clap)\n  \
     test [ARGS]    run the whole test suite (cargo test --workspace ARGS), saying\n                 \
     which real servers it used; PEAQOS_TEST_REQUIRE=mosquitto,postgres,python\n                 \
@@ -35,6 +39,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(&rest).map_err(Into::into),
         Some("footprint") => footprint::run(&rest).map_err(Into::into),
         Some("arm") => arm::run(&rest).map_err(Into::into),
+        Some("image") => image::run(&rest).map_err(Into::into),
         Some("man") => man::run(&rest).map_err(Into::into),
         _ => {
             eprintln!("{USAGE}");

@@ -72,6 +72,7 @@ pub(crate) fn run(extra: &[String]) -> Result<(), String> {
                     "root with unshare (not root; the full-disk check skips)".to_owned()
                 }),
         ),
+        (Service::Podman, podman()),
     ];
     let (used, missing): (Vec<_>, Vec<_>) = probes.iter().partition(|(_, p)| p.is_ok());
     let list = |items: &[&(Service, Result<String, String>)]| {
@@ -108,6 +109,15 @@ pub(crate) fn run(extra: &[String]) -> Result<(), String> {
     } else {
         Err(format!("cargo test failed ({status})"))
     }
+}
+
+/// What the container image's test needs: podman to build, inspect and
+/// export it, musl-gcc for its static binary.
+fn podman() -> Result<String, String> {
+    find_program("podman")
+        .zip(find_program("musl-gcc"))
+        .map(|(podman, _)| format!("podman ({})", podman.display()))
+        .ok_or_else(|| "podman (no podman or musl-gcc; the image test skips)".to_owned())
 }
 
 fn postgres_reachable() -> Result<String, String> {

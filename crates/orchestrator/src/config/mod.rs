@@ -10,6 +10,7 @@
 //! docs/orchestrator.md and its line in config/orchestrator.example.toml.
 
 mod check;
+mod env_files;
 mod kinds;
 #[cfg(test)]
 mod tests;
@@ -275,12 +276,15 @@ impl Config {
     }
 
     /// Like [`Config::from_env`] with an explicit environment (for tests).
-    /// Empty variables count as unset.
+    /// Empty variables count as unset; `NAME_FILE` gives `NAME` from a file
+    /// (`env_files.rs`).
     pub fn from_sources(
         file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
         let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        let from_files = env_files::read(&env)?;
+        let env = |name: &str| from_files.get(name).cloned().or_else(|| env(name));
         let mut config = Self {
             database_url: default_database_url(env("STATE_DIRECTORY").as_deref()),
             ..Self::default()

@@ -6,7 +6,8 @@ use std::io::Write;
 
 use super::*;
 
-fn from(file: Option<&Path>, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+/// Settings from `file` and the variables `vars` (shared with `env_files`).
+pub(super) fn from(file: Option<&Path>, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
     let map: HashMap<String, String> = vars
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

@@ -19,6 +19,7 @@ mod concurrency;
 mod connections;
 mod console;
 mod contract;
+mod deploy;
 mod docs;
 mod lifetime;
 mod mcr;

@@ -20,9 +20,19 @@ pub(crate) struct Built {
 /// `cargo ARGS` in `root` (`build ...`, `test --no-run ...`): cargo's
 /// progress and diagnostics go to our stderr, its report is kept.
 pub(crate) fn cargo(root: &Path, args: &[&str]) -> Result<Built, HarnessError> {
+    cargo_with_env(root, args, &[])
+}
+
+/// [`cargo`] with variables set for it (a target's C compiler, say).
+pub(crate) fn cargo_with_env(
+    root: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> Result<Built, HarnessError> {
     let command = args.join(" ");
     let output = crate::cargo()
         .args(args)
+        .envs(envs.iter().copied())
         .arg("--message-format=json-render-diagnostics")
         .current_dir(root)
         .stdin(Stdio::null())
