@@ -72,6 +72,22 @@ pub(crate) fn run(extra: &[String]) -> Result<(), String> {
                     "root with unshare (not root; the full-disk check skips)".to_owned()
                 }),
         ),
+        (
+            Service::Faketime,
+            find_program("faketime")
+                .map(|bin| format!("libfaketime ({})", bin.display()))
+                .ok_or_else(|| "libfaketime (no faketime; the clock tests skip)".to_owned()),
+        ),
+        (
+            Service::Chromium,
+            find_program("chromium")
+                .zip(find_program("chromedriver"))
+                .map(|(bin, _)| format!("headless Chromium ({})", bin.display()))
+                .ok_or_else(|| {
+                    "headless Chromium (no chromium or chromedriver; the console's browser test skips)"
+                        .to_owned()
+                }),
+        ),
         (Service::Podman, podman()),
     ];
     let (used, missing): (Vec<_>, Vec<_>) = probes.iter().partition(|(_, p)| p.is_ok());
