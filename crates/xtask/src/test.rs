@@ -72,22 +72,8 @@ pub(crate) fn run(extra: &[String]) -> Result<(), String> {
                     "root with unshare (not root; the full-disk check skips)".to_owned()
                 }),
         ),
-        (
-            Service::Faketime,
-            find_program("faketime")
-                .map(|bin| format!("libfaketime ({})", bin.display()))
-                .ok_or_else(|| "libfaketime (no faketime; the clock tests skip)".to_owned()),
-        ),
-        (
-            Service::Chromium,
-            find_program("chromium")
-                .zip(find_program("chromedriver"))
-                .map(|(bin, _)| format!("headless Chromium ({})", bin.display()))
-                .ok_or_else(|| {
-                    "headless Chromium (no chromium or chromedriver; the console's browser test skips)"
-                        .to_owned()
-                }),
-        ),
+        clock_probe(),
+        browser_probe(),
         (Service::Podman, podman()),
     ];
     let (used, missing): (Vec<_>, Vec<_>) = probes.iter().partition(|(_, p)| p.is_ok());
@@ -225,4 +211,28 @@ fn deb_tools() -> Result<(), String> {
     find_program("dpkg-deb")
         .map(|_| ())
         .ok_or_else(|| "no dpkg-deb".to_owned())
+}
+
+/// libfaketime, for the agent's clock tests.
+fn clock_probe() -> (Service, Result<String, String>) {
+    (
+        Service::Faketime,
+        find_program("faketime")
+            .map(|bin| format!("libfaketime ({})", bin.display()))
+            .ok_or_else(|| "libfaketime (no faketime; the clock tests skip)".to_owned()),
+    )
+}
+
+/// Headless Chromium and its WebDriver, for the console's browser test.
+fn browser_probe() -> (Service, Result<String, String>) {
+    (
+        Service::Chromium,
+        find_program("chromium")
+            .zip(find_program("chromedriver"))
+            .map(|(bin, _)| format!("headless Chromium ({})", bin.display()))
+            .ok_or_else(|| {
+                "headless Chromium (no chromium or chromedriver; the console's browser test skips)"
+                    .to_owned()
+            }),
+    )
 }
