@@ -5,7 +5,8 @@
 //! through the loop a fleet lives through (`scenarios.rs`): registration,
 //! degradation, proof expiry without `expiresAt`, a lost record, a lost
 //! state file, an outage, a removed and restored controller; and over TLS
-//! with a private CA and client certificates (`tls.rs`).
+//! with a private CA and client certificates (`tls.rs`), and which
+//! rustls-webpki verifies the orchestrator and the broker (`webpki.rs`).
 //!
 //! The agent is watched the way an operator watches it: its log lines on
 //! stderr, its state file, and what the server holds. Every wait is
@@ -16,3 +17,5 @@ mod double;
 mod scenarios;
 #[cfg(feature = "tls")]
 mod tls;
+#[cfg(feature = "tls")]
+mod webpki;

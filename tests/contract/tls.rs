@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, CertifiedIssuer, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, KeyPair, KeyUsagePurpose, NameConstraints,
 };
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -21,30 +21,55 @@ const ID: &str = "did:peaq:4343";
 const WAIT: Duration = Duration::from_secs(15);
 
 /// A CA made for one test.
-struct Ca {
+pub(crate) struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl Ca {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
+        Self::with_name_constraints(name, None)
+    }
+
+    /// A CA that may only issue for the DNS names under `permitted` (RFC
+    /// 5280 name constraints).
+    pub(crate) fn constrained(name: &str, permitted: &[&str]) -> Self {
+        let permitted_subtrees = permitted
+            .iter()
+            .map(|n| GeneralSubtree::DnsName((*n).to_owned()))
+            .collect();
+        Self::with_name_constraints(
+            name,
+            Some(NameConstraints {
+                permitted_subtrees,
+                excluded_subtrees: Vec::new(),
+            }),
+        )
+    }
+
+    fn with_name_constraints(name: &str, constraints: Option<NameConstraints>) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.name_constraints = constraints;
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
         Self { issuer }
     }
 
-    fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.issuer.pem()
     }
 
-    fn der(&self) -> CertificateDer<'static> {
+    pub(crate) fn der(&self) -> CertificateDer<'static> {
         self.issuer.der().clone()
     }
 
     /// A leaf for `names` (IP addresses become IP SANs) with its key.
-    fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (Certificate, KeyPair) {
+    pub(crate) fn leaf(
+        &self,
+        names: &[&str],
+        usage: ExtendedKeyUsagePurpose,
+    ) -> (Certificate, KeyPair) {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params = CertificateParams::new(names).unwrap();
         params
@@ -60,8 +85,17 @@ impl Ca {
 /// The double's TLS side: a certificate for 127.0.0.1 from `ca`, and, with
 /// `client_ca`, a required client certificate issued by it.
 fn server_config(ca: &Ca, client_ca: Option<&Ca>) -> Arc<rustls::ServerConfig> {
+    server_config_for(ca, &["127.0.0.1"], client_ca)
+}
+
+/// A server's TLS side with a certificate from `ca` for `names`.
+pub(crate) fn server_config_for(
+    ca: &Ca,
+    names: &[&str],
+    client_ca: Option<&Ca>,
+) -> Arc<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let (cert, key) = ca.leaf(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+    let (cert, key) = ca.leaf(names, ExtendedKeyUsagePurpose::ServerAuth);
     let chain = vec![cert.der().clone()];
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -84,20 +118,20 @@ fn server_config(ca: &Ca, client_ca: Option<&Ca>) -> Arc<rustls::ServerConfig> {
     Arc::new(builder.with_single_cert(chain, key).unwrap())
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
 }
 
-fn toml_path(p: &Path) -> String {
+pub(crate) fn toml_path(p: &Path) -> String {
     p.display().to_string()
 }
 
 /// Waits until the agent's first request (a challenge) has been served
 /// over TLS: the handshake, and the client certificate when required,
 /// passed.
-async fn served(double: &Double, agent: &AgentProcess) {
+pub(crate) async fn served(double: &Double, agent: &AgentProcess) {
     poll(
         "a challenge served over TLS",
         WAIT,
