@@ -37,6 +37,19 @@ fn constrained_ca() -> Ca {
     Ca::constrained("fleet CA for accept.example.com only", &[PERMITTED])
 }
 
+/// rustls 0.23's certificate verifier (rustls-webpki 0.103) trusting `ca`
+/// alone: the one src/tls.rs configures for both connections.
+fn rustls_verifier(ca: &Ca) -> Arc<rustls::client::WebPkiServerVerifier> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der()).unwrap();
+    rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap()
+}
+
 #[test]
 fn webpki_0102_accepts_the_wildcard_beyond_the_name_constraint_and_rustls_refuses_it() {
     let ca = constrained_ca();
@@ -68,15 +81,7 @@ fn webpki_0102_accepts_the_wildcard_beyond_the_name_constraint_and_rustls_refuse
 
     // rustls 0.23's verifier (rustls-webpki 0.103), which src/tls.rs
     // configures for both connections: refused.
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca_der).unwrap();
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        Arc::new(rustls::crypto::ring::default_provider()),
-    )
-    .build()
-    .unwrap();
-    let err = verifier
+    let err = rustls_verifier(&ca)
         .verify_server_cert(&leaf_der, &[], &server_name, &[], UnixTime::now())
         .unwrap_err();
     assert!(
@@ -179,7 +184,7 @@ async fn the_mqtt_connection_refuses_the_certificate_0102_accepts() {
 }
 
 #[test]
-fn the_witness_is_not_served_by_chance() {
+fn the_constrained_ca_is_valid_within_its_constraint() {
     // Guard against a CA that refuses everything: the constraint must leave
     // `accept.example.com` valid under 0.103 too, or the refusals above
     // would prove nothing about wildcards.
@@ -188,15 +193,7 @@ fn the_witness_is_not_served_by_chance() {
         &["127.0.0.1", PERMITTED],
         ExtendedKeyUsagePurpose::ServerAuth,
     );
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der()).unwrap();
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        Arc::new(rustls::crypto::ring::default_provider()),
-    )
-    .build()
-    .unwrap();
-    verifier
+    rustls_verifier(&ca)
         .verify_server_cert(
             leaf.der(),
             &[],
