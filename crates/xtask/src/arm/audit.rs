@@ -58,11 +58,15 @@ pub(crate) fn audit_packages(
             ));
             continue;
         };
+        // cargo-audit's options come before `bin`. Without the section it
+        // would only warn and guess from panic messages: hence the check
+        // above.
         let mut command = crate::cargo();
-        command.args(["audit", "bin", "--no-fetch", "--db"]).arg(db);
+        command.args(["audit", "--no-fetch", "--db"]).arg(db);
         for id in &ignored {
             command.args(["--ignore", id]);
         }
+        command.arg("bin");
         say(&format!(
             "cargo audit bin {} (from {}; exceptions from deny.toml: {})",
             binary.display(),
