@@ -93,7 +93,7 @@ fn measure(uri: &str, count: usize) -> anyhow::Result<()> {
     if std::env::var_os("PEAQOS_BENCH_KEYGEN").is_some() {
         peaqos_agent::pkcs11::generate(&uri, pin.as_deref())?;
     }
-    let token = TokenKey::open(uri, pin)?;
+    let token = TokenKey::open(uri, pin, None)?;
     let file = SecretKey::generate()?;
     // A challenge of the size our orchestrator sends (about 300 bytes).
     let text = "peaqos.example wants you to prove control of machine identity did:peaq:4242 \

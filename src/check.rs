@@ -10,7 +10,7 @@ use peaqos_protocol::{Address, Challenge, Timestamp};
 
 use crate::client::Client;
 use crate::clock::ServerClock;
-use crate::config::Config;
+use crate::config::{Config, IdentityConfig, machines};
 use crate::registration::challenge::{self, ChallengeRefusal, Expected};
 use crate::state;
 
@@ -87,6 +87,7 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
             r.push(Outcome::Fail, "config", error_chain(&e));
             for name in key::LINES.into_iter().chain([
                 "state dir",
+                "clock",
                 "orchestrator",
                 "controller",
                 "challenge",
@@ -98,7 +99,23 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
         }
     };
 
-    for (configured, path) in &config.credentials_outside_systemd {
+    credential_lines(&mut r, &config.credentials_outside_systemd);
+    // One clock for every machine; its floor is read from the state
+    // directory (build time, or the last server time saved).
+    match crate::clock::check_line(&config.state.dir) {
+        Ok(line) => r.push(Outcome::Ok, "clock", line),
+        Err(line) => r.push(Outcome::Fail, "clock", line),
+    }
+    if let Some(identity) = &config.identity {
+        check_machine(&mut r, &config, identity, &config.state.dir).await;
+    }
+    check_machine_files(&mut r, &config).await;
+    check_mqtt(&mut r, &config).await;
+    r.lines
+}
+
+fn credential_lines(r: &mut Report, credentials: &[(String, std::path::PathBuf)]) {
+    for (configured, path) in credentials {
         // Not under systemd: the unit's LoadCredential= source stands in.
         r.push(
             Outcome::Ok,
@@ -109,11 +126,53 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
             ),
         );
     }
-    let key = key::check_key(&mut r, &config);
-    check_state_dir(&mut r, &config.state.dir);
-    check_orchestrator(&mut r, &config, key).await;
-    check_mqtt(&mut r, &config).await;
-    r.lines
+}
+
+/// One machine's lines: its key, state directory, and what the
+/// orchestrator says about its identity and our key.
+async fn check_machine(r: &mut Report, config: &Config, identity: &IdentityConfig, state: &Path) {
+    let key = key::check_key(r, identity, &config.state.dir);
+    check_state_dir(r, state);
+    check_orchestrator(r, config, identity, key).await;
+}
+
+/// Every file of the machines directory, each line of a machine named
+/// with its machine and the problems with its file.
+async fn check_machine_files(r: &mut Report, config: &Config) {
+    let entries = match machines::read_all(config) {
+        Ok(entries) => entries,
+        Err(e) => {
+            r.push(Outcome::Fail, "machines", error_chain(&e));
+            return;
+        }
+    };
+    if entries.is_empty() {
+        return;
+    }
+    r.push(
+        Outcome::Ok,
+        "machines",
+        format!(
+            "{}: {} machine file{}",
+            config.machines_dir.display(),
+            entries.len(),
+            if entries.len() == 1 { "" } else { "s" }
+        ),
+    );
+    for entry in entries {
+        let from = r.lines.len();
+        match &entry.spec {
+            Err(e) => r.push(Outcome::Fail, "machine", error_chain(e)),
+            Ok(spec) => {
+                r.push(Outcome::Ok, "machine", entry.path.display().to_string());
+                credential_lines(r, &spec.credentials_outside_systemd);
+                check_machine(r, config, &spec.identity, &spec.state_dir).await;
+            }
+        }
+        for line in &mut r.lines[from..] {
+            line.detail = format!("[{}] {}", entry.name, line.detail);
+        }
+    }
 }
 
 /// Whether no line failed.
@@ -147,7 +206,12 @@ fn check_state_dir(r: &mut Report, dir: &Path) {
     }
 }
 
-async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<Address>) {
+async fn check_orchestrator(
+    r: &mut Report,
+    config: &Config,
+    identity: &IdentityConfig,
+    key: Option<Address>,
+) {
     let policy = config.orchestrator.effective_policy();
     let client = match Client::new(&config.orchestrator) {
         Ok(c) => c,
@@ -165,7 +229,8 @@ async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<Address
     // The contract promises the API, not a health endpoint: reachability is
     // the challenge request itself (which registers nothing and is what the
     // agent needs anyway); health, when served, is extra information.
-    let identity = &config.identity.identity_ref;
+    let identity_config = identity;
+    let identity = &identity.identity_ref;
     let started = Instant::now();
     let response = match client.create_challenge(identity).await {
         Ok(c) => c,
@@ -197,7 +262,15 @@ async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<Address
     let challenge = response.value;
     let skew = clock.skew_ms().map_or_else(
         || ", no Date header".to_owned(),
-        |ms| format!(", clock skew {}", format_skew(ms)),
+        |ms| {
+            let off = ms.unsigned_abs() > crate::clock::CLOCK_SKEW_BOUND.as_secs() * 1000;
+            let flag = if off {
+                " (CLOCK: this machine's clock is off; fix NTP)"
+            } else {
+                ""
+            };
+            format!(", clock skew {}{flag}", format_skew(ms))
+        },
     );
     let health = match client.health().await {
         Ok(_) => "; health ok",
@@ -213,7 +286,15 @@ async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<Address
         ),
     );
     let server_now = clock.server_now();
-    check_challenge(r, config, key, &challenge, server_now, client.base());
+    check_challenge(
+        r,
+        config,
+        identity_config,
+        key,
+        &challenge,
+        server_now,
+        client.base(),
+    );
 }
 
 /// Whether our key is a controller, and whether the policy in effect would
@@ -221,13 +302,14 @@ async fn check_orchestrator(r: &mut Report, config: &Config, key: Option<Address
 fn check_challenge(
     r: &mut Report,
     config: &Config,
+    identity: &IdentityConfig,
     key: Option<Address>,
     challenge: &Challenge,
     server_now: Option<Timestamp>,
     base: &str,
 ) {
     let policy = config.orchestrator.effective_policy();
-    let identity = &config.identity.identity_ref;
+    let identity = &identity.identity_ref;
     let controllers = list(&challenge.controller_addresses);
     let Some(key) = key else {
         r.push(
@@ -259,15 +341,13 @@ fn check_challenge(
             ),
         );
     }
-    let host = reqwest::Url::parse(base)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned))
-        .unwrap_or_default();
+    let host = challenge::authority(base);
     let expected = Expected {
         identity,
         ours: key,
         host: &host,
         server_now,
+        local_now: crate::clock::sane_now(),
     };
     let id = &challenge.challenge_id;
     match challenge::vet(policy.policy, challenge, &expected) {

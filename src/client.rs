@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::config::OrchestratorConfig;
 use crate::local_code::{Code, LocalCode};
 use crate::secrets::{self, SecretError};
+use crate::tls_failure::TlsFailure;
 
 /// Responses larger than this are refused: the agent's answers are a few
 /// kilobytes, and a small board must not be made to buffer a flood.
@@ -44,6 +45,16 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
+    /// A TLS check failed: which one, and what to fix, in the message.
+    #[error("TLS with the orchestrator at {url} failed (local clock {local}): {}", failure.advice())]
+    Tls {
+        url: String,
+        failure: TlsFailure,
+        /// This machine's wall clock when it failed.
+        local: peaqos_protocol::Timestamp,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("request to {url} timed out")]
     Timeout { url: String },
     /// An answer that is not the contract's (a proxy's error page, garbage).
@@ -64,6 +75,8 @@ impl ClientError {
         match self {
             Self::Api { code, .. } => Code::Server(code.clone()),
             Self::Network { .. } => LocalCode::Network.into(),
+            Self::Tls { failure, .. } if failure.is_clock() => LocalCode::Clock.into(),
+            Self::Tls { .. } => LocalCode::Tls.into(),
             Self::Timeout { .. } => LocalCode::Timeout.into(),
             Self::BadResponse { .. } | Self::InvalidMachineId { .. } => {
                 LocalCode::BadResponse.into()
@@ -83,7 +96,9 @@ impl ClientError {
             // server we cannot talk to, not a blip: retrying it at backoff
             // speed only asks it the same question every few seconds.
             Self::BadResponse { status, .. } => *status == 429 || *status >= 500,
-            Self::InvalidMachineId { .. } => false,
+            // Nothing changes until the clock or a file does: see
+            // `registration::failure` for how soon each is tried again.
+            Self::Tls { .. } | Self::InvalidMachineId { .. } => false,
         }
     }
 
@@ -197,7 +212,10 @@ impl Client {
                     .map_err(ClientBuildError::Tls)?;
                 builder.tls_backend_preconfigured(tls)
             }
-            None => builder,
+            // The system's roots, checked at the clock's floor too.
+            None => builder.tls_backend_preconfigured(
+                crate::tls::system_roots_config().map_err(ClientBuildError::Tls)?,
+            ),
         };
         let http = builder.build().map_err(ClientBuildError::Http)?;
         Ok(Self {
@@ -369,6 +387,13 @@ fn transport(url: &str, e: reqwest::Error) -> ClientError {
     if e.is_timeout() {
         ClientError::Timeout {
             url: url.to_owned(),
+        }
+    } else if let Some(failure) = TlsFailure::of(&e) {
+        ClientError::Tls {
+            url: url.to_owned(),
+            failure,
+            local: peaqos_protocol::Timestamp::now(),
+            source: e.without_url(),
         }
     } else {
         ClientError::Network {

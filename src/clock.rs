@@ -12,11 +12,23 @@
 //! a fresh proof's `verifiedAt`) are precise. A precise anchor is kept until a
 //! `Date` header disagrees with it by more than the header's resolution, which
 //! means the server's clock moved (or another server answered).
+//!
+//! The local wall clock is never trusted below a floor: the agent's build
+//! time, or the latest server time a saved state records (a confirmed
+//! proof's `verifiedAt`), whichever is later. A board that boots in 1970
+//! checks TLS certificates at the floor instead ([`trusted_now`],
+//! `tls.rs`), and plans without a server clock from it. The state's own
+//! `savedAt` is local time, possibly wrong ahead, so it is not a floor.
 
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use peaqos_protocol::Timestamp;
 use tokio::time::Instant;
+
+/// A server clock further than this from the local one means the local
+/// clock is wrong (or the server's): logged with the code `CLOCK`.
+pub const CLOCK_SKEW_BOUND: Duration = Duration::from_secs(300);
 
 /// Slack added to the `Date` header's one-second truncation before a header
 /// is taken to contradict a precise anchor (covers request latency).
@@ -58,7 +70,7 @@ impl ServerClock {
             }
         }
         let server_ms = low + 500;
-        self.anchor = Some(Anchor {
+        self.set_anchor(Anchor {
             server_ms,
             at,
             skew_ms: server_ms - system_ms(local),
@@ -66,10 +78,29 @@ impl ServerClock {
         });
     }
 
+    /// Takes a new anchor, and says so in the journal (`ERROR_CODE=CLOCK`)
+    /// when the local clock newly disagrees with the server's by more than
+    /// [`CLOCK_SKEW_BOUND`]: renewals follow the server's clock and go on,
+    /// but TLS certificate checks use the local one.
+    fn set_anchor(&mut self, anchor: Anchor) {
+        let off = |a: &Anchor| u128::from(a.skew_ms.unsigned_abs()) > CLOCK_SKEW_BOUND.as_millis();
+        if off(&anchor) && !self.anchor.as_ref().is_some_and(off) {
+            tracing::warn!(
+                error_code = "CLOCK",
+                skew_ms = anchor.skew_ms,
+                "this machine's clock differs from the orchestrator's by {} s: it is probably \
+                 wrong (no real-time clock, NTP not synced: see `timedatectl timesync-status`); \
+                 renewals follow the orchestrator's clock, TLS checks use this one",
+                anchor.skew_ms / 1000
+            );
+        }
+        self.anchor = Some(anchor);
+    }
+
     /// Records a millisecond timestamp that the server took as "now" while
     /// producing a response received at `at`.
     pub fn observe_precise(&mut self, server: Timestamp, at: Instant, local: SystemTime) {
-        self.anchor = Some(Anchor {
+        self.set_anchor(Anchor {
             server_ms: server.unix_millis(),
             at,
             skew_ms: server.unix_millis() - system_ms(local),
@@ -119,10 +150,74 @@ impl ServerClock {
     pub fn until_or_local(&self, t: Timestamp) -> Duration {
         self.until(t).unwrap_or_else(|| {
             t.to_system_time()
-                .duration_since(SystemTime::now())
+                .duration_since(trusted_now())
                 .unwrap_or(Duration::ZERO)
         })
     }
+}
+
+/// The floor raised by saved state, in seconds since the epoch.
+static FLOOR_SECS: AtomicU64 = AtomicU64::new(0);
+
+/// The build time in seconds since the epoch (build.rs).
+fn build_time_secs() -> u64 {
+    env!("PEAQOS_BUILD_TIME").parse().unwrap_or(0)
+}
+
+/// The agent's build time.
+pub fn build_time() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(build_time_secs())
+}
+
+/// The earliest the wall clock can truly read now.
+pub fn floor() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(build_time_secs().max(FLOOR_SECS.load(Ordering::Relaxed)))
+}
+
+/// Raises the floor to `t`, a server time the agent saved (never lowers it).
+pub fn raise_floor(t: SystemTime) {
+    if let Ok(d) = t.duration_since(UNIX_EPOCH) {
+        FLOOR_SECS.fetch_max(d.as_secs(), Ordering::Relaxed);
+    }
+}
+
+/// The local wall clock, or the floor when the clock reads earlier.
+pub fn trusted_now() -> SystemTime {
+    SystemTime::now().max(floor())
+}
+
+/// Whether the local wall clock reads at or after the floor: a clock
+/// before it is known wrong (a board without a real-time clock before NTP).
+pub fn local_is_sane() -> bool {
+    SystemTime::now() >= floor()
+}
+
+/// `check`'s verdict on the local clock: `Err` when it reads before the
+/// floor (raised first by the server time saved in `state_dir`).
+pub fn check_line(state_dir: &std::path::Path) -> Result<String, String> {
+    if let Some(saved) = crate::state::saved_server_time(state_dir) {
+        raise_floor(saved.to_system_time());
+    }
+    let now = Timestamp::from_system_time(SystemTime::now());
+    let floor = Timestamp::from_system_time(floor());
+    if local_is_sane() {
+        Ok(format!(
+            "{now}: not before the floor {floor} (build time, or the last server time saved)"
+        ))
+    } else {
+        Err(format!(
+            "{now} is before {floor} (the agent's build time, or the last server time it \
+             saved): this clock is wrong. A board without a real-time clock reads 1970 or its \
+             last shutdown until NTP syncs (`timedatectl timesync-status`); the agent checks \
+             TLS certificates at {floor} meanwhile"
+        ))
+    }
+}
+
+/// The local wall clock when it is sane, for rules that must not trust a
+/// clock known to be wrong.
+pub fn sane_now() -> Option<Timestamp> {
+    local_is_sane().then(Timestamp::now)
 }
 
 fn millis(d: Duration) -> i64 {
@@ -169,6 +264,24 @@ mod tests {
         clock.observe_date(sys(3_610_000), now, sys(10_000));
         assert_eq!(clock.server_now(), Some(ts(3_610_500)));
         assert_eq!(clock.skew_ms(), Some(3_600_500));
+    }
+
+    #[test]
+    fn the_clock_is_never_trusted_below_the_build_time_or_a_saved_server_time() {
+        let build = build_time();
+        assert!(build > sys(1_700_000_000_000), "built after 2023");
+        assert!(floor() >= build);
+        assert!(trusted_now() >= floor());
+        // A proof the server confirmed a moment ago raises it (to the
+        // second); an older time does not lower it. (Other tests share the
+        // floor, so it stays below now.)
+        let recent = SystemTime::now() - Duration::from_secs(10);
+        raise_floor(recent);
+        raise_floor(sys(1_000));
+        let secs = recent.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(floor(), build.max(UNIX_EPOCH + Duration::from_secs(secs)));
+        assert!(local_is_sane());
+        assert!(trusted_now() >= floor());
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,7 +10,7 @@ use peaqos_protocol::ErrorCode;
 /// A failure the agent detected without an error envelope from the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LocalCode {
-    /// The orchestrator could not be reached (DNS, refused, TLS, reset).
+    /// The orchestrator could not be reached (DNS, refused, reset).
     Network,
     /// A request did not complete within `request_timeout`.
     Timeout,
@@ -26,10 +26,16 @@ pub enum LocalCode {
     /// The controller key's PKCS#11 token did not answer or refused to
     /// sign (unplugged, restarted, PIN refused).
     KeyUnavailable,
+    /// A TLS check other than time failed (unknown CA, wrong name, client
+    /// certificate refused): `ca_file` or a certificate needs fixing.
+    Tls,
+    /// This machine's clock is off: a certificate not valid yet or expired
+    /// by it (a board without a real-time clock before NTP syncs).
+    Clock,
 }
 
 impl LocalCode {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::Network,
         Self::Timeout,
         Self::BadResponse,
@@ -37,6 +43,8 @@ impl LocalCode {
         Self::StateWrite,
         Self::NotFound,
         Self::KeyUnavailable,
+        Self::Tls,
+        Self::Clock,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +56,8 @@ impl LocalCode {
             Self::StateWrite => "STATE_WRITE",
             Self::NotFound => "NOT_FOUND",
             Self::KeyUnavailable => "KEY_UNAVAILABLE",
+            Self::Tls => "TLS",
+            Self::Clock => "CLOCK",
         }
     }
 }
@@ -108,7 +118,9 @@ mod tests {
                 "BAD_CHALLENGE",
                 "STATE_WRITE",
                 "NOT_FOUND",
-                "KEY_UNAVAILABLE"
+                "KEY_UNAVAILABLE",
+                "TLS",
+                "CLOCK"
             ]
         );
         assert_eq!(Code::from(LocalCode::Timeout).to_string(), "TIMEOUT");

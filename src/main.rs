@@ -122,6 +122,7 @@ async fn run(path: &Path, hardened: std::io::Result<()>) -> Result<ExitCode, Fai
     })?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(reload_on_signal(agent.reloader()));
     agent
         .run(shutdown)
         .await
@@ -145,6 +146,19 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
     shutdown.cancel();
+}
+
+/// Reloads the machines directory on SIGHUP (`systemctl reload`).
+async fn reload_on_signal(reloader: peaqos_agent::run::Reloader) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reload by restarting");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reading the machines directory again");
+        reloader.reload();
+    }
 }
 
 fn keygen(out: &Path) -> Result<ExitCode, Failure> {
@@ -171,7 +185,15 @@ fn address(
     let config = Config::load(&path)
         .with_context(|| format!("invalid configuration {}", path.display()))
         .map_err(fail(EX_CONFIG, false))?;
-    let signer = Signer::open(&config.identity).map_err(open_failed)?;
+    let Some(identity) = &config.identity else {
+        return Err(fail(EX_CONFIG, false)(anyhow::anyhow!(
+            "{} has no [identity] (a gateway's machines are in {}): give the machine's key \
+             with --key FILE or --pkcs11 URI",
+            path.display(),
+            config.machines_dir.display()
+        )));
+    };
+    let signer = Signer::open(identity, Some(&config.state.dir)).map_err(open_failed)?;
     println!("{}", signer.address().checksummed());
     Ok(ExitCode::SUCCESS)
 }
@@ -226,7 +248,7 @@ fn keygen_token(uri: &str, pin_file: Option<&Path>) -> Result<ExitCode, Failure>
 #[cfg(feature = "pkcs11")]
 fn address_token(uri: &str, pin_file: Option<&Path>) -> Result<ExitCode, Failure> {
     let (uri, pin) = token_args(uri, pin_file)?;
-    let key = peaqos_agent::pkcs11::TokenKey::open(uri, pin).map_err(|e| {
+    let key = peaqos_agent::pkcs11::TokenKey::open(uri, pin, None).map_err(|e| {
         let code = if e.is_transient() {
             EX_UNAVAILABLE
         } else {

@@ -19,8 +19,10 @@ pub const CREDENTIAL_PREFIX: &str = "credential:";
 /// The shipped unit: its `LoadCredential=` lines say where each credential
 /// comes from.
 const UNIT: &str = include_str!("../systemd/peaqos-agent.service");
-/// The unit's `ConfigurationDirectory=`, where its key source lives.
-const UNIT_CONFIG_DIR: &str = "/etc/peaqos-agent";
+/// The shipped unit's name, whose effective credentials systemd reports.
+const UNIT_NAME: &str = "peaqos-agent.service";
+/// The unit's configuration directory, where its key source lives.
+pub const UNIT_CONFIG_DIR: &str = "/etc/peaqos-agent";
 /// systemd's credential store, searched in this order for a
 /// `LoadCredential=` source that is a name rather than a path.
 const CREDSTORE: [&str; 3] = ["/etc/credstore", "/run/credstore", "/usr/lib/credstore"];
@@ -33,7 +35,9 @@ pub enum SecretError {
     #[error(
         "secret {name:?} names a systemd credential, $CREDENTIALS_DIRECTORY is not set (not \
          running under systemd) and the unit has no LoadCredential={name}: line; name the file \
-         itself in the configuration"
+         itself in the configuration, or run the command with the credential, e.g. `sudo \
+         systemd-run --pipe --wait -p LoadCredential={name}:/path/to/file -p \
+         User=peaqos-agent peaqos-agent check`"
     )]
     NoCredentialsDirectory { name: String },
     #[error("secret file {path} is empty")]
@@ -72,18 +76,63 @@ pub fn read(path: &Path) -> Result<Zeroizing<String>, SecretError> {
     Ok(trimmed)
 }
 
-/// Where the shipped unit's `LoadCredential=` takes credential `name` from,
-/// as seen by a process outside systemd whose configuration was read from
+/// Where the unit's `LoadCredential=` takes credential `name` from, as
+/// seen by a process outside systemd whose configuration was read from
 /// `config_dir`: a path in the unit's configuration directory
 /// (`/etc/peaqos-agent`) is taken in `config_dir` (the same directory for
 /// the installed configuration), and a bare name is looked up in systemd's
 /// credential store (the first that exists, else `/etc/credstore`).
+///
+/// The unit's lines are its effective ones, drop-ins included, as systemd
+/// reports them (`systemctl show -p LoadCredential`) when systemd runs and
+/// knows the unit; else the shipped unit's followed by its drop-ins' (in
+/// [`DROP_IN_DIRS`], in file-name order, as systemd reads them: a sandbox
+/// or a chroot without systemd can still read those files).
 pub fn unit_source(name: &str, config_dir: &Path) -> Option<PathBuf> {
-    let source = UNIT
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("LoadCredential="))
-        .filter_map(|v| v.split_once(':'))
-        .find(|(n, _)| *n == name)
+    static LINES: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+    let lines = LINES.get_or_init(|| {
+        systemd_credentials()
+            .unwrap_or_else(|| credential_lines(&with_drop_ins(UNIT, &DROP_IN_DIRS.map(Path::new))))
+    });
+    source_in(lines, name, config_dir)
+}
+
+/// Where systemd reads the unit's drop-ins, lowest precedence first.
+const DROP_IN_DIRS: [&str; 3] = [
+    "/usr/lib/systemd/system/peaqos-agent.service.d",
+    "/run/systemd/system/peaqos-agent.service.d",
+    "/etc/systemd/system/peaqos-agent.service.d",
+];
+
+/// `unit` followed by the `*.conf` drop-ins of `dirs` in file-name order;
+/// a file name in a later directory replaces the same name in an earlier.
+fn with_drop_ins(unit: &str, dirs: &[&Path]) -> String {
+    let mut files = std::collections::BTreeMap::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if Path::new(&name).extension().is_some_and(|e| e == "conf") {
+                files.insert(name, entry.path());
+            }
+        }
+    }
+    let mut text = unit.to_owned();
+    for path in files.values() {
+        if let Ok(drop_in) = std::fs::read_to_string(path) {
+            text.push('\n');
+            text.push_str(&drop_in);
+        }
+    }
+    text
+}
+
+fn source_in(lines: &[(String, String)], name: &str, config_dir: &Path) -> Option<PathBuf> {
+    let source = lines
+        .iter()
+        .find(|(n, _)| n == name)
         .map(|(_, source)| Path::new(source))?;
     if source.is_absolute() {
         return Some(match source.strip_prefix(UNIT_CONFIG_DIR) {
@@ -100,6 +149,42 @@ pub fn unit_source(name: &str, config_dir: &Path) -> Option<PathBuf> {
         .find(|p| p.exists())
         .or(candidates.first())
         .cloned()
+}
+
+/// `(name, source)` of each `LoadCredential=name:source` line of `text`
+/// (a unit file, or `systemctl show`'s output). An empty
+/// `LoadCredential=` clears the list, as in systemd.
+fn credential_lines(text: &str) -> Vec<(String, String)> {
+    let mut lines = Vec::new();
+    for value in text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("LoadCredential="))
+    {
+        match value.split_once(':') {
+            Some((name, source)) => lines.push((name.to_owned(), source.to_owned())),
+            None if value.trim().is_empty() => lines.clear(),
+            None => {}
+        }
+    }
+    lines
+}
+
+/// The unit's effective credentials when systemd runs and has the unit
+/// loaded with at least one; `None` otherwise (no systemd, as in a
+/// container or a build machine, or the unit not installed).
+fn systemd_credentials() -> Option<Vec<(String, String)>> {
+    if !Path::new("/run/systemd/system").is_dir() {
+        return None;
+    }
+    let output = std::process::Command::new("systemctl")
+        .args(["show", "--property=LoadCredential", UNIT_NAME])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let lines = credential_lines(&String::from_utf8_lossy(&output.stdout));
+    (!lines.is_empty()).then_some(lines)
 }
 
 #[cfg(test)]
@@ -125,5 +210,53 @@ mod tests {
             mqtt.display()
         );
         assert!(unit_source("no-such-credential", etc).is_none());
+    }
+
+    #[test]
+    fn a_drop_ins_credentials_count_as_systemd_reports_them() {
+        // `systemctl show -p LoadCredential` with systemd/examples/pkcs11.conf
+        // applied: the drop-in's list replaced the unit's.
+        let shown = "LoadCredential=orchestrator-api-key:peaqos-agent.orchestrator-api-key\n\
+                     LoadCredential=token-pin:/etc/peaqos-agent/token.pin\n";
+        let lines = credential_lines(shown);
+        let etc = Path::new("/etc/peaqos-agent");
+        assert_eq!(
+            source_in(&lines, "token-pin", etc).unwrap(),
+            Path::new("/etc/peaqos-agent/token.pin")
+        );
+        assert!(source_in(&lines, "controller-key", etc).is_none());
+        // The drop-in's own text, read as a unit file: the empty line clears.
+        let drop_in = include_str!("../systemd/examples/pkcs11.conf");
+        let lines = credential_lines(&format!("{UNIT}\n{drop_in}"));
+        assert!(source_in(&lines, "controller-key", etc).is_none());
+        assert!(source_in(&lines, "token-pin", etc).is_some());
+        assert!(source_in(&credential_lines(UNIT), "token-pin", etc).is_none());
+    }
+
+    #[test]
+    fn without_systemd_the_drop_ins_are_read_in_systemds_order() {
+        let vendor = tempfile::tempdir().unwrap();
+        let admin = tempfile::tempdir().unwrap();
+        std::fs::write(
+            vendor.path().join("50-token.conf"),
+            "[Service]\nLoadCredential=token-pin:/usr/share/pin\n",
+        )
+        .unwrap();
+        // The administrator's file of the same name replaces the vendor's.
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/examples/pkcs11.conf"),
+            admin.path().join("50-token.conf"),
+        )
+        .unwrap();
+        std::fs::write(admin.path().join("README"), "LoadCredential=x:/y\n").unwrap();
+        let text = with_drop_ins(UNIT, &[vendor.path(), admin.path()]);
+        let lines = credential_lines(&text);
+        let etc = Path::new("/etc/peaqos-agent");
+        assert_eq!(
+            source_in(&lines, "token-pin", etc).unwrap(),
+            Path::new("/etc/peaqos-agent/token.pin")
+        );
+        assert!(source_in(&lines, "controller-key", etc).is_none());
+        assert!(source_in(&lines, "x", etc).is_none());
     }
 }

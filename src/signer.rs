@@ -78,8 +78,14 @@ impl From<TokenError> for SignError {
 
 impl Signer {
     /// Opens the configured key: loads the key file, or opens the token
-    /// and finds the key pair in it.
-    pub fn open(identity: &IdentityConfig) -> Result<Self, OpenError> {
+    /// and finds the key pair in it. `state_dir` is where a PIN the token
+    /// refused is recorded, so that no later start offers it again.
+    pub fn open(
+        identity: &IdentityConfig,
+        #[cfg_attr(not(feature = "pkcs11"), allow(unused_variables))] state_dir: Option<
+            &std::path::Path,
+        >,
+    ) -> Result<Self, OpenError> {
         match identity.key_source() {
             KeySource::File { location, password } => {
                 let (key, _) = key::load(location, password).map_err(OpenError::File)?;
@@ -87,13 +93,12 @@ impl Signer {
             }
             #[cfg(feature = "pkcs11")]
             KeySource::Token { uri, pin } => {
-                let key =
-                    TokenKey::open(uri.clone(), pin.map(str::to_owned)).map_err(|source| {
-                        OpenError::Token {
-                            uri: uri.to_string(),
-                            source,
-                        }
-                    })?;
+                let key = TokenKey::open(uri.clone(), pin, state_dir).map_err(|source| {
+                    OpenError::Token {
+                        uri: uri.to_string(),
+                        source,
+                    }
+                })?;
                 Ok(Self::Token(Arc::new(key)))
             }
             #[cfg(not(feature = "pkcs11"))]

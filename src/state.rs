@@ -120,7 +120,15 @@ impl StateStore {
                 };
             }
         };
-        match serde_json::from_slice::<State>(&bytes) {
+        let parsed = serde_json::from_slice::<State>(&bytes);
+        if let Ok(State {
+            proof: Some(proof), ..
+        }) = &parsed
+        {
+            // Server time: the wall clock cannot truly be earlier.
+            crate::clock::raise_floor(proof.verified_at.to_system_time());
+        }
+        match parsed {
             Ok(state) if state.version != VERSION => self.set_aside(format!(
                 "unsupported state version {} (expected {VERSION})",
                 state.version
@@ -156,32 +164,84 @@ impl StateStore {
                 })?;
         }
         let path = self.path();
-        let tmp = self
-            .dir
-            .join(format!(".{FILE_NAME}.tmp-{}", std::process::id()));
-        let write = || -> io::Result<()> {
-            let mut json = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
+        let mut json = serde_json::to_vec_pretty(state).map_err(io::Error::other);
+        if let Ok(json) = &mut json {
             json.push(b'\n');
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(&json)?;
-            file.sync_all()?;
-            drop(file);
-            fs::rename(&tmp, &path)?;
-            File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(|source| {
-            let _ = fs::remove_file(&tmp);
-            StateError::Write {
-                path: path.clone(),
-                source,
-            }
-        })
+        }
+        json.and_then(|json| write_atomically(&self.dir, FILE_NAME, &json, 0o600))
+            .map_err(|source| StateError::Write { path, source })
     }
+
+    /// Removes the temporary files of saves that never finished (a crash
+    /// or power cut between create and rename). Ours only: the name is
+    /// `.state.json.tmp-<pid>`; one of a live process (a `check` writing
+    /// at this moment) is left alone unless it is older than a save takes.
+    /// Returns the files removed.
+    pub fn remove_stale_temps(&self) -> Vec<PathBuf> {
+        let prefix = format!(".{FILE_NAME}.tmp-");
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE_TEMP_AGE);
+            let alive = pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists();
+            if (pid == std::process::id() || !alive || old) && fs::remove_file(entry.path()).is_ok()
+            {
+                removed.push(entry.path());
+            }
+        }
+        removed
+    }
+}
+
+/// How old a temporary file of another live process must be to count as
+/// abandoned: a save takes milliseconds.
+const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Writes `bytes` to `dir/name` atomically: a temporary file beside it,
+/// fsync, rename, fsync of the directory. After a power cut the file is the
+/// old or the new version, never a mix.
+pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let write = || -> io::Result<()> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
+}
+
+/// The latest server time the state in `dir` records (its proof's
+/// `verifiedAt`), read without changing anything (for `check`).
+pub fn saved_server_time(dir: &Path) -> Option<Timestamp> {
+    let bytes = fs::read(dir.join(FILE_NAME)).ok()?;
+    let state: State = serde_json::from_slice(&bytes).ok()?;
+    state.proof.map(|p| p.verified_at)
 }
 
 /// Whether the state directory can be created and written (for `check`).
@@ -245,6 +305,30 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, [FILE_NAME]);
+    }
+
+    #[test]
+    fn stale_temp_files_of_our_own_are_removed_and_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        store.save(&sample()).unwrap();
+        // A crashed save of an earlier process (pid 2^22 + 1 is above
+        // Linux's pid_max limit, so no live process has it).
+        let crashed = dir.path().join(".state.json.tmp-4194305");
+        fs::write(&crashed, b"{\"version\": 1, \"mach").unwrap();
+        // A live process's save in progress (our parent's pid), and files
+        // that are not ours.
+        let live = dir.path().join(format!(
+            ".state.json.tmp-{}",
+            std::os::unix::process::parent_id()
+        ));
+        fs::write(&live, b"{").unwrap();
+        let foreign = dir.path().join(".other.tmp-4194305");
+        fs::write(&foreign, b"x").unwrap();
+        assert_eq!(store.remove_stale_temps(), std::slice::from_ref(&crashed));
+        assert!(!crashed.exists());
+        assert!(live.exists() && foreign.exists() && store.path().exists());
+        assert!(matches!(store.load(ID, ORCH), Loaded::Found(_)));
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub enum AgentState {
     /// backoff, or every `slow_retry` when an operator must act. The agent
     /// never signs with another key meanwhile.
     KeyUnavailable,
+    /// A gateway's machine file cannot be used (lastError `CONFIG` names
+    /// the file and the problem): the machine has no loop until the file
+    /// is fixed and the agent reloaded; the others carry on.
+    ConfigError,
     /// An operator blocked the record; reported, not fought.
     Blocked,
     /// An operator archived the record; reported, not fought.
@@ -59,6 +63,7 @@ impl AgentState {
             Self::NotController => "not_controller",
             Self::ChallengeRefused => "challenge_refused",
             Self::KeyUnavailable => "key_unavailable",
+            Self::ConfigError => "config_error",
             Self::Blocked => "blocked",
             Self::Archived => "archived",
             Self::Stopping => "stopping",
@@ -186,10 +191,66 @@ pub fn status_line(s: &StatusSnapshot) -> String {
         AgentState::Backoff
         | AgentState::NotController
         | AgentState::ChallengeRefused
-        | AgentState::KeyUnavailable,
+        | AgentState::KeyUnavailable
+        | AgentState::ConfigError,
     ) = (&s.last_error, s.state)
     {
         let _ = write!(line, " ({})", e.code);
+    }
+    line
+}
+
+/// How many machine names a [`summary_line`] lists per state.
+const SUMMARY_NAMES: usize = 3;
+
+/// The one-line summary of a gateway's machines for systemd's `STATUS=`,
+/// e.g. `40 machines: 39 active, 1 not_controller (dock-7)`: a count per
+/// state, `active` first, and the names of those that need a look.
+pub fn summary_line<'a>(
+    machines: impl IntoIterator<Item = (&'a str, &'a StatusSnapshot)>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut by_state: Vec<(AgentState, Vec<&str>)> = Vec::new();
+    let mut total = 0;
+    for (name, status) in machines {
+        total += 1;
+        match by_state
+            .iter_mut()
+            .find(|(state, _)| *state == status.state)
+        {
+            Some((_, names)) => names.push(name),
+            None => by_state.push((status.state, vec![name])),
+        }
+    }
+    // `active` first, then the others in the order of the enum.
+    by_state.sort_by_key(|(state, _)| (*state != AgentState::Active, *state as u8));
+    let mut line = format!("{total} machine{}", if total == 1 { "" } else { "s" });
+    for (i, (state, names)) in by_state.iter().enumerate() {
+        let _ = write!(
+            line,
+            "{}{} {state}",
+            if i == 0 { ": " } else { ", " },
+            names.len()
+        );
+        let needs_a_look = matches!(
+            state,
+            AgentState::Backoff
+                | AgentState::NotController
+                | AgentState::ChallengeRefused
+                | AgentState::KeyUnavailable
+                | AgentState::ConfigError
+                | AgentState::Blocked
+                | AgentState::Archived
+        );
+        if needs_a_look {
+            let shown: Vec<&str> = names.iter().take(SUMMARY_NAMES).copied().collect();
+            let more = names.len().saturating_sub(SUMMARY_NAMES);
+            let _ = write!(line, " ({}", shown.join(", "));
+            if more > 0 {
+                let _ = write!(line, ", +{more} more");
+            }
+            line.push(')');
+        }
     }
     line
 }
@@ -266,6 +327,76 @@ pub fn render_human(value: &serde_json::Value) -> String {
     out
 }
 
+/// `peaqos-agent status` on a gateway: one line per machine (name, state,
+/// machine id, online, last error), after the gateway's own line.
+pub fn render_machines(view: &crate::mqtt::GatewayView) -> String {
+    use std::fmt::Write as _;
+    let field = |status: Option<&serde_json::Value>, key: &str| {
+        status
+            .and_then(|s| s.get(key))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let mut rows = vec![[
+        "NAME".to_owned(),
+        "STATE".to_owned(),
+        "MACHINE ID".to_owned(),
+        "ONLINE".to_owned(),
+        "LAST ERROR".to_owned(),
+    ]];
+    for m in &view.machines {
+        let status = m.status.as_ref();
+        let error = status
+            .and_then(|s| s.get("lastError"))
+            .and_then(|e| e.get("code"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("-");
+        rows.push([
+            m.name.clone(),
+            if status.is_some() {
+                field(status, "state")
+            } else {
+                "unknown (no retained status)".to_owned()
+            },
+            field(status, "machineId"),
+            if m.online(view) { "yes" } else { "no" }.to_owned(),
+            error.to_owned(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = format!(
+        "gateway {}: {}, {} machines\n",
+        view.name,
+        view.availability.as_deref().unwrap_or("unknown"),
+        view.machines.len()
+    );
+    for row in rows {
+        let mut line = String::new();
+        for (cell, width) in row.iter().zip(&widths) {
+            let _ = write!(line, "{cell:<width$}  ");
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
+/// `peaqos-agent status --json` on a gateway.
+pub fn machines_json(view: &crate::mqtt::GatewayView) -> serde_json::Value {
+    serde_json::json!({
+        "gateway": {"name": view.name, "availability": view.availability},
+        "machines": view.machines.iter().map(|m| serde_json::json!({
+            "name": m.name,
+            "topicPrefix": m.prefix,
+            "availability": m.availability,
+            "online": m.online(view),
+            "status": m.status,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,8 +449,8 @@ mod tests {
     #[test]
     fn the_readme_documents_every_state() {
         use AgentState::{
-            Activating, Active, Archived, Backoff, Blocked, ChallengeRefused, KeyUnavailable,
-            NotController, Registering, Renewing, Starting, Stopping,
+            Activating, Active, Archived, Backoff, Blocked, ChallengeRefused, ConfigError,
+            KeyUnavailable, NotController, Registering, Renewing, Starting, Stopping,
         };
         let all = [
             Starting,
@@ -331,6 +462,7 @@ mod tests {
             NotController,
             ChallengeRefused,
             KeyUnavailable,
+            ConfigError,
             Blocked,
             Archived,
             Stopping,
@@ -338,7 +470,7 @@ mod tests {
         // No wildcard: a new state does not compile until it is listed above.
         match all[0] {
             Starting | Registering | Activating | Active | Renewing | Backoff | NotController
-            | ChallengeRefused | KeyUnavailable | Blocked | Archived | Stopping => {}
+            | ChallengeRefused | KeyUnavailable | ConfigError | Blocked | Archived | Stopping => {}
         }
         let table = doc_section(AGENT_DOC, "The registration loop");
         for state in all {
@@ -347,6 +479,34 @@ mod tests {
                 "docs/agent.md's registration loop table lacks state `{state}`"
             );
         }
+    }
+
+    #[test]
+    fn the_summary_counts_states_active_first_and_names_the_troubled() {
+        let status = |state| {
+            let mut s = StatusSnapshot::new("did:peaq:1".into(), "0xAb".into(), "b".into());
+            s.state = state;
+            s
+        };
+        let mut all = vec![("dock-7".to_owned(), status(AgentState::NotController))];
+        for i in 0..39 {
+            all.push((format!("m{i}"), status(AgentState::Active)));
+        }
+        let line = summary_line(all.iter().map(|(n, s)| (n.as_str(), s)));
+        assert_eq!(line, "40 machines: 39 active, 1 not_controller (dock-7)");
+        let mut few = vec![("a".to_owned(), status(AgentState::Backoff))];
+        for name in ["b", "c", "d", "e"] {
+            few.push((name.to_owned(), status(AgentState::ConfigError)));
+        }
+        few.push(("f".to_owned(), status(AgentState::Registering)));
+        let line = summary_line(few.iter().map(|(n, s)| (n.as_str(), s)));
+        assert_eq!(
+            line,
+            "6 machines: 1 registering, 1 backoff (a), 4 config_error (b, c, d, +1 more)"
+        );
+        let one = status(AgentState::Active);
+        assert_eq!(summary_line([("x", &one)]), "1 machine: 1 active");
+        assert_eq!(summary_line(std::iter::empty()), "0 machines");
     }
 
     #[test]
@@ -370,5 +530,54 @@ mod tests {
         assert!(text.contains("clock skew      -42 ms"), "{text}");
         assert!(text.contains("fromTheFuture   1\n"), "{text}");
         assert!(!text.contains("schema"), "{text}");
+    }
+
+    #[test]
+    fn a_gateway_lists_each_machine_offline_when_the_gateway_is() {
+        use crate::mqtt::{GatewayView, MachineView};
+        let machine = |name: &str, state: Option<&str>| MachineView {
+            name: name.to_owned(),
+            prefix: format!("peaqos/{name}"),
+            availability: Some("online".to_owned()),
+            status: state.map(|s| {
+                serde_json::json!({"state": s, "machineId": format!("mach_{name}"),
+                    "lastError": if s == "active" { serde_json::Value::Null }
+                                 else { serde_json::json!({"code": "NOT_CONTROLLER"}) }})
+            }),
+        };
+        let mut view = GatewayView {
+            name: "gw".to_owned(),
+            availability: Some("online".to_owned()),
+            machines: vec![
+                machine("dock-1", Some("active")),
+                machine("dock-7", Some("not_controller")),
+                machine("gone", None),
+            ],
+        };
+        let text = render_machines(&view);
+        assert!(
+            text.starts_with("gateway gw: online, 3 machines\n"),
+            "{text}"
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[2].starts_with("dock-1") && lines[2].contains("mach_dock-1"));
+        assert!(lines[2].contains("yes"), "{text}");
+        assert!(lines[3].ends_with("NOT_CONTROLLER"), "{text}");
+        assert!(lines[4].contains("unknown (no retained status)"), "{text}");
+        view.availability = Some("offline".to_owned());
+        let json = machines_json(&view);
+        assert!(
+            json["machines"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["online"] == false)
+        );
+        assert!(
+            !render_machines(&view)
+                .lines()
+                .skip(2)
+                .any(|l| l.contains("yes"))
+        );
     }
 }

@@ -60,6 +60,85 @@ pub fn spawn_status_notifier(mut status: watch::Receiver<StatusSnapshot>) -> Joi
     })
 }
 
+/// The machines whose statuses `STATUS=` sums up, as the host last set
+/// them.
+#[derive(Debug, Clone, Default)]
+pub struct Roster {
+    pub machines: Vec<(String, watch::Receiver<StatusSnapshot>)>,
+    /// The agent's own machine and nothing else (a robot): `STATUS=` is
+    /// its status line, as it always was.
+    pub robot: bool,
+}
+
+impl Roster {
+    fn line(&self) -> String {
+        match (&self.machines[..], self.robot) {
+            ([(_, one)], true) => status_line(&one.borrow()),
+            (machines, _) => {
+                let snapshots: Vec<(&str, StatusSnapshot)> = machines
+                    .iter()
+                    .map(|(name, status)| (name.as_str(), status.borrow().clone()))
+                    .collect();
+                crate::status::summary_line(snapshots.iter().map(|(n, s)| (*n, s)))
+            }
+        }
+    }
+}
+
+/// How long a gateway's `STATUS=` waits for more changes before it is
+/// sent: 1,000 machines starting do not make 1,000 notifications.
+const SUMMARY_SETTLE: Duration = Duration::from_millis(250);
+
+/// Keeps `STATUS=` in step with the statuses of a set of machines that
+/// comes and goes: a robot's status line, or a gateway's summary. Ends
+/// once `roster`'s sender is dropped, after sending the last line.
+pub fn spawn_roster_notifier(mut roster: watch::Receiver<Roster>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let mut forwarders: Vec<JoinHandle<()>> = Vec::new();
+        let mut last = String::new();
+        let mut send = |line: String| {
+            if line != last {
+                notify_status(&line);
+                last = line;
+            }
+        };
+        loop {
+            let current = roster.borrow_and_update().clone();
+            for forwarder in forwarders.drain(..) {
+                forwarder.abort();
+            }
+            for (_, status) in &current.machines {
+                let (mut status, changed) = (status.clone(), changed.clone());
+                forwarders.push(tokio::spawn(async move {
+                    while status.changed().await.is_ok() {
+                        changed.notify_one();
+                    }
+                    changed.notify_one();
+                }));
+            }
+            let ended = loop {
+                send(current.line());
+                tokio::select! {
+                    r = roster.changed() => break r.is_err(),
+                    () = changed.notified() => {
+                        if !current.robot {
+                            tokio::time::sleep(SUMMARY_SETTLE).await;
+                        }
+                    }
+                }
+            };
+            if ended {
+                send(current.line());
+                for forwarder in forwarders.drain(..) {
+                    forwarder.abort();
+                }
+                break;
+            }
+        }
+    })
+}
+
 /// Tells systemd the agent is stopping (on SIGTERM), so that `systemctl
 /// status` says so while in-flight work finishes.
 pub fn notify_stopping() {
@@ -101,17 +180,17 @@ pub struct Heartbeat {
 
 #[derive(Debug)]
 struct Inner {
-    task: &'static str,
+    task: String,
     last: Mutex<Instant>,
 }
 
 impl Heartbeat {
     /// A heartbeat for the task named `task` (named in the log when it
     /// stops beating). It counts as having beaten now.
-    pub fn new(task: &'static str) -> Self {
+    pub fn new(task: impl Into<String>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                task,
+                task: task.into(),
                 last: Mutex::new(Instant::now()),
             }),
         }
@@ -122,8 +201,8 @@ impl Heartbeat {
         *self.lock() = Instant::now();
     }
 
-    pub fn task(&self) -> &'static str {
-        self.inner.task
+    pub fn task(&self) -> &str {
+        &self.inner.task
     }
 
     /// Sleeps for `duration`, beating at the [`beat_interval`] meanwhile: a
@@ -169,25 +248,77 @@ pub fn spawn_watchdog(
     heartbeats: &[Heartbeat],
     shutdown: CancellationToken,
 ) -> Option<JoinHandle<()>> {
+    let set = Heartbeats::default();
+    for heartbeat in heartbeats {
+        set.insert(heartbeat.clone());
+    }
+    spawn_watchdog_for(&set, shutdown)
+}
+
+/// As [`spawn_watchdog`], for a set whose members come and go (a gateway's
+/// machines, added and removed by a reload).
+pub fn spawn_watchdog_for(
+    heartbeats: &Heartbeats,
+    shutdown: CancellationToken,
+) -> Option<JoinHandle<()>> {
     let period = watchdog_period()?;
-    let heartbeats = heartbeats.to_vec();
     tracing::debug!(
         period_ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX),
         tasks = heartbeats.len(),
         "feeding the systemd watchdog"
     );
-    Some(tokio::spawn(feed(period, heartbeats, shutdown)))
+    Some(tokio::spawn(feed(period, heartbeats.clone(), shutdown)))
 }
 
-async fn feed(period: Duration, heartbeats: Vec<Heartbeat>, shutdown: CancellationToken) {
+/// The heartbeats the watchdog requires, shared between the watchdog and
+/// whoever starts and stops tasks. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Heartbeats {
+    members: Arc<Mutex<Vec<Heartbeat>>>,
+}
+
+impl Heartbeats {
+    /// Requires `heartbeat` from now on.
+    pub fn insert(&self, heartbeat: Heartbeat) {
+        self.lock().push(heartbeat);
+    }
+
+    /// No longer requires `heartbeat` (its task ended on purpose).
+    pub fn remove(&self, heartbeat: &Heartbeat) {
+        self.lock()
+            .retain(|h| !Arc::ptr_eq(&h.inner, &heartbeat.inner));
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// The tasks that have not beaten within `period` before `now`.
+    fn stalled(&self, now: Instant, period: Duration) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|heartbeat| heartbeat.since_last_beat(now) > period)
+            .map(|heartbeat| heartbeat.task().to_owned())
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Heartbeat>> {
+        // Pushes and retains cannot leave the list half-changed.
+        self.members
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+async fn feed(period: Duration, heartbeats: Heartbeats, shutdown: CancellationToken) {
     let mut reported_stall = false;
     loop {
         let now = Instant::now();
-        let stalled: Vec<&'static str> = heartbeats
-            .iter()
-            .filter(|heartbeat| heartbeat.since_last_beat(now) > period)
-            .map(Heartbeat::task)
-            .collect();
+        let stalled = heartbeats.stalled(now, period);
         if stalled.is_empty() {
             send(&[NotifyState::Watchdog]);
             if reported_stall {

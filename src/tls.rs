@@ -6,6 +6,10 @@
 //! The client config is built with an explicit provider instead of rustls'
 //! process-wide default, so it works whether or not anything else in the
 //! process installed one.
+//!
+//! Certificates are checked by webpki at the clock's floor when the local
+//! clock reads earlier ([`crate::clock::trusted_now`], see
+//! [`FlooredVerifier`]); `tls_check.rs` names what failed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,12 +58,20 @@ pub(crate) fn client_config(
             path: ca_file.to_owned(),
         });
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(TlsError::Rustls)?
-    .with_root_certificates(roots);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|_| TlsError::NoUsableCa {
+        path: ca_file.to_owned(),
+    })?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Rustls)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(FlooredVerifier(webpki)));
     let config = match client_auth {
         None => builder.with_no_client_auth(),
         Some((cert_file, key_location)) => {
@@ -74,6 +86,75 @@ pub(crate) fn client_config(
         }
     };
     Ok(config)
+}
+
+/// webpki's server certificate check, at the clock's floor when the local
+/// clock reads earlier: a board without a real-time clock that boots in
+/// 1970 would otherwise find every certificate "not valid yet" until NTP
+/// answers, and NTP may itself be behind the orchestrator it cannot reach.
+/// Everything else (chain, name, signatures) is webpki's, unchanged.
+#[derive(Debug)]
+struct FlooredVerifier(Arc<dyn rustls::client::danger::ServerCertVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for FlooredVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let floor = rustls::pki_types::UnixTime::since_unix_epoch(
+            crate::clock::floor()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        let now = if now.as_secs() < floor.as_secs() {
+            floor
+        } else {
+            now
+        };
+        self.0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// The client config for an `https://` orchestrator without `ca_file`: the
+/// system's roots through the verifier reqwest itself uses
+/// (rustls-platform-verifier), checked at the clock's floor as well.
+pub(crate) fn system_roots_config() -> Result<rustls::ClientConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let system =
+        rustls_platform_verifier::Verifier::new(provider.clone()).map_err(TlsError::Rustls)?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Rustls)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(FlooredVerifier(Arc::new(system))))
+        .with_no_client_auth())
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -2,11 +2,13 @@
 //! address), or the token (which token and key, whether the token promises
 //! that the key cannot be read out, and a test signature that verifies).
 
+use std::path::Path;
+
 use peaqos_logging::error_chain;
 use peaqos_protocol::Address;
 
 use super::{Outcome, Report};
-use crate::config::{Config, KeySource};
+use crate::config::{IdentityConfig, KeySource};
 use crate::key;
 
 /// The names of the lines `check_key` may print, for the skips of a
@@ -14,8 +16,12 @@ use crate::key;
 pub(super) const LINES: [&str; 1] = ["key file"];
 
 /// Pushes the key's lines and returns its address if the key is usable.
-pub(super) fn check_key(r: &mut Report, config: &Config) -> Option<Address> {
-    match config.identity.key_source() {
+pub(super) fn check_key(
+    r: &mut Report,
+    identity: &IdentityConfig,
+    state_root: &Path,
+) -> Option<Address> {
+    match identity.key_source() {
         KeySource::File { location, password } => match key::load(location, password) {
             Ok((key, info)) => {
                 r.push(
@@ -36,18 +42,18 @@ pub(super) fn check_key(r: &mut Report, config: &Config) -> Option<Address> {
             }
         },
         #[cfg(feature = "pkcs11")]
-        KeySource::Token { .. } => check_token(r, config),
+        KeySource::Token { .. } => check_token(r, identity, state_root),
         #[cfg(not(feature = "pkcs11"))]
         KeySource::Token { .. } => unreachable!("Config::check refuses it in this build"),
     }
 }
 
 #[cfg(feature = "pkcs11")]
-fn check_token(r: &mut Report, config: &Config) -> Option<Address> {
+fn check_token(r: &mut Report, identity: &IdentityConfig, state_root: &Path) -> Option<Address> {
     use crate::pkcs11;
     use crate::signer::Signer;
 
-    let signer = match Signer::open(&config.identity) {
+    let signer = match Signer::open(identity, Some(state_root)) {
         Ok(s) => s,
         Err(e) => {
             r.push(Outcome::Fail, "key token", error_chain(&e));
@@ -59,7 +65,7 @@ fn check_token(r: &mut Report, config: &Config) -> Option<Address> {
     let Signer::Token(token) = &signer else {
         unreachable!("a pkcs11 key source opens a token")
     };
-    if let Some(file) = &config.identity.key_file {
+    if let Some(file) = &identity.key_file {
         r.push(
             Outcome::Ok,
             "key file",

@@ -13,6 +13,9 @@ use toml::de::{DeArray, DeTable, DeValue};
 use super::Config;
 use crate::duration;
 
+/// The name of a gateway that is no machine itself.
+const GATEWAY_NAME: &str = "gateway";
+
 /// A position in one of the configuration files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
@@ -40,6 +43,16 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot list the machines directory {path}")]
+    MachinesDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: no machine to keep: set [identity] and [machine] in it (a robot), or put \
+         machine files (<name>.toml, each with [identity] and [machine]) in {dir} (a gateway)"
+    )]
+    NoMachine { path: PathBuf, dir: PathBuf },
     #[error("{location}: TOML syntax error: {message}")]
     Syntax { location: Location, message: String },
     /// A key that is unknown, missing, of the wrong type or with a bad value.
@@ -129,6 +142,12 @@ impl Config {
             texts.push((file, text));
         }
         let mut config = Self::from_texts(texts)?;
+        if config.identity.is_none() && super::machines::list(&config.machines_dir)?.is_empty() {
+            return Err(ConfigError::NoMachine {
+                path: path.to_owned(),
+                dir: config.machines_dir,
+            });
+        }
         if std::env::var_os("CREDENTIALS_DIRECTORY").is_none() {
             let dir = match path.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p,
@@ -142,103 +161,60 @@ impl Config {
     /// Outside systemd: every `credential:NAME` the unit knows becomes the
     /// file the unit would pass (see [`crate::secrets::unit_source`]).
     fn use_unit_credentials(&mut self, config_dir: &Path) {
-        let mut found = Vec::new();
-        let mut replace = |value: &mut String| {
-            let Some(name) = value.strip_prefix(crate::secrets::CREDENTIAL_PREFIX) else {
-                return;
-            };
-            let Some(path) = crate::secrets::unit_source(name, config_dir) else {
-                return;
-            };
-            let Some(text) = path.to_str() else { return };
-            let text = text.to_owned();
-            found.push((std::mem::replace(value, text), path));
-        };
-        for value in [
-            &mut self.identity.key_file,
-            &mut self.identity.key_password_file,
-            &mut self.identity.key_pin_file,
+        let mut values = vec![
             &mut self.orchestrator.api_key_file,
             &mut self.orchestrator.client_key_file,
             &mut self.mqtt.password_file,
             &mut self.mqtt.client_key_file,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            replace(value);
+        ];
+        if let Some(identity) = &mut self.identity {
+            values.extend(identity.secret_locations());
         }
-        self.credentials_outside_systemd = found;
+        self.credentials_outside_systemd = use_unit_credentials(values, config_dir);
     }
 
     /// Parses already-read files (main file first), as [`Config::load`].
     pub fn from_texts(files: Vec<(PathBuf, String)>) -> Result<Self, ConfigError> {
-        let mut base = 0;
-        let sources = Sources(
-            files
-                .into_iter()
-                .map(|(path, text)| {
-                    let file = SourceFile { path, text, base };
-                    // One byte of gap keeps an end-of-file span inside its file.
-                    base += file.text.len() + 1;
-                    file
-                })
-                .collect(),
+        let (mut config, files) = parse::<Self>(files, Self::check)?;
+        let main_dir = files
+            .first()
+            .and_then(|f| f.parent())
+            .unwrap_or_else(|| Path::new(""));
+        config.machines_dir = main_dir.join(
+            config
+                .gateway
+                .machines_dir
+                .as_deref()
+                .unwrap_or_else(|| Path::new(super::DEFAULT_MACHINES_DIR)),
         );
-
-        let mut merged: Option<Spanned<DeTable<'_>>> = None;
-        for file in &sources.0 {
-            let table = DeTable::parse(&file.text).map_err(|e| ConfigError::Syntax {
-                location: sources.locate(file.base + e.span().map_or(0, |s| s.start)),
-                message: e.message().to_owned(),
-            })?;
-            let table = shift_table(table, file.base);
-            merged = Some(match merged {
-                None => table,
-                Some(mut into) => {
-                    merge(into.get_mut(), table.into_inner());
-                    into
-                }
-            });
-        }
-        let merged = merged.unwrap_or_else(|| Spanned::new(0..0, DeTable::default()));
-        let root_start = merged.span().start;
-        let mut key_offsets = BTreeMap::new();
-        index_keys(merged.get_ref(), "", &mut key_offsets);
-        let deserializer = toml::de::Deserializer::from(merged);
-        let mut config: Self = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            ConfigError::Invalid {
-                location: sources.locate(inner.span().map_or(root_start, |s| s.start)),
-                key,
-                message: inner.message().to_owned(),
-            }
-        })?;
-        if let Err(e) = config.check() {
-            // A missing key is reported at its table.
-            let offset = key_offsets
-                .get(&e.key)
-                .or_else(|| {
-                    e.key
-                        .rsplit_once('.')
-                        .and_then(|(table, _)| key_offsets.get(table))
-                })
-                .copied()
-                .unwrap_or(root_start);
-            return Err(ConfigError::Invalid {
-                location: sources.locate(offset),
-                key: e.key,
-                message: e.message,
-            });
-        }
-        config.files = sources.0.into_iter().map(|f| f.path).collect();
+        config.files = files;
         Ok(config)
     }
 
     /// Rules that involve more than one key.
     pub fn check(&self) -> Result<(), CheckError> {
-        self.identity.check()?;
+        match (&self.identity, &self.machine) {
+            (Some(identity), Some(_)) => identity.check()?,
+            (Some(_), None) => {
+                return Err(CheckError {
+                    key: "machine".into(),
+                    message: "missing: [identity] is set, so the agent is a machine itself and \
+                              needs [machine] too (or leave both out on a gateway whose \
+                              machines are in machines.d)"
+                        .into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(CheckError {
+                    key: "identity".into(),
+                    message: "missing: [machine] is set, so the agent is a machine itself and \
+                              needs [identity] too (or leave both out on a gateway whose \
+                              machines are in machines.d)"
+                        .into(),
+                });
+            }
+            (None, None) => {}
+        }
         self.orchestrator.check()?;
         self.mqtt.check().map_err(|e| CheckError {
             key: format!("mqtt.{}", e.key),
@@ -257,10 +233,83 @@ impl Config {
         Ok(())
     }
 
-    /// The agent's name on the MQTT interface and in logs.
+    /// The agent's name on the MQTT interface and in logs: its own
+    /// machine's display name, or `gateway` for a gateway that is no
+    /// machine itself.
     pub fn machine_name(&self) -> &str {
-        &self.machine.display_name
+        self.machine
+            .as_ref()
+            .map_or(GATEWAY_NAME, |m| m.display_name.as_str())
     }
+}
+
+/// Parses already-read files (main file first) into `T`, merged in order,
+/// and runs `check` on the result; every error names file, line, column
+/// and key. Returns the value and the files' paths.
+pub(super) fn parse<T: serde::de::DeserializeOwned>(
+    files: Vec<(PathBuf, String)>,
+    check: impl FnOnce(&T) -> Result<(), CheckError>,
+) -> Result<(T, Vec<PathBuf>), ConfigError> {
+    let mut base = 0;
+    let sources = Sources(
+        files
+            .into_iter()
+            .map(|(path, text)| {
+                let file = SourceFile { path, text, base };
+                // One byte of gap keeps an end-of-file span inside its file.
+                base += file.text.len() + 1;
+                file
+            })
+            .collect(),
+    );
+
+    let mut merged: Option<Spanned<DeTable<'_>>> = None;
+    for file in &sources.0 {
+        let table = DeTable::parse(&file.text).map_err(|e| ConfigError::Syntax {
+            location: sources.locate(file.base + e.span().map_or(0, |s| s.start)),
+            message: e.message().to_owned(),
+        })?;
+        let table = shift_table(table, file.base);
+        merged = Some(match merged {
+            None => table,
+            Some(mut into) => {
+                merge(into.get_mut(), table.into_inner());
+                into
+            }
+        });
+    }
+    let merged = merged.unwrap_or_else(|| Spanned::new(0..0, DeTable::default()));
+    let root_start = merged.span().start;
+    let mut key_offsets = BTreeMap::new();
+    index_keys(merged.get_ref(), "", &mut key_offsets);
+    let deserializer = toml::de::Deserializer::from(merged);
+    let value: T = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        ConfigError::Invalid {
+            location: sources.locate(inner.span().map_or(root_start, |s| s.start)),
+            key,
+            message: inner.message().to_owned(),
+        }
+    })?;
+    if let Err(e) = check(&value) {
+        // A missing key is reported at its table.
+        let offset = key_offsets
+            .get(&e.key)
+            .or_else(|| {
+                e.key
+                    .rsplit_once('.')
+                    .and_then(|(table, _)| key_offsets.get(table))
+            })
+            .copied()
+            .unwrap_or(root_start);
+        return Err(ConfigError::Invalid {
+            location: sources.locate(offset),
+            key: e.key,
+            message: e.message,
+        });
+    }
+    Ok((value, sources.0.into_iter().map(|f| f.path).collect()))
 }
 
 /// A rule across keys that the configuration breaks.
@@ -270,6 +319,28 @@ pub struct CheckError {
     /// The dotted key the problem is reported against.
     pub key: String,
     pub message: String,
+}
+
+/// Outside systemd: every `credential:NAME` among `values` that the unit
+/// knows becomes the file the unit would pass (see
+/// [`crate::secrets::unit_source`]). Returns (value as configured, file).
+pub(super) fn use_unit_credentials(
+    values: Vec<&mut Option<String>>,
+    config_dir: &Path,
+) -> Vec<(String, PathBuf)> {
+    let mut found = Vec::new();
+    for value in values.into_iter().flatten() {
+        let Some(name) = value.strip_prefix(crate::secrets::CREDENTIAL_PREFIX) else {
+            continue;
+        };
+        let Some(path) = crate::secrets::unit_source(name, config_dir) else {
+            continue;
+        };
+        let Some(text) = path.to_str() else { continue };
+        let text = text.to_owned();
+        found.push((std::mem::replace(value, text), path));
+    }
+    found
 }
 
 /// Dotted key path -> offset of the key, for reporting [`CheckError`]s.

@@ -6,6 +6,9 @@
 //! key named. To get there from one merged document, each file is parsed with
 //! its spans moved into one virtual text (all files one after the other); an
 //! error's span then says which file it came from.
+//!
+//! A gateway's machines are files of their own, `machines.d/*.toml`
+//! ([`machines`]): each holds one machine's `[identity]` and `[machine]`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,23 +24,32 @@ use crate::pkcs11::Pkcs11Uri;
 use crate::registration::challenge::{self, ChallengePolicy, EffectivePolicy};
 
 mod load;
+pub mod machines;
 #[cfg(test)]
 mod tests;
 
 pub use load::{CheckError, ConfigError, Location, drop_in_dir, drop_in_files};
+pub use machines::{MachineEntry, MachineFile, MachineFileError, MachineSpec, NameError};
 
 /// Where `peaqos-agent run` looks without `--config`.
 pub const DEFAULT_PATH: &str = "/etc/peaqos-agent/agent.toml";
 /// Default `[state] dir`.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/peaqos-agent";
 
-/// The whole configuration.
+/// Default `[gateway] machines_dir`, beside `agent.toml`.
+pub const DEFAULT_MACHINES_DIR: &str = "machines.d";
+
+/// The whole configuration of `agent.toml` (and `agent.d/`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub identity: IdentityConfig,
+    /// The agent's own machine (a robot, or a gateway that is a machine
+    /// too); both or neither with `machine`.
+    #[serde(default)]
+    pub identity: Option<IdentityConfig>,
     pub orchestrator: OrchestratorConfig,
-    pub machine: MachineConfig,
+    #[serde(default)]
+    pub machine: Option<MachineConfig>,
     #[serde(default)]
     pub mqtt: MqttConfig,
     #[serde(default)]
@@ -46,6 +58,12 @@ pub struct Config {
     pub renewal: RenewalConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+    /// `[gateway] machines_dir`, resolved against the main file's
+    /// directory.
+    #[serde(skip)]
+    pub machines_dir: PathBuf,
     /// The files this configuration was read from, main file first.
     #[serde(skip)]
     pub files: Vec<PathBuf>,
@@ -82,17 +100,19 @@ pub struct IdentityConfig {
 }
 
 /// Where the controller key is, as the configuration says.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum KeySource<'a> {
     /// A key file (hex or V3 keystore) and its keystore password file.
     File {
         location: &'a str,
         password: Option<&'a str>,
     },
-    /// A key in a PKCS#11 token and the location of its PIN.
+    /// A key in a PKCS#11 token and the location of its PIN (a path or
+    /// `credential:NAME`: a `file:` URI in `pin-source` is already its
+    /// path, by [`Pkcs11Uri::pin_location`], the one parser of it).
     Token {
         uri: &'a Pkcs11Uri,
-        pin: Option<&'a str>,
+        pin: Option<String>,
     },
 }
 
@@ -102,7 +122,7 @@ impl IdentityConfig {
         match (&self.key, &self.key_file) {
             (Some(uri), _) => KeySource::Token {
                 uri,
-                pin: self.key_pin_file.as_deref().or(uri.pin_source.as_deref()),
+                pin: self.key_pin_file.clone().or_else(|| uri.pin_location()),
             },
             (None, Some(location)) => KeySource::File {
                 location,
@@ -110,6 +130,20 @@ impl IdentityConfig {
             },
             (None, None) => unreachable!("Config::check requires key or key_file"),
         }
+    }
+
+    /// The values that may name a `credential:NAME`.
+    fn secret_locations(&mut self) -> Vec<&mut Option<String>> {
+        let mut locations = vec![
+            &mut self.key_file,
+            &mut self.key_password_file,
+            &mut self.key_pin_file,
+        ];
+        // A PKCS#11 URI's pin-source may name a credential too.
+        if let Some(uri) = &mut self.key {
+            locations.push(&mut uri.pin_source);
+        }
+        locations
     }
 
     fn check(&self) -> Result<(), CheckError> {
@@ -344,6 +378,17 @@ impl Default for RenewalConfig {
             slow_retry: default_slow_retry(),
         }
     }
+}
+
+/// `[gateway]`: where the machines of a gateway are.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The folder of machine files (`<stem>.toml`, one machine each);
+    /// relative paths are read from `agent.toml`'s directory. Default:
+    /// `machines.d` beside `agent.toml`.
+    #[serde(default, deserialize_with = "non_empty_path")]
+    pub machines_dir: Option<PathBuf>,
 }
 
 /// `[log]`.

@@ -41,12 +41,15 @@ fn invalid(err: ConfigError) -> (Location, String, String) {
 #[test]
 fn minimal_file_gets_defaults_and_canonical_identity() {
     let c = load(&[("agent.toml", MAIN)]).unwrap();
-    assert_eq!(c.identity.identity_ref.canonical(), "did:peaq:4242");
+    assert_eq!(
+        c.identity.as_ref().unwrap().identity_ref.canonical(),
+        "did:peaq:4242"
+    );
     assert_eq!(c.state.dir, PathBuf::from(DEFAULT_STATE_DIR));
     assert_eq!(c.renewal.check_interval, Duration::from_secs(300));
     assert_eq!(c.renewal.renew_before, None);
     assert!(!c.mqtt.enabled);
-    assert_eq!(c.machine.capabilities, None);
+    assert_eq!(c.machine.as_ref().unwrap().capabilities, None);
     assert_eq!(c.files, vec![PathBuf::from("agent.toml")]);
 }
 
@@ -81,10 +84,14 @@ fn drop_ins_merge_tables_and_later_files_win() {
     let a = "[machine]\ndisplay_name = \"renamed\"\nlabels = { zone = \"a\" }\n[renewal]\nbackoff_max = 60\n";
     let b = "[renewal]\nbackoff_max = \"2m\"\nslow_retry = \"90s\"\n";
     let c = load(&[("agent.toml", MAIN), ("a.toml", a), ("b.toml", b)]).unwrap();
-    assert_eq!(c.machine.display_name, "renamed");
-    assert_eq!(c.machine.owner_id, "owner-1", "untouched keys survive");
+    assert_eq!(c.machine.as_ref().unwrap().display_name, "renamed");
+    assert_eq!(
+        c.machine.as_ref().unwrap().owner_id,
+        "owner-1",
+        "untouched keys survive"
+    );
     // Maps are tables: merged key by key.
-    let labels = c.machine.labels.unwrap();
+    let labels = c.machine.unwrap().labels.unwrap();
     assert_eq!(labels.get("site").map(String::as_str), Some("berlin"));
     assert_eq!(labels.get("zone").map(String::as_str), Some("a"));
     assert_eq!(c.renewal.backoff_max, Duration::from_secs(120));
@@ -194,7 +201,7 @@ fn the_shipped_example_is_valid() {
     let text = include_str!("../../config/agent.example.toml");
     let c = load(&[("agent.example.toml", text)]).unwrap();
     assert_eq!(
-        c.identity.key_file.as_deref(),
+        c.identity.as_ref().unwrap().key_file.as_deref(),
         Some("credential:controller-key")
     );
     assert_eq!(c.renewal.backoff_max, Duration::from_secs(300));
@@ -301,17 +308,17 @@ fn a_key_in_a_token_sits_beside_key_file_and_wins() {
     // A drop-in moves the packaged configuration to a token.
     let drop_in = format!("[identity]\nkey = \"{URI}\"\nkey_pin_file = \"credential:token-pin\"\n");
     let c = load(&[("agent.toml", MAIN), ("agent.d/50-token.toml", &drop_in)]).unwrap();
-    match c.identity.key_source() {
+    match c.identity.as_ref().unwrap().key_source() {
         KeySource::Token { uri, pin } => {
             assert_eq!(uri.token.as_deref(), Some("robot"));
-            assert_eq!(pin, Some("credential:token-pin"));
+            assert_eq!(pin.as_deref(), Some("credential:token-pin"));
         }
         other @ KeySource::File { .. } => panic!("{other:?}"),
     }
     // Without it, the key file as before.
     let c = load(&[("agent.toml", MAIN)]).unwrap();
     assert!(matches!(
-        c.identity.key_source(),
+        c.identity.as_ref().unwrap().key_source(),
         KeySource::File {
             location: "/etc/peaqos-agent/controller.key",
             password: None

@@ -325,6 +325,17 @@ impl Client {
         }
     }
 
+    /// Queues an UNSUBSCRIBE for each of `filters`, without waiting.
+    pub(crate) fn try_unsubscribe(&self, filters: &[String]) -> Result<(), NotQueued> {
+        for filter in filters {
+            match self {
+                Self::V311(c) => c.try_unsubscribe(filter.clone()).map_err(|_| NotQueued)?,
+                Self::V5(c) => c.try_unsubscribe(filter.clone()).map_err(|_| NotQueued)?,
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) async fn disconnect(&self) -> Result<(), NotQueued> {
         match self {
             Self::V311(c) => c.disconnect().await.map_err(|_| NotQueued),

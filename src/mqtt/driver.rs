@@ -3,9 +3,10 @@
 //! only the reading side can see: a retained replay that did not break the
 //! connection, and the broker closing after our DISCONNECT.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -33,9 +34,13 @@ pub(super) enum Polled {
 }
 
 /// Polls the event loop until `stop`, backing off between failed attempts.
+/// `progress` is notified whenever rumqttc sent or received a packet: its
+/// request queue may have room again (notifications coalesce, so this costs
+/// the service at most one wake-up per batch).
 pub(super) async fn drive(
     mut eventloop: EventLoop,
     events: mpsc::Sender<Polled>,
+    progress: Arc<Notify>,
     mut backoff: Backoff,
     stop: CancellationToken,
 ) {
@@ -62,7 +67,10 @@ pub(super) async fn drive(
             }
         }
         let error = match polled {
-            Ok(Event::Other | Event::Received) => continue,
+            Ok(Event::Other | Event::Received) => {
+                progress.notify_one();
+                continue;
+            }
             Ok(Event::DisconnectSent) => {
                 // The goodbye waits for `Closed`; `stop` ends this early if
                 // the broker takes too long.

@@ -1,11 +1,14 @@
 //! The local MQTT interface (its contract: docs/mqtt.md).
 //!
-//! The agent connects to the site broker as a client and keeps there, under
-//! `<prefix>` (default `peaqos/<machine topic level>`):
-//! `availability` (retained `online`/`offline`, `offline` also the last
-//! will), `status` (retained JSON snapshot), answers to `status/get`
-//! queries, and, when enabled, remote commands and Home Assistant
-//! discovery. Registration never waits for any of it.
+//! The agent connects to the site broker as one client, whatever the number
+//! of machines it keeps, and keeps there for each machine, under its
+//! `<prefix>` (default `peaqos/<machine topic level>`): `availability`
+//! (retained `online`/`offline`), `status` (retained JSON snapshot), answers
+//! to `status/get` queries, and, when enabled, remote commands and Home
+//! Assistant discovery. The gateway's own `availability` (its prefix is
+//! `[mqtt] topic_prefix` or `peaqos/<gateway topic level>`) is the last
+//! will; a robot's one machine shares it. Registration never waits for any
+//! of it.
 
 mod broker_url;
 mod client;
@@ -13,6 +16,7 @@ mod commands;
 mod config;
 mod discovery;
 mod driver;
+mod member;
 mod poison;
 mod probe;
 mod random;
@@ -85,9 +89,66 @@ pub enum MqttError {
     },
 }
 
-/// Starts the MQTT interface in the background. Returns at once: the broker
-/// may be down, and registration never waits for MQTT. The task ends when
-/// `shutdown` is cancelled, after publishing `offline`.
+/// One machine as the MQTT interface sees it: its name (the file stem, or
+/// a robot's machine name), its prefix when its file sets one, its status
+/// and its registration loop's commands.
+#[derive(Debug)]
+pub struct MachinePort {
+    pub name: String,
+    /// `[mqtt] topic_prefix` of the machine's file; default
+    /// `peaqos/<topic_level(name)>`, or the gateway's prefix for a machine
+    /// named as the gateway.
+    pub topic_prefix: Option<String>,
+    pub status: watch::Receiver<StatusSnapshot>,
+    pub commands: mpsc::Sender<Command>,
+}
+
+/// A change in the machines the interface serves. A changed machine file
+/// is `Remove` then `Add`.
+#[derive(Debug)]
+pub enum Membership {
+    Add(MachinePort),
+    /// Stops serving the machine and clears its retained topics (status,
+    /// availability, discovery); its record is not touched.
+    Remove {
+        name: String,
+    },
+}
+
+/// Starts the MQTT interface of a host of machines in the background: one
+/// broker connection (client id and last will from `config` and
+/// `gateway_name`), machines coming and going on `members`. Returns at
+/// once: the broker may be down, and registration never waits for MQTT.
+/// The task ends when `shutdown` is cancelled, after publishing every
+/// machine's final status and `offline`; a closed `members` only means no
+/// more changes.
+pub fn spawn_host(
+    config: &MqttConfig,
+    gateway_name: &str,
+    members: mpsc::UnboundedReceiver<Membership>,
+    heartbeat: Heartbeat,
+    shutdown: CancellationToken,
+) -> Result<JoinHandle<()>, MqttError> {
+    let prepared = prepare(config, Some(gateway_name), Role::Agent)?;
+    let topics = prepared
+        .topics
+        .ok_or_else(|| MqttError::NoTopicLevel(gateway_name.to_owned()))?;
+    let url = prepared.settings.url.to_string();
+    let connection = client::new(&prepared.settings);
+    Ok(service::start(
+        config,
+        service::Parts {
+            url,
+            gateway: service::Gateway::new(config, gateway_name, topics),
+            connection,
+            members,
+            heartbeat,
+        },
+        shutdown,
+    ))
+}
+
+/// Starts the MQTT interface of one machine (a robot): the host of one.
 pub fn spawn(
     config: &MqttConfig,
     machine_name: &str,
@@ -96,33 +157,28 @@ pub fn spawn(
     heartbeat: Heartbeat,
     shutdown: CancellationToken,
 ) -> Result<JoinHandle<()>, MqttError> {
-    let prepared = prepare(config, Some(machine_name), Role::Agent)?;
-    let topics = prepared
-        .topics
+    config.check()?;
+    if !config.enabled {
+        return Err(MqttError::Disabled);
+    }
+    // Refused here as before: without a topic level there is nothing to
+    // publish under (the host would log it and carry on).
+    let topics = Topics::for_config(config, machine_name)
         .ok_or_else(|| MqttError::NoTopicLevel(machine_name.to_owned()))?;
-    let discovery = if config.home_assistant.enabled {
-        Some(
-            Discovery::new(&config.home_assistant, &topics, machine_name)
-                .ok_or_else(|| MqttError::NoTopicLevel(machine_name.to_owned()))?,
-        )
-    } else {
-        None
-    };
-    let url = prepared.settings.url.to_string();
-    let connection = client::new(&prepared.settings);
-    Ok(service::start(
-        config,
-        service::Parts {
-            url,
-            topics,
-            discovery,
-            connection,
-            status,
-            commands,
-            heartbeat,
-        },
-        shutdown,
-    ))
+    if config.home_assistant.enabled
+        && Discovery::new(&config.home_assistant, &topics, machine_name).is_none()
+    {
+        return Err(MqttError::NoTopicLevel(machine_name.to_owned()));
+    }
+    let (members_tx, members) = mpsc::unbounded_channel();
+    let handle = spawn_host(config, machine_name, members, heartbeat, shutdown)?;
+    let _ = members_tx.send(Membership::Add(MachinePort {
+        name: machine_name.to_owned(),
+        topic_prefix: config.topic_prefix.clone(),
+        status,
+        commands,
+    }));
+    Ok(handle)
 }
 
 /// `peaqos-agent status`: asks a running agent for its status over MQTT
@@ -136,6 +192,106 @@ pub async fn query_status(
     let topics = prepared
         .topics
         .ok_or_else(|| MqttError::NoTopicLevel(machine_name.to_owned()))?;
+    probe::query_status(&prepared.settings, &topics, timeout).await
+}
+
+/// A machine to look up: its name and its file's `[mqtt] topic_prefix`.
+#[derive(Debug, Clone)]
+pub struct MachineRef {
+    pub name: String,
+    pub topic_prefix: Option<String>,
+}
+
+/// A machine as its retained topics show it.
+#[derive(Debug, Clone)]
+pub struct MachineView {
+    pub name: String,
+    pub prefix: String,
+    /// The machine's own `availability` (`online`, `offline`), if any.
+    pub availability: Option<String>,
+    /// Its retained status JSON, if any.
+    pub status: Option<serde_json::Value>,
+}
+
+/// What a reader sees of a gateway: its own availability (the last will)
+/// and each machine's retained topics.
+#[derive(Debug, Clone)]
+pub struct GatewayView {
+    pub name: String,
+    pub availability: Option<String>,
+    pub machines: Vec<MachineView>,
+}
+
+impl MachineView {
+    /// Online as a dashboard must read it: the gateway and the machine both
+    /// say `online` (a dead gateway's will covers its machines too).
+    pub fn online(&self, gateway: &GatewayView) -> bool {
+        gateway.availability.as_deref() == Some("online")
+            && self.availability.as_deref() == Some("online")
+    }
+}
+
+/// `peaqos-agent status` on a gateway: every machine's retained status and
+/// availability, and the gateway's, read with one short-lived client.
+pub async fn read_machines(
+    config: &MqttConfig,
+    gateway_name: &str,
+    machines: &[MachineRef],
+    timeout: Duration,
+) -> Result<GatewayView, MqttError> {
+    let prepared = prepare(config, Some(gateway_name), Role::Query)?;
+    let gateway = prepared
+        .topics
+        .ok_or_else(|| MqttError::NoTopicLevel(gateway_name.to_owned()))?;
+    let mut wanted = vec![gateway.availability.clone()];
+    let mut views = Vec::with_capacity(machines.len());
+    for m in machines {
+        let topics =
+            Topics::for_machine(m.topic_prefix.as_deref(), &m.name, gateway_name, &gateway)
+                .ok_or_else(|| MqttError::NoTopicLevel(m.name.clone()))?;
+        wanted.push(topics.status.clone());
+        wanted.push(topics.availability.clone());
+        views.push((m.name.clone(), topics));
+    }
+    let marker = format!("{}list-{}", gateway.reply_prefix, random::nonce());
+    let mut seen = probe::read_retained(&prepared.settings, &wanted, &marker, timeout).await?;
+    let text = |payload: Vec<u8>| String::from_utf8_lossy(&payload).into_owned();
+    Ok(GatewayView {
+        name: gateway_name.to_owned(),
+        availability: seen.get(&gateway.availability).cloned().map(text),
+        machines: views
+            .into_iter()
+            .map(|(name, topics)| MachineView {
+                name,
+                availability: seen.get(&topics.availability).cloned().map(text),
+                status: seen
+                    .remove(&topics.status)
+                    .and_then(|p| serde_json::from_slice(&p).ok()),
+                prefix: topics.prefix,
+            })
+            .collect(),
+    })
+}
+
+/// `peaqos-agent status NAME` on a gateway: asks that machine, as
+/// [`query_status`] asks a robot.
+pub async fn query_machine(
+    config: &MqttConfig,
+    gateway_name: &str,
+    machine: &MachineRef,
+    timeout: Duration,
+) -> Result<serde_json::Value, MqttError> {
+    let prepared = prepare(config, Some(gateway_name), Role::Query)?;
+    let gateway = prepared
+        .topics
+        .ok_or_else(|| MqttError::NoTopicLevel(gateway_name.to_owned()))?;
+    let topics = Topics::for_machine(
+        machine.topic_prefix.as_deref(),
+        &machine.name,
+        gateway_name,
+        &gateway,
+    )
+    .ok_or_else(|| MqttError::NoTopicLevel(machine.name.clone()))?;
     probe::query_status(&prepared.settings, &topics, timeout).await
 }
 

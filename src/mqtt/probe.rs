@@ -163,3 +163,58 @@ async fn close(client: &client::Client, eventloop: &mut EventLoop) {
     })
     .await;
 }
+
+/// Filters per SUBSCRIBE when reading many machines' retained topics.
+const FILTERS_PER_SUBSCRIBE: usize = 100;
+
+/// The retained messages on `topics` (a fresh reader's view), with one
+/// client. The broker replays a subscription's retained messages as it
+/// grants it, and handles one client's packets in order: a marker
+/// published after the last SUBSCRIBE comes back after every replay. If the
+/// marker never comes (an ACL refused it), what arrived by `timeout` is the
+/// answer.
+pub(super) async fn read_retained(
+    settings: &ConnectSettings,
+    topics: &[String],
+    marker: &str,
+    timeout: Duration,
+) -> Result<std::collections::HashMap<String, Vec<u8>>, MqttError> {
+    let url = settings.url.to_string();
+    let (client, mut eventloop) = client::new(settings);
+    let per_packet = FILTERS_PER_SUBSCRIBE.max(topics.len().div_ceil(client::REQUEST_CAPACITY - 4));
+    let mut pending: std::collections::VecDeque<Vec<String>> = topics
+        .chunks(per_packet)
+        .map(<[String]>::to_vec)
+        .chain(std::iter::once(vec![marker.to_owned()]))
+        .collect();
+    // Queued before connecting, in order (see `query_status`).
+    while let Some(filters) = pending.front() {
+        if client.try_subscribe(filters).is_err() {
+            break;
+        }
+        pending.pop_front();
+    }
+    debug_assert!(pending.is_empty(), "a fresh request queue has room");
+    let _ = client.try_publish(marker, b"end".to_vec(), false, None);
+    let deadline = Instant::now() + timeout;
+    let mut seen = std::collections::HashMap::new();
+    let mut connected = false;
+    loop {
+        let Ok(polled) = tokio::time::timeout_at(deadline, eventloop.poll()).await else {
+            if connected {
+                break;
+            }
+            return Err(MqttError::ConnectTimeout { url, timeout });
+        };
+        match polled.map_err(|e| connect_error(&url, e))? {
+            Event::Connected => connected = true,
+            Event::Message(m) if m.topic == marker => break,
+            Event::Message(m) if m.retain => {
+                seen.insert(m.topic, m.payload);
+            }
+            _ => {}
+        }
+    }
+    close(&client, &mut eventloop).await;
+    Ok(seen)
+}

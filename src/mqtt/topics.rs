@@ -85,6 +85,22 @@ impl Topics {
         }
     }
 
+    /// A machine's topics on a gateway: its file's prefix, else the
+    /// gateway's for the machine named as the gateway (a robot's), else
+    /// `peaqos/<its topic level>`. `None` if the name gives no level.
+    pub(crate) fn for_machine(
+        topic_prefix: Option<&str>,
+        name: &str,
+        gateway_name: &str,
+        gateway: &Topics,
+    ) -> Option<Self> {
+        match topic_prefix {
+            Some(prefix) => Some(Self::new(prefix)),
+            None if name == gateway_name => Some(gateway.clone()),
+            None => topic_level(name).map(|level| Self::new(&format!("peaqos/{level}"))),
+        }
+    }
+
     /// The prefix from the config, or `peaqos/<machine topic level>`.
     pub(crate) fn for_config(config: &MqttConfig, machine_name: &str) -> Option<Self> {
         match &config.topic_prefix {
@@ -180,6 +196,16 @@ mod tests {
         }
         let long = format!("peaqos/r7/reply/{}", "a".repeat(MAX_REPLY_TOPIC_LEN));
         assert!(!t.is_reply_topic(&long));
+    }
+
+    #[test]
+    fn a_machine_s_prefix_is_its_own_or_the_gateway_s_or_its_name_s() {
+        let gateway = Topics::new("site/gw");
+        let t = |prefix, name| Topics::for_machine(prefix, name, "gw", &gateway).map(|t| t.prefix);
+        assert_eq!(t(Some("a/b"), "dock-7").as_deref(), Some("a/b"));
+        assert_eq!(t(None, "gw").as_deref(), Some("site/gw"));
+        assert_eq!(t(None, "dock 7").as_deref(), Some("peaqos/dock_7"));
+        assert_eq!(t(None, "###"), None);
     }
 
     #[test]

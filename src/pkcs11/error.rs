@@ -40,8 +40,28 @@ pub enum TokenError {
          again until the file changes, so that retries cannot lock the token"
     )]
     PinIncorrect,
-    #[error("the token's user PIN is locked (CKR_PIN_LOCKED); unblock it with the SO PIN")]
+    #[error(
+        "the token refused the PIN in {path} before (at {refused_at}) and the file has not \
+         changed since; fix the PIN file. The agent does not offer a refused PIN again, so \
+         that restarts cannot lock the token (the refusal is recorded in {record})"
+    )]
+    PinRefusedBefore {
+        path: PathBuf,
+        refused_at: peaqos_protocol::Timestamp,
+        record: PathBuf,
+    },
+    #[error(
+        "the token's user PIN is locked (CKF_USER_PIN_LOCKED or CKR_PIN_LOCKED); no login was \
+         attempted. Unblock it with the SO PIN (e.g. pkcs11-tool --init-pin --login \
+         --login-type so), then fix the PIN file"
+    )]
     PinLocked,
+    #[error(
+        "the token allows one more PIN attempt before it locks (CKF_USER_PIN_FINAL_TRY); the \
+         agent does not attempt a login. Check the PIN file's PIN by hand (e.g. pkcs11-tool \
+         --login --test), which resets the count when it is right"
+    )]
+    PinFinalTry,
     #[error(
         "{token} has no private key {key}; create one with `peaqos-agent keygen --pkcs11 URI` \
          or fix object=/id= in the URI"

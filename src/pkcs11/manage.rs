@@ -7,7 +7,7 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use peaqos_protocol::{Address, personal_message_hash};
 
 use super::error::TokenError;
-use super::session::{Connection, SECP256K1_PARAMS, device};
+use super::session::{Connection, Login, SECP256K1_PARAMS, device};
 use super::token_key::TokenKey;
 use super::uri::{Pkcs11Uri, hex};
 
@@ -15,7 +15,11 @@ use super::uri::{Pkcs11Uri, hex};
 /// `object` and `id` (a random 8-byte id when the URI gives none), and
 /// returns its address. Refuses when the name is taken.
 pub fn generate(uri: &Pkcs11Uri, pin_location: Option<&str>) -> Result<Address, TokenError> {
-    let connection = Connection::open(uri, pin_location, true)?;
+    let mut login = Login {
+        location: pin_location,
+        ..Login::default()
+    };
+    let connection = Connection::open(uri, &mut login, true)?;
     let taken = !connection.find(ObjectClass::PRIVATE_KEY, uri)?.is_empty()
         || !connection.find(ObjectClass::PUBLIC_KEY, uri)?.is_empty();
     if taken {

@@ -11,6 +11,8 @@ mod error;
 #[cfg(feature = "pkcs11")]
 mod manage;
 #[cfg(feature = "pkcs11")]
+mod refused;
+#[cfg(feature = "pkcs11")]
 mod session;
 #[cfg(feature = "pkcs11")]
 mod token_key;

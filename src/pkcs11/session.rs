@@ -2,6 +2,10 @@
 //! loading the module at run time (no link-time dependency), finding the
 //! token and the key pair named by the URI, and reading the public key.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
@@ -12,6 +16,7 @@ use peaqos_protocol::{Address, address_of_public_key};
 use zeroize::Zeroizing;
 
 use super::error::TokenError;
+use super::refused::{PinFileIdentity, RefusedPins};
 use super::uri::Pkcs11Uri;
 use crate::secrets;
 
@@ -19,14 +24,101 @@ use crate::secrets;
 pub const SECP256K1_PARAMS: [u8; 7] = [0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a];
 
 /// A loaded module with one session on the key's token. Dropping it closes
-/// the session and finalises the module, so that a later one starts afresh
-/// (which is how a restarted or re-plugged token is found again).
+/// the session and, when it was the module's last user in this process,
+/// finalises the module, so that a later one starts afresh (which is how a
+/// restarted or re-plugged token is found again).
 pub(crate) struct Connection {
     session: Option<Session>,
+    module: ModuleRef,
+    pub(crate) slot: Slot,
+}
+
+/// The modules this process has loaded and initialised, by path, with how
+/// many connections use each: a gateway's many keys on one token share one
+/// module load and one `C_Initialize` (and so one login: the token's login
+/// state belongs to the application, not to a session). `C_Finalize`, which
+/// ends every session of the module, runs only when the last connection
+/// goes. Loading and finalising happen under this lock, so that a new
+/// connection never initialises a module that is being finalised.
+static MODULES: Mutex<BTreeMap<PathBuf, LoadedModule>> = Mutex::new(BTreeMap::new());
+
+struct LoadedModule {
     context: Pkcs11,
     /// Whether `C_Initialize` was ours to undo.
     initialized: bool,
-    pub(crate) slot: Slot,
+    users: usize,
+}
+
+/// One connection's use of a loaded module.
+struct ModuleRef {
+    path: PathBuf,
+    context: Pkcs11,
+}
+
+fn modules() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, LoadedModule>> {
+    // The map is changed by whole inserts and removes only.
+    MODULES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ModuleRef {
+    /// The module at `path`, loaded and initialised by its first user.
+    fn get(path: &Path) -> Result<Self, TokenError> {
+        let mut loaded = modules();
+        if let Some(module) = loaded.get_mut(path) {
+            module.users += 1;
+            return Ok(Self {
+                path: path.to_owned(),
+                context: module.context.clone(),
+            });
+        }
+        let context = Pkcs11::new(path).map_err(|source| TokenError::Module {
+            path: path.to_owned(),
+            source,
+        })?;
+        let initialized =
+            match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+                Ok(()) => true,
+                // Another user of the module in this process (not through
+                // this map) initialised it.
+                Err(e) if rv(&e) == Some(RvError::CryptokiAlreadyInitialized) => false,
+                Err(source) => {
+                    return Err(TokenError::Initialize {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+            };
+        loaded.insert(
+            path.to_owned(),
+            LoadedModule {
+                context: context.clone(),
+                initialized,
+                users: 1,
+            },
+        );
+        Ok(Self {
+            path: path.to_owned(),
+            context,
+        })
+    }
+}
+
+impl Drop for ModuleRef {
+    fn drop(&mut self) {
+        let mut loaded = modules();
+        let Some(module) = loaded.get_mut(&self.path) else {
+            return;
+        };
+        module.users -= 1;
+        if module.users == 0
+            && let Some(module) = loaded.remove(&self.path)
+            && module.initialized
+        {
+            let _ = module.context.finalize();
+        }
+    }
 }
 
 impl std::fmt::Debug for Connection {
@@ -39,10 +131,9 @@ impl std::fmt::Debug for Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        // The session first; the module (finalised if this was its last
+        // user) when the fields drop.
         drop(self.session.take());
-        if self.initialized {
-            let _ = self.context.clone().finalize();
-        }
     }
 }
 
@@ -59,62 +150,86 @@ fn rv(e: &CkError) -> Option<RvError> {
 
 impl Connection {
     /// Loads the module, finds the token and logs in with the PIN read now
-    /// from its file (so that a changed PIN file is picked up).
+    /// from its file (so that a changed PIN file is picked up), unless the
+    /// token's flags or a recorded refusal forbid the login (see
+    /// [`Login`]).
     pub(crate) fn open(
         uri: &Pkcs11Uri,
-        pin_location: Option<&str>,
+        login: &mut Login<'_>,
         read_write: bool,
     ) -> Result<Self, TokenError> {
-        let pin = read_pin(pin_location)?;
-        Self::open_with_pin(uri, &pin, read_write)
+        let me = Self::connect(uri, read_write)?;
+        let info = me.token_info()?;
+        login_allowed(
+            info.user_pin_locked(),
+            info.user_pin_final_try(),
+            info.user_pin_count_low(),
+        )?;
+        // The file's identity before its content: a change in between makes
+        // the record name the old file, which only costs one more login.
+        let identity = login.location.and_then(PinFileIdentity::of);
+        let pin = read_pin(login.location)?;
+        if login.refused_here.as_ref().is_some_and(|p| *p == pin) {
+            return Err(TokenError::PinIncorrect);
+        }
+        if let (Some(record), Some(identity)) = (login.record, &identity)
+            && let Some(refusal) = record.find(uri.as_str(), identity, info.user_pin_count_low())
+        {
+            return Err(TokenError::PinRefusedBefore {
+                path: identity.path.clone(),
+                refused_at: refusal.refused_at,
+                record: refusal.record,
+            });
+        }
+        match me.login(&pin) {
+            Err(TokenError::PinIncorrect) => {
+                if let (Some(record), Some(identity)) = (login.record, identity) {
+                    record.remember(uri.as_str(), identity);
+                }
+                login.refused_here = Some(pin);
+                Err(TokenError::PinIncorrect)
+            }
+            Err(e) => Err(e),
+            Ok(()) => {
+                if let Some(record) = login.record {
+                    record.forget(uri.as_str());
+                }
+                login.refused_here = None;
+                Ok(me)
+            }
+        }
     }
 
-    pub(crate) fn open_with_pin(
-        uri: &Pkcs11Uri,
-        pin: &Zeroizing<String>,
-        read_write: bool,
-    ) -> Result<Self, TokenError> {
-        let context = Pkcs11::new(&uri.module_path).map_err(|source| TokenError::Module {
-            path: uri.module_path.clone(),
-            source,
-        })?;
-        let initialized =
-            match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-                Ok(()) => true,
-                // Another user of the module in this process initialised it.
-                Err(e) if rv(&e) == Some(RvError::CryptokiAlreadyInitialized) => false,
-                Err(source) => {
-                    return Err(TokenError::Initialize {
-                        path: uri.module_path.clone(),
-                        source,
-                    });
-                }
-            };
+    /// The module loaded (once per process, shared), the token found and a
+    /// session opened; not yet logged in.
+    fn connect(uri: &Pkcs11Uri, read_write: bool) -> Result<Self, TokenError> {
         let mut me = Self {
             session: None,
-            context,
-            initialized,
+            module: ModuleRef::get(&uri.module_path)?,
             slot: Slot::try_from(0u64).map_err(device("name a slot"))?,
         };
-        me.slot = find_slot(&me.context, uri)?;
+        me.slot = find_slot(&me.module.context, uri)?;
         let session = if read_write {
-            me.context.open_rw_session(me.slot)
+            me.module.context.open_rw_session(me.slot)
         } else {
-            me.context.open_ro_session(me.slot)
+            me.module.context.open_ro_session(me.slot)
         }
         .map_err(device("open a session"))?;
-        let auth = AuthPin::from(pin.as_str());
-        match session.login(UserType::User, Some(&auth)) {
-            Ok(()) => {}
-            Err(e) => match rv(&e) {
-                Some(RvError::UserAlreadyLoggedIn) => {}
-                Some(RvError::PinIncorrect) => return Err(TokenError::PinIncorrect),
-                Some(RvError::PinLocked) => return Err(TokenError::PinLocked),
-                _ => return Err(device("accept the login")(e)),
-            },
-        }
         me.session = Some(session);
         Ok(me)
+    }
+
+    fn login(&self, pin: &Zeroizing<String>) -> Result<(), TokenError> {
+        let auth = AuthPin::from(pin.as_str());
+        match self.session().login(UserType::User, Some(&auth)) {
+            Ok(()) => Ok(()),
+            Err(e) => match rv(&e) {
+                Some(RvError::UserAlreadyLoggedIn) => Ok(()),
+                Some(RvError::PinIncorrect) => Err(TokenError::PinIncorrect),
+                Some(RvError::PinLocked) => Err(TokenError::PinLocked),
+                _ => Err(device("accept the login")(e)),
+            },
+        }
     }
 
     pub(crate) fn session(&self) -> &Session {
@@ -122,7 +237,8 @@ impl Connection {
     }
 
     pub(crate) fn token_info(&self) -> Result<cryptoki::slot::TokenInfo, TokenError> {
-        self.context
+        self.module
+            .context
             .get_token_info(self.slot)
             .map_err(device("report its token information"))
     }
@@ -259,8 +375,35 @@ fn read_pin(location: Option<&str>) -> Result<Zeroizing<String>, TokenError> {
     secrets::read(&path).map_err(TokenError::Pin)
 }
 
-pub(crate) fn read_pin_for(location: Option<&str>) -> Result<Zeroizing<String>, TokenError> {
-    read_pin(location)
+/// Whether the token's flags let the agent try its PIN at all. A token
+/// one wrong PIN away from locking (`CKF_USER_PIN_FINAL_TRY`), or locked,
+/// is never offered a PIN: an operator must check the PIN by hand. A low
+/// count (`CKF_USER_PIN_COUNT_LOW`: wrong PINs since the last good login)
+/// is logged; the recorded refusals decide then.
+fn login_allowed(locked: bool, final_try: bool, count_low: bool) -> Result<(), TokenError> {
+    if locked {
+        return Err(TokenError::PinLocked);
+    }
+    if final_try {
+        return Err(TokenError::PinFinalTry);
+    }
+    if count_low {
+        tracing::warn!(
+            "the token reports failed PIN logins since its last good one \
+             (CKF_USER_PIN_COUNT_LOW); a wrong PIN now may bring it closer to locking"
+        );
+    }
+    Ok(())
+}
+
+/// What a login needs besides the token: where the PIN is, where refused
+/// PINs are recorded (the state directory; none for one-shot commands
+/// without a configuration), and the PIN this process saw refused.
+#[derive(Default)]
+pub(crate) struct Login<'a> {
+    pub(crate) location: Option<&'a str>,
+    pub(crate) record: Option<&'a RefusedPins>,
+    pub(crate) refused_here: Option<Zeroizing<String>>,
 }
 
 /// The slot whose token matches every token attribute of the URI; the
@@ -298,4 +441,23 @@ fn find_slot(context: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, TokenError> {
             present.join(", ")
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_locked_or_last_try_token_is_never_offered_a_pin() {
+        assert!(matches!(
+            login_allowed(true, false, true),
+            Err(TokenError::PinLocked)
+        ));
+        assert!(matches!(
+            login_allowed(false, true, true),
+            Err(TokenError::PinFinalTry)
+        ));
+        assert!(login_allowed(false, false, true).is_ok());
+        assert!(login_allowed(false, false, false).is_ok());
+    }
 }

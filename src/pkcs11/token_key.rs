@@ -10,7 +10,8 @@ use peaqos_protocol::{Address, Signature};
 use zeroize::Zeroizing;
 
 use super::error::TokenError;
-use super::session::{Connection, device, read_pin_for};
+use super::refused::RefusedPins;
+use super::session::{Connection, Login, device};
 use super::uri::Pkcs11Uri;
 
 /// A key pair in a PKCS#11 token. The private key never leaves the token;
@@ -19,6 +20,8 @@ use super::uri::Pkcs11Uri;
 pub struct TokenKey {
     uri: Pkcs11Uri,
     pin_location: Option<String>,
+    /// Where refused PINs are recorded across restarts.
+    refused: Option<RefusedPins>,
     address: Address,
     public_key: Vec<u8>,
     live: Mutex<Live>,
@@ -26,8 +29,9 @@ pub struct TokenKey {
 
 struct Live {
     connection: Option<(Connection, ObjectHandle)>,
-    /// The PIN the token last refused: not offered again (a token locks
-    /// after a few wrong tries) until the PIN file says something else.
+    /// The PIN the token last refused in this process: not offered again
+    /// (a token locks after a few wrong tries) until the PIN file says
+    /// something else. Across restarts, `TokenKey::refused` remembers.
     refused_pin: Option<Zeroizing<String>>,
 }
 
@@ -42,14 +46,27 @@ impl std::fmt::Debug for TokenKey {
 
 impl TokenKey {
     /// Opens the token, finds the key pair and reads its address. Every
-    /// failure here is reported; none is waited out.
-    pub fn open(uri: Pkcs11Uri, pin_location: Option<String>) -> Result<Self, TokenError> {
-        let connection = Connection::open(&uri, pin_location.as_deref(), false)?;
+    /// failure here is reported; none is waited out. With a state
+    /// directory, a PIN the token refused is recorded there and not offered
+    /// again, by this process or a later one, until its file changes.
+    pub fn open(
+        uri: Pkcs11Uri,
+        pin_location: Option<String>,
+        state_dir: Option<&std::path::Path>,
+    ) -> Result<Self, TokenError> {
+        let refused = state_dir.map(RefusedPins::new);
+        let mut login = Login {
+            location: pin_location.as_deref(),
+            record: refused.as_ref(),
+            refused_here: None,
+        };
+        let connection = Connection::open(&uri, &mut login, false)?;
         let private = connection.private_key(&uri)?;
         let (public_key, address) = connection.public_key(&uri, private)?;
         Ok(Self {
             uri,
             pin_location,
+            refused,
             address,
             public_key,
             live: Mutex::new(Live {
@@ -142,18 +159,14 @@ impl TokenKey {
         live: &'a mut Live,
     ) -> Result<&'a (Connection, ObjectHandle), TokenError> {
         if live.connection.is_none() {
-            let pin = read_pin_for(self.pin_location.as_deref())?;
-            if live.refused_pin.as_ref().is_some_and(|p| *p == pin) {
-                return Err(TokenError::PinIncorrect);
-            }
-            let connection = match Connection::open_with_pin(&self.uri, &pin, false) {
-                Err(TokenError::PinIncorrect) => {
-                    live.refused_pin = Some(pin);
-                    return Err(TokenError::PinIncorrect);
-                }
-                other => other?,
+            let mut login = Login {
+                location: self.pin_location.as_deref(),
+                record: self.refused.as_ref(),
+                refused_here: live.refused_pin.take(),
             };
-            live.refused_pin = None;
+            let connection = Connection::open(&self.uri, &mut login, false);
+            live.refused_pin = login.refused_here;
+            let connection = connection?;
             let private = connection.private_key(&self.uri)?;
             let (_, address) = connection.public_key(&self.uri, private)?;
             if address != self.address {

@@ -10,10 +10,17 @@
 //!   need no knowledge of the server's format: the challenge is bound to us
 //!   (identity, controller, method, an expiry minutes ahead), and the text is
 //!   readable prose of bounded size, not an encoded payload, JSON or typed
-//!   data, not transaction-sized hex, and not a Sign-In-With-Ethereum message
-//!   for another domain;
-//! - `strict` signs only our own orchestrator's line format naming our
-//!   identity and this challenge ([`ChallengeMessage`]).
+//!   data, not transaction-sized hex (with or without `0x`), no long base64
+//!   run, and not a Sign-In-With-Ethereum message for another host or port;
+//! - `strict` applies every rule of `standard`, and signs only our own
+//!   orchestrator's line format naming our identity and this challenge
+//!   ([`ChallengeMessage`]), with an `Orchestrator:` name as our orchestrator
+//!   allows it and the challenge's own expiry.
+//!
+//! Expiry is bounded on the server's clock, and also on the local clock
+//! when that one is sane (after the floor of [`crate::clock`]): a server
+//! that sends no `Date`, or a `Date` far ahead, cannot stretch a challenge
+//! into a standing authorisation.
 //!
 //! Everything here is pure; the loop and `check` call [`vet`].
 
@@ -39,6 +46,12 @@ const MAX_HEX_TOKEN: usize = 64;
 /// A text without whitespace at least this long made of hex or base64
 /// characters only is an encoded payload, not something a person can read.
 const MIN_ENCODED: usize = 16;
+/// A base64 word in prose longer than this encodes more than 64 bytes:
+/// more than a nonce or a signature, so a payload.
+const MAX_BASE64_WORD: usize = 88;
+/// Longest `Orchestrator:` name in our format (our orchestrator's own
+/// bound on `orchestrator_name`).
+const MAX_ORCHESTRATOR_NAME: usize = 200;
 
 /// `[orchestrator] challenge_policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -191,10 +204,26 @@ impl fmt::Display for ChallengeRefusal {
 pub struct Expected<'a> {
     pub identity: &'a IdentityRef,
     pub ours: Address,
-    /// The orchestrator's host, for Sign-In-With-Ethereum domains.
+    /// The orchestrator's `host:port` ([`authority`]), for
+    /// Sign-In-With-Ethereum domains.
     pub host: &'a str,
     /// The server's clock now, when known.
     pub server_now: Option<Timestamp>,
+    /// The local clock now, when it is sane ([`crate::clock::sane_now`]).
+    pub local_now: Option<Timestamp>,
+}
+
+/// The orchestrator's `host:port` as a Sign-In-With-Ethereum domain must
+/// name it: the URL's port, or its scheme's default.
+pub fn authority(url: &str) -> String {
+    let Ok(url) = reqwest::Url::parse(url) else {
+        return String::new();
+    };
+    let host = url.host_str().unwrap_or_default();
+    match url.port_or_known_default() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    }
 }
 
 /// A challenge the policy accepts.
@@ -236,13 +265,17 @@ pub fn vet(
             ),
         ));
     }
-    check_expiry(challenge.expires_at, expected.server_now)?;
+    check_expiry(
+        challenge.expires_at,
+        expected.server_now,
+        expected.local_now,
+    )?;
+    // `strict` is `standard` and the format: the format alone would let
+    // its free fields carry what `standard` refuses.
+    check_text(&challenge.message, expected.host)?;
     let vetted = match policy {
         ChallengePolicy::Strict => strict(challenge, expected.identity)?,
-        ChallengePolicy::Standard => {
-            check_text(&challenge.message, expected.host)?;
-            Vetted { issued_at: None }
-        }
+        ChallengePolicy::Standard => Vetted { issued_at: None },
     };
     if !challenge.controller_addresses.contains(&expected.ours) {
         return Err(ChallengeRefusal::NotController {
@@ -252,22 +285,44 @@ pub fn vet(
     Ok(vetted)
 }
 
-fn check_expiry(expires_at: Timestamp, now: Option<Timestamp>) -> Result<(), ChallengeRefusal> {
-    // Without a `Date` header there is no server clock to compare with, and
-    // the local one may be years off: the server's verdict decides.
-    let Some(now) = now else { return Ok(()) };
-    if expires_at <= now {
-        return Err(refuse(
-            Rule::Expiry,
-            format!("the challenge expired at {expires_at}, before the server's now ({now})"),
-        ));
+fn check_expiry(
+    expires_at: Timestamp,
+    server_now: Option<Timestamp>,
+    local_now: Option<Timestamp>,
+) -> Result<(), ChallengeRefusal> {
+    // Without a `Date` header there is no server clock to compare with;
+    // the server's verdict decides whether it expired.
+    if let Some(now) = server_now {
+        if expires_at <= now {
+            return Err(refuse(
+                Rule::Expiry,
+                format!("the challenge expired at {expires_at}, before the server's now ({now})"),
+            ));
+        }
+        if expires_at.duration_since(&now) > MAX_VALIDITY {
+            return Err(refuse(
+                Rule::Expiry,
+                format!(
+                    "the challenge is valid until {expires_at}, more than {} min after the \
+                     server's now ({now}); challenges expire in minutes",
+                    MAX_VALIDITY.as_secs() / 60
+                ),
+            ));
+        }
     }
-    if expires_at.duration_since(&now) > MAX_VALIDITY {
+    // The server's clock is the server's word: a sane local clock bounds
+    // how far ahead it may put the expiry too. (Only the upper bound: a
+    // local clock a little ahead must not refuse a fresh challenge.)
+    if let Some(local) = local_now
+        && expires_at > local
+        && expires_at.duration_since(&local) > MAX_VALIDITY
+    {
         return Err(refuse(
             Rule::Expiry,
             format!(
-                "the challenge is valid until {expires_at}, more than {} min after the \
-                 server's now ({now}); challenges expire in minutes",
+                "the challenge is valid until {expires_at}, more than {} min after this \
+                 machine's clock ({local}); challenges expire in minutes (if this clock is \
+                 behind, fix it: NTP)",
                 MAX_VALIDITY.as_secs() / 60
             ),
         ));
@@ -283,6 +338,26 @@ fn strict(challenge: &Challenge, identity: &IdentityRef) -> Result<Vetted, Chall
     }
     if message.challenge_id != challenge.challenge_id {
         return Err(refuse(Rule::Format, "the message names another challenge"));
+    }
+    if message.expires_at != challenge.expires_at {
+        return Err(refuse(
+            Rule::Format,
+            format!(
+                "the message's Expires At ({}) is not the challenge's expiry ({})",
+                message.expires_at, challenge.expires_at
+            ),
+        ));
+    }
+    let name = &message.orchestrator;
+    if name.chars().count() > MAX_ORCHESTRATOR_NAME || longest_hex_token(name).is_some() {
+        return Err(refuse(
+            Rule::Format,
+            format!(
+                "the message's Orchestrator field is not a name (at most \
+                 {MAX_ORCHESTRATOR_NAME} characters, no 0x value): {:?}",
+                shorten(name)
+            ),
+        ));
     }
     Ok(Vetted {
         issued_at: Some(message.issued_at),
@@ -313,6 +388,25 @@ pub fn check_text(text: &str, host: &str) -> Result<(), ChallengeRefusal> {
         ));
     }
     let trimmed = text.trim();
+    check_payload(trimmed)?;
+    if let Some(domain) = sign_in_domain(trimmed)
+        && !same_host(domain, host)
+    {
+        return Err(refuse(
+            Rule::SignInDomain,
+            format!(
+                "the challenge text is a Sign-In-With-Ethereum request for {:?}, not for the \
+                 orchestrator's host and port {host:?}",
+                shorten(domain)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The `standard` rules against encoded payloads: hex, base64, JSON and
+/// typed data, transaction-sized hex.
+fn check_payload(trimmed: &str) -> Result<(), ChallengeRefusal> {
     if let Some(hex) = trimmed
         .strip_prefix("0x")
         .or_else(|| trimmed.strip_prefix("0X"))
@@ -357,48 +451,76 @@ pub fn check_text(text: &str, host: &str) -> Result<(), ChallengeRefusal> {
             ));
         }
     }
-    if let Some(len) = longest_hex_token(trimmed)
+    if let Some(len) = longest_hex_token(trimmed).max(longest_bare_hex(trimmed))
         && len > MAX_HEX_TOKEN
     {
         return Err(refuse(
             Rule::LongHex,
             format!(
-                "the challenge text embeds {len} hex digits in one 0x value, more than a \
+                "the challenge text embeds {len} hex digits in one value, more than a \
                  32-byte hash or nonce: it looks like calldata or a transaction"
             ),
         ));
     }
-    if let Some(domain) = sign_in_domain(trimmed)
-        && !same_host(domain, host)
+    if let Some(len) = longest_base64_word(trimmed)
+        && len > MAX_BASE64_WORD
     {
         return Err(refuse(
-            Rule::SignInDomain,
+            Rule::EncodedPayload,
             format!(
-                "the challenge text is a Sign-In-With-Ethereum request for {:?}, not for the \
-                 orchestrator's host {host:?}",
-                shorten(domain)
+                "the challenge text embeds a {len}-character base64 value, more than a nonce \
+                 or signature ({MAX_BASE64_WORD}): an encoded payload"
             ),
         ));
     }
     Ok(())
 }
 
-/// Printable text: no control characters but line breaks and tabs, and no
-/// invisible formatting characters that can make a text read differently
-/// from what it says (bidirectional overrides, zero-width characters).
+/// Printable text: line breaks and tabs, and no character of the Unicode
+/// general categories that do not show as themselves: controls (Cc),
+/// formatting characters (Cf: bidirectional marks and overrides, zero-width
+/// characters, the soft hyphen, tag characters), line and paragraph
+/// separators (Zl, Zp), private use (Co), and unassigned code points (Cn).
+/// Any of them can make a text read differently from what it says.
 fn printable(c: char) -> bool {
+    use unicode_properties::{GeneralCategory as G, UnicodeGeneralCategory};
     if matches!(c, '\n' | '\r' | '\t') {
         return true;
     }
-    !(c.is_control()
-        || matches!(
-            c,
-            '\u{200b}'..='\u{200f}'
-                | '\u{202a}'..='\u{202e}'
-                | '\u{2060}'..='\u{2064}'
-                | '\u{2066}'..='\u{2069}'
-                | '\u{feff}'
-        ))
+    !matches!(
+        c.general_category(),
+        G::Control
+            | G::Format
+            | G::LineSeparator
+            | G::ParagraphSeparator
+            | G::PrivateUse
+            | G::Surrogate
+            | G::Unassigned
+    )
+}
+
+/// The longest run of hex digits standing as a word of its own (no `0x`):
+/// a transaction or calldata pasted into prose.
+fn longest_bare_hex(text: &str) -> Option<usize> {
+    text.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|word| word.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::len)
+        .max()
+}
+
+/// The longest whitespace-separated word of base64 (or base64url)
+/// characters, surrounding punctuation aside.
+fn longest_base64_word(text: &str) -> Option<usize> {
+    text.split_whitespace()
+        .map(|w| {
+            w.trim_matches(|c: char| matches!(c, '.' | ',' | ';' | ':' | '(' | ')' | '"' | '\''))
+        })
+        .filter(|w| {
+            w.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_'))
+        })
+        .map(str::len)
+        .max()
 }
 
 /// The number of hex digits of the longest `0x...` token.
@@ -419,16 +541,32 @@ fn sign_in_domain(text: &str) -> Option<&str> {
     })
 }
 
-/// Whether a Sign-In domain (an authority: host, maybe a port) names `host`.
-fn same_host(domain: &str, host: &str) -> bool {
-    let domain = domain.rsplit_once('@').map_or(domain, |(_, d)| d);
-    let bare = if domain.starts_with('[') {
-        domain.split_once(']').map_or(domain, |(h, _)| h)
-    } else {
-        domain.split_once(':').map_or(domain, |(h, _)| h)
+/// Whether a Sign-In domain (an authority: host, maybe a port) names the
+/// orchestrator's `authority` (`host:port`). A domain without a port means
+/// the default port: it names an orchestrator on 443 or 80 only. Another
+/// port on the same host is another service (a dapp beside the
+/// orchestrator), so it is not ours.
+fn same_host(domain: &str, authority: &str) -> bool {
+    let (host, port) = split_authority(domain.rsplit_once('@').map_or(domain, |(_, d)| d));
+    let (our_host, our_port) = split_authority(authority);
+    let ports_match = match (port, our_port) {
+        (Some(p), Some(q)) => p == q,
+        (None, Some(q)) => q == "443" || q == "80",
+        (_, None) => true,
     };
-    let bare = bare.trim_start_matches('[');
-    bare.eq_ignore_ascii_case(host.trim_start_matches('[').trim_end_matches(']'))
+    ports_match && host.eq_ignore_ascii_case(our_host)
+}
+
+/// `host` and `port` of an authority; IPv6 hosts lose their brackets.
+fn split_authority(authority: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').unwrap_or((rest, ""));
+        return (host, after.strip_prefix(':'));
+    }
+    match authority.split_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    }
 }
 
 /// Server text quoted in a refusal: cut, control characters removed.

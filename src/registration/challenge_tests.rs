@@ -49,6 +49,16 @@ fn vet_with(
     c: &Challenge,
     now: Option<i64>,
 ) -> Result<Vetted, ChallengeRefusal> {
+    vet_at(policy, c, now, None)
+}
+
+/// As [`vet_with`], with a sane local clock reading `local`.
+fn vet_at(
+    policy: ChallengePolicy,
+    c: &Challenge,
+    now: Option<i64>,
+    local: Option<i64>,
+) -> Result<Vetted, ChallengeRefusal> {
     let identity = ours();
     vet(
         policy,
@@ -56,8 +66,9 @@ fn vet_with(
         &Expected {
             identity: &identity,
             ours: key().address(),
-            host: "orchestrator.example",
+            host: "orchestrator.example:443",
             server_now: now.map(ts),
+            local_now: local.map(ts),
         },
     )
 }
@@ -87,7 +98,7 @@ fn texts_real_orchestrators_send_are_signed_by_default() {
         format!("Sign in to Fleet Manager\nIdentity: {id}\nNonce: 7f1e0c\nIssued: 2026-12-02T06:00:00Z"),
         "Welcome to peaqOS!\r\n\r\nClick to sign in and accept the Terms of Service.\r\n\r\nThis request will not trigger a blockchain transaction or cost any gas fees.\r\n\r\nWallet address:\r\n0x8e2e0a5a9dd8c4ad2ec4c3a8e6b0bbf3d3b3e5f1\r\n\r\nNonce:\r\n3f2b0c1e-6a4e-4bd0-9c8a-2a8f3c1e9d77".to_owned(),
         "orchestrator.example wants you to sign in with your Ethereum account:\n0x8e2e0a5a9dd8c4ad2ec4c3a8e6b0bbf3d3b3e5f1\n\nURI: https://orchestrator.example\nVersion: 1\nChain ID: 3338\nNonce: 32891756\nIssued At: 2026-12-02T06:00:00Z".to_owned(),
-        "https://Orchestrator.Example:8443 wants you to sign in with your Ethereum account:\n0x8e2e0a5a9dd8c4ad2ec4c3a8e6b0bbf3d3b3e5f1".to_owned(),
+        "https://Orchestrator.Example:443 wants you to sign in with your Ethereum account:\n0x8e2e0a5a9dd8c4ad2ec4c3a8e6b0bbf3d3b3e5f1".to_owned(),
         "Prove control of machine did:peaq:4242, challenge 0x9c22ff5f21f0b81b113e63f7db6da94fedef11b2119b4088b89664fb9a3cb658\tthanks".to_owned(),
         "Anmeldung bestätigen · 署名してください · nonce 42".to_owned(),
         challenge(id).message,
@@ -239,8 +250,9 @@ fn sign_in_for_another_domain_is_refused() {
     );
     refused_by(standard(&siwe("https://evil.io")), Rule::SignInDomain);
     assert!(standard(&siwe("orchestrator.example")).is_ok());
-    assert!(standard(&siwe("orchestrator.example:8443")).is_ok());
-    assert!(same_host("[::1]:8080", "[::1]"));
+    assert!(standard(&siwe("orchestrator.example:443")).is_ok());
+    assert!(same_host("[::1]:8080", "[::1]:8080"));
+    assert!(same_host("[::1]", "[::1]:443"));
     assert!(!same_host(
         "orchestrator.example@evil.io",
         "orchestrator.example"
@@ -315,4 +327,164 @@ fn standard_falls_back_to_strict_over_plain_http_to_another_host() {
         (ChallengePolicy::Strict, "configured")
     );
     assert_eq!(strict.to_string(), "strict (configured)");
+}
+
+/// #22.14: `strict` applies every rule of `standard`, and its own format's
+/// free fields cannot carry what `standard` refuses.
+#[test]
+fn strict_applies_every_rule_of_standard_to_our_own_format() {
+    let ours_with = |orchestrator: &str, expires: i64| {
+        let mut c = challenge("did:peaq:4242");
+        let message = ChallengeMessage {
+            orchestrator: orchestrator.into(),
+            identity: ours(),
+            challenge_id: "chl_1".into(),
+            nonce: "ab".repeat(16),
+            issued_at: ts(NOW),
+            expires_at: ts(expires),
+        };
+        c.message = message.render();
+        c.expires_at = ts(expires);
+        c
+    };
+    let strict = |c: &Challenge| vet_with(ChallengePolicy::Strict, c, Some(NOW));
+    let fine = NOW + 300_000;
+    assert!(strict(&ours_with("peaqos-orchestrator", fine)).is_ok());
+    assert!(strict(&ours_with("Fleet orchestrator (hall 3)", fine)).is_ok());
+    refused_by(
+        strict(&ours_with(&format!("tx 0x{}", "02f8".repeat(59)), fine)),
+        Rule::LongHex,
+    );
+    refused_by(
+        strict(&ours_with("fleet\u{202e}evil", fine)),
+        Rule::Printable,
+    );
+    refused_by(strict(&ours_with("fleet\u{061c}", fine)), Rule::Printable);
+    refused_by(strict(&ours_with(&"Pay ".repeat(1300), fine)), Rule::Size);
+    let pay = "Transfer 500 USDC to 0x8e2e0a5a9dd8c4ad2ec4c3a8e6b0bbf3d3b3e5f1 and approve";
+    let text = refused_by(strict(&ours_with(pay, fine)), Rule::Format);
+    assert!(text.contains("Orchestrator"), "{text}");
+    refused_by(strict(&ours_with(&"ab ".repeat(67), fine)), Rule::Format);
+    // Expires At in 2099: the expiry rule, as for `standard`.
+    let far = 4_070_908_800_000;
+    refused_by(strict(&ours_with("peaqos-orchestrator", far)), Rule::Expiry);
+    // The text's Expires At must be the challenge's.
+    let mut lying = ours_with("peaqos-orchestrator", far);
+    lying.expires_at = ts(fine);
+    refused_by(strict(&lying), Rule::Format);
+}
+
+/// #22.15: invisible and bidirectional characters by Unicode category.
+#[test]
+fn invisible_characters_are_refused_by_their_unicode_category() {
+    for bad in [
+        '\u{061c}',   // Arabic letter mark (Cf)
+        '\u{00ad}',   // soft hyphen (Cf)
+        '\u{e0001}',  // language tag (Cf)
+        '\u{e0041}',  // tag latin capital A (Cf)
+        '\u{e0000}',  // unassigned in the tag block (Cn)
+        '\u{2028}',   // line separator (Zl)
+        '\u{2029}',   // paragraph separator (Zp)
+        '\u{e000}',   // private use (Co)
+        '\u{10ffff}', // noncharacter (Cn)
+        '\u{2066}',   // left-to-right isolate (Cf)
+        '\u{180e}',   // Mongolian vowel separator (Cf)
+        '\u{85}',     // next line (Cc)
+    ] {
+        let text = refused_by(
+            standard(&format!("Sign this nonce{bad}: 42")),
+            Rule::Printable,
+        );
+        assert!(
+            text.contains(&format!("U+{:04X}", u32::from(bad))),
+            "{text}"
+        );
+    }
+    // Letters, marks, symbols and spaces of every script are text.
+    assert!(standard("Signez ceci · 署名 · עברית · नमस्ते · e\u{301} · 🤖 · a\u{00a0}b").is_ok());
+}
+
+/// #22.16: a sane local clock bounds the expiry too, whatever the server's
+/// `Date` says; a clock before the floor is not used (`local_now` None).
+#[test]
+fn a_sane_local_clock_bounds_the_expiry_too() {
+    let mut c = challenge("did:peaq:4242");
+    c.expires_at = ts(NOW + 2 * 3_600_000);
+    // No Date header: refused by the local clock.
+    let text = refused_by(
+        vet_at(ChallengePolicy::Standard, &c, None, Some(NOW)),
+        Rule::Expiry,
+    );
+    assert!(text.contains("this machine's clock"), "{text}");
+    // A Date 90 minutes ahead: the server's clock allows it, ours does not.
+    refused_by(
+        vet_at(
+            ChallengePolicy::Standard,
+            &c,
+            Some(NOW + 5_400_000),
+            Some(NOW),
+        ),
+        Rule::Expiry,
+    );
+    // What remains without a sane local clock: the server's word.
+    assert!(vet_at(ChallengePolicy::Standard, &c, Some(NOW + 5_400_000), None).is_ok());
+    assert!(vet_at(ChallengePolicy::Standard, &c, None, None).is_ok());
+    // A local clock a little ahead never refuses a fresh challenge.
+    let fresh = challenge("did:peaq:4242");
+    assert!(
+        vet_at(
+            ChallengePolicy::Standard,
+            &fresh,
+            Some(NOW),
+            Some(NOW + 600_000)
+        )
+        .is_ok()
+    );
+    assert!(vet_at(ChallengePolicy::Standard, &fresh, None, Some(NOW)).is_ok());
+}
+
+/// #22.17: the near misses of the text rules, each decided (docs/security.md).
+#[test]
+fn near_misses_of_the_text_rules_are_decided() {
+    // Sign-In-With-Ethereum for our host on another port: another service
+    // on the same host, so refused.
+    let siwe = |domain: &str| {
+        format!(
+            "{domain} wants you to sign in with your Ethereum account:\n\
+             0x8e2e0a5a9dd8c4ad2ec4c3a8e6b0bbf3d3b3e5f1\n\nNonce: 1"
+        )
+    };
+    refused_by(
+        standard(&siwe("orchestrator.example:8443")),
+        Rule::SignInDomain,
+    );
+    refused_by(
+        standard(&siwe("https://orchestrator.example:3000")),
+        Rule::SignInDomain,
+    );
+    assert!(standard(&siwe("orchestrator.example:443")).is_ok());
+    assert!(same_host(
+        "orchestrator.example:8443",
+        "orchestrator.example:8443"
+    ));
+    assert!(!same_host(
+        "orchestrator.example",
+        "orchestrator.example:8443"
+    ));
+
+    // A transaction's hex without 0x inside prose: refused past 64 digits.
+    let tx = format!("Please sign {} to continue", "02f86c01".repeat(29) + "0a00");
+    let text = refused_by(standard(&tx), Rule::LongHex);
+    assert!(text.contains("236 hex digits"), "{text}");
+    assert!(standard(&format!("Nonce {} ok", "ab".repeat(32))).is_ok());
+
+    // Base64 inside prose: refused past 88 characters (64 bytes); a nonce
+    // or a signature's length is fine.
+    let payload = "eyJ0eXBlIjoidHJhbnNmZXIiLCJ0byI6IjB4YWIiLCJ2YWx1ZSI6IjEwMDAwMDAwMDAwMDAwMDAwMDAwIiwiZGF0YSI6IjB4In0=";
+    let text = refused_by(
+        standard(&format!("Sign to continue: {payload}.")),
+        Rule::EncodedPayload,
+    );
+    assert!(text.contains("base64"), "{text}");
+    assert!(standard("Nonce: q83vEjRWeJASNFZ4kBI0Vng= (base64)").is_ok());
 }

@@ -168,6 +168,7 @@ impl Registrar {
             None => self.find_own_record().await?,
         };
         tracing::info!(machine_id = %id, "identity already has a record; taking it back");
+        super::note_machine_id(&id);
         self.state.machine_id = Some(id.clone());
         self.state.proof = None;
         self.save()?;
@@ -319,6 +320,7 @@ impl Registrar {
             ours: self.key.address(),
             host: &self.host,
             server_now: self.clock.server_now(),
+            local_now: crate::clock::sane_now(),
         };
         match challenge::vet(self.policy.policy, &challenge, &expected) {
             Ok(vetted) => {
@@ -412,7 +414,11 @@ impl Registrar {
         if proof_changed {
             self.renew_jitter = backoff::random_fraction();
         }
-        let changed = self.state.machine_id.as_deref() != Some(m.id.as_str()) || proof_changed;
+        let new_id = self.state.machine_id.as_deref() != Some(m.id.as_str());
+        if new_id {
+            super::note_machine_id(&m.id);
+        }
+        let changed = new_id || proof_changed;
         self.state.machine_id = Some(m.id.clone());
         if let Some(p) = proof {
             self.state.proof = Some(p);

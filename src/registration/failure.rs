@@ -20,11 +20,19 @@ pub(super) enum FailureKind {
     /// Something else an operator must fix (API key, record fields): retried
     /// slowly.
     NeedsOperator,
+    /// This machine's clock fails a certificate's dates (`CLOCK`): tried
+    /// again every [`CLOCK_RETRY`], so that the agent is active within
+    /// seconds of NTP syncing.
+    Clock,
     /// The controller key's token does not answer or refuses to sign:
     /// retried with backoff when it went away, slowly when an operator must
     /// act (PIN, key). Never replaced by another key.
     KeyUnavailable { transient: bool },
 }
+
+/// How soon a `CLOCK` failure is tried again (a TLS handshake: cheap for
+/// both sides).
+pub(super) const CLOCK_RETRY: Duration = Duration::from_secs(3);
 
 #[derive(Debug)]
 pub(super) struct Failure {
@@ -67,7 +75,11 @@ impl From<crate::signer::SignError> for Failure {
 
 /// What a failed request means for the loop.
 pub(super) fn classify(e: &ClientError) -> FailureKind {
-    if e.is_transient() || e.is(&ErrorCode::ProofExpired) {
+    if let ClientError::Tls { failure, .. } = e
+        && failure.is_clock()
+    {
+        FailureKind::Clock
+    } else if e.is_transient() || e.is(&ErrorCode::ProofExpired) {
         FailureKind::Transient
     } else if e.is(&ErrorCode::ProofInvalid) || e.is(&ErrorCode::NotActivated) {
         FailureKind::NotController
@@ -84,7 +96,9 @@ impl From<ClientError> for Failure {
             message: error_chain(&e),
             retry_after: e.retry_after(),
             load_neutral: match &e {
-                ClientError::Network { .. } | ClientError::Timeout { .. } => true,
+                ClientError::Network { .. }
+                | ClientError::Tls { .. }
+                | ClientError::Timeout { .. } => true,
                 other => other.status().is_some_and(|s| s >= 500),
             },
         }

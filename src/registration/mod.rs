@@ -23,10 +23,11 @@ mod failure;
 pub mod policy;
 mod probe;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use peaqos_protocol::{IdentityRef, Timestamp};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -41,7 +42,30 @@ use crate::systemd::Heartbeat;
 use challenge::EffectivePolicy;
 use failure::{Failure, FailureKind};
 pub use policy::{field_changes, renewal_point};
+pub use probe::Readiness;
 use probe::{Probe, Prober};
+
+/// How many cycles may talk to the orchestrator at once, across all the
+/// machines of one agent: registration of many is fast, and a gateway's
+/// boot is not a herd.
+pub const CONCURRENT_CYCLES: usize = 16;
+
+/// What paces the loops of one agent against their one orchestrator: the
+/// shared readiness probe and the bound on cycles in flight. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Pacing {
+    pub readiness: Arc<Readiness>,
+    pub cycles: Arc<Semaphore>,
+}
+
+impl Pacing {
+    pub fn new(renewal: &RenewalConfig) -> Self {
+        Self {
+            readiness: Arc::new(Readiness::new(renewal.probe_interval)),
+            cycles: Arc::new(Semaphore::new(CONCURRENT_CYCLES)),
+        }
+    }
+}
 
 /// Everything the loop needs, assembled by [`crate::run`].
 #[derive(Debug)]
@@ -69,6 +93,7 @@ pub struct Registrar {
     heartbeat: Heartbeat,
     /// Cheap readiness probes that may end a backoff early.
     prober: Prober,
+    pacing: Pacing,
 }
 
 /// How a cycle ended well.
@@ -93,6 +118,7 @@ impl Registrar {
         loaded: Loaded,
         status: watch::Sender<StatusSnapshot>,
         heartbeat: Heartbeat,
+        pacing: Pacing,
     ) -> Self {
         let canonical = identity.canonical();
         let orchestrator = client.base().to_owned();
@@ -121,10 +147,7 @@ impl Registrar {
         };
         let backoff = Backoff::new(renewal.backoff_initial, renewal.backoff_max);
         let prober = Prober::new(renewal.probe_interval);
-        let host = reqwest::Url::parse(client.base())
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_owned))
-            .unwrap_or_default();
+        let host = challenge::authority(client.base());
         tracing::info!(policy = %policy.policy, "challenge signing policy: {policy}");
         let me = Self {
             identity,
@@ -143,6 +166,7 @@ impl Registrar {
             renew_jitter: backoff::random_fraction(),
             heartbeat,
             prober,
+            pacing,
         };
         let (id, proof) = (me.state.machine_id.clone(), me.state.proof.clone());
         me.publish(AgentState::Starting, |s| {
@@ -162,24 +186,12 @@ impl Registrar {
         // Without a watchdog nobody reads the heartbeat: no need to wake.
         let beat_every = crate::systemd::beat_interval().unwrap_or(Duration::MAX);
         let heartbeat = self.heartbeat.clone();
+        if let Some(id) = &self.state.machine_id {
+            note_machine_id(id);
+        }
         loop {
             heartbeat.beat();
-            // A cycle makes several requests, each bounded by the request
-            // timeout; beating while it awaits them keeps a slow (but
-            // progressing) orchestrator from tripping the watchdog, which is
-            // there to catch a stuck process, not a slow network.
-            let result = {
-                let cycle = self.cycle(force_renew);
-                tokio::pin!(cycle);
-                loop {
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => break None,
-                        r = &mut cycle => break Some(r),
-                        () = tokio::time::sleep(beat_every) => heartbeat.beat(),
-                    }
-                }
-            };
+            let result = self.paced_cycle(force_renew, &shutdown, beat_every).await;
             let Some(result) = result else { break };
             let renewed_on_request = force_renew;
             force_renew = false;
@@ -223,10 +235,13 @@ impl Registrar {
                         let answer = tokio::select! {
                             biased;
                             () = shutdown.cancelled() => return self.stopping(replies),
-                            answer = tokio::time::timeout_at(deadline, self.client.readiness()) => answer,
+                            answer = tokio::time::timeout_at(
+                                deadline,
+                                self.pacing.readiness.ask(&self.client),
+                            ) => answer,
                         };
                         let Ok(answer) = answer else { break };
-                        if probe::read(answer.as_ref().map(|r| &r.value)) == Probe::Up {
+                        if answer == Probe::Up {
                             tracing::info!("the orchestrator answers again; retrying now");
                             self.prober.cut_short();
                             break;
@@ -256,6 +271,35 @@ impl Registrar {
             }
         }
         self.stopping(replies);
+    }
+
+    /// One cycle, in turn with the other loops of the agent; `None` when
+    /// `shutdown` came first. A cycle makes several requests, each bounded
+    /// by the request timeout; beating while it awaits them keeps a slow
+    /// (but progressing) orchestrator from tripping the watchdog, which is
+    /// there to catch a stuck process, not a slow network.
+    async fn paced_cycle(
+        &mut self,
+        force_renew: bool,
+        shutdown: &CancellationToken,
+        beat_every: Duration,
+    ) -> Option<Result<Settled, Failure>> {
+        let heartbeat = self.heartbeat.clone();
+        let cycles = self.pacing.cycles.clone();
+        let cycle = async {
+            // Never closed: the permit is always granted in turn.
+            let _permit = cycles.acquire().await.ok();
+            self.cycle(force_renew).await
+        };
+        tokio::pin!(cycle);
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break None,
+                r = &mut cycle => break Some(r),
+                () = tokio::time::sleep(beat_every) => heartbeat.beat(),
+            }
+        }
     }
 
     fn stopping(&self, replies: Vec<oneshot::Sender<Result<(), String>>>) {
@@ -303,6 +347,10 @@ impl Registrar {
                 (AgentState::ChallengeRefused, self.renewal.slow_retry)
             }
             FailureKind::NeedsOperator => (AgentState::Backoff, self.renewal.slow_retry),
+            FailureKind::Clock => (
+                AgentState::Backoff,
+                failure::CLOCK_RETRY.min(self.renewal.slow_retry),
+            ),
             // A token that went away is looked for again like an outage; a
             // token that refuses the PIN or lost the key needs an operator.
             FailureKind::KeyUnavailable { transient: true } => {
@@ -398,6 +446,13 @@ impl Registrar {
             }
         }
     }
+}
+
+/// Puts the record's id on the loop's span (`machine_id`, declared empty
+/// by [`crate::machine`]), so that every journal entry of the loop from
+/// now on carries `MACHINE_ID=`.
+fn note_machine_id(id: &str) {
+    tracing::Span::current().record("machine_id", tracing::field::display(id));
 }
 
 /// Marks a snapshot as a new one: `seq` names one payload, never two.

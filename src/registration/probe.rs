@@ -20,6 +20,11 @@
 //!   fails as well, the next wait runs to its end, so an orchestrator that
 //!   is up but overloaded still sees the plain exponential pacing.
 //!
+//! - a gateway's loops share one [`Readiness`]: each loop asks at its own
+//!   jittered time, and an answer is reused for half a `probe_interval`
+//!   (one request in flight at a time), so 1,000 machines waiting for the
+//!   orchestrator cost it about two probes per interval, not 1,000.
+//!
 //! The contract promises the route (the SDK calls it), but an orchestrator
 //! without it must still work: any answer that is not a failure of the
 //! server (a `404`, say) shows it is reachable, and the cycle decides.
@@ -30,7 +35,7 @@ use tokio::time::Instant;
 
 use super::failure::{Failure, FailureKind};
 use crate::backoff::random_fraction;
-use crate::client::ClientError;
+use crate::client::{Client, ClientError};
 
 /// What a probe found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +55,9 @@ pub(super) fn read(answer: Result<&serde_json::Value, &ClientError>) -> Probe {
         // Readiness without the SDK's shape, or a client-side refusal of a
         // machine id (never for this route): reachable.
         Ok(_) | Err(ClientError::InvalidMachineId { .. }) => Probe::Up,
-        Err(ClientError::Network { .. } | ClientError::Timeout { .. }) => Probe::Down,
+        Err(
+            ClientError::Network { .. } | ClientError::Tls { .. } | ClientError::Timeout { .. },
+        ) => Probe::Down,
         Err(ClientError::Api { status, .. } | ClientError::BadResponse { status, .. }) => {
             if *status == 408 || *status == 429 || *status >= 500 {
                 Probe::Down
@@ -58,6 +65,37 @@ pub(super) fn read(answer: Result<&serde_json::Value, &ClientError>) -> Probe {
                 Probe::Up
             }
         }
+    }
+}
+
+/// The readiness probe every loop of one agent shares: one request at a
+/// time, its answer reused for half the probe interval.
+#[derive(Debug)]
+pub struct Readiness {
+    reuse_for: Duration,
+    last: tokio::sync::Mutex<Option<(Instant, Probe)>>,
+}
+
+impl Readiness {
+    pub fn new(probe_interval: Duration) -> Self {
+        Self {
+            reuse_for: probe_interval / 2,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether the orchestrator answers: a recent answer, or a new probe.
+    /// Callers that arrive while a probe is in flight wait for its answer.
+    pub(super) async fn ask(&self, client: &Client) -> Probe {
+        let mut last = self.last.lock().await;
+        if let Some((at, probe)) = *last
+            && at.elapsed() < self.reuse_for
+        {
+            return probe;
+        }
+        let probe = read(client.readiness().await.as_ref().map(|r| &r.value));
+        *last = Some((Instant::now(), probe));
+        probe
     }
 }
 

@@ -264,6 +264,7 @@ async fn check_reports_each_part_and_whether_we_are_a_controller() {
         "ok    config",
         "ok    key file",
         "ok    state dir",
+        "ok    clock",
         "ok    orchestrator",
     ] {
         assert!(t.contains(line), "{line:?} missing in:\n{t}");
@@ -279,7 +280,7 @@ async fn check_reports_each_part_and_whether_we_are_a_controller() {
     assert!(t.contains(&key.address().checksummed()), "{t}");
     assert!(t.contains("ok    challenge"), "{t}");
     assert!(t.contains("policy standard (default) would sign"), "{t}");
-    assert_eq!(t.lines().count(), 7, "{t}");
+    assert_eq!(t.lines().count(), 8, "{t}");
     assert_eq!(fake.lock().counters.creates, 0, "check registers nothing");
 }
 
@@ -464,4 +465,45 @@ print(acct.address)
         "{}",
         text(&wrong)
     );
+}
+
+/// #22.12: the docs give `address --key` on the installed key (0600,
+/// root's or the service user's) as it works: with sudo. As anyone else it
+/// fails with "Permission denied", shown here when the tests run as root
+/// and `setpriv` can drop to nobody.
+#[test]
+fn the_docs_read_the_installed_key_as_root() {
+    const COMMAND: &str = "peaqos-agent address --key /etc/peaqos-agent/controller.key";
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for doc in [
+        "README.md",
+        "docs/agent.md",
+        "packaging/debian/peaqos-agent/README.Debian",
+    ] {
+        let text = std::fs::read_to_string(repo.join(doc)).unwrap();
+        for (at, _) in text.match_indices(COMMAND) {
+            assert!(
+                text[..at].ends_with("sudo "),
+                "{doc}: `{COMMAND}` without sudo at byte {at}"
+            );
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let key = dir.path().join("controller.key");
+    let out = agent(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let Some(setpriv) = peaqos_testkit::find_program("setpriv") else {
+        return;
+    };
+    if !rustix::process::geteuid().is_root() {
+        return;
+    }
+    let out = Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+        .args(["address", "--key", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("Permission denied"), "{}", text(&out));
 }

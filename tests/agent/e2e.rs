@@ -111,6 +111,87 @@ async fn first_start_registers_and_restarts_keep_the_same_record() {
     assert_eq!(orch.machine_ids().await, vec![id.clone()]);
 }
 
+/// A `log::Log` that keeps each entry's structured fields, as
+/// `systemd-journal-logger` would send them as journal fields.
+#[derive(Clone, Default)]
+struct JournalFields(std::sync::Arc<std::sync::Mutex<Vec<Entry>>>);
+
+/// One journal entry's fields.
+type Entry = Vec<(String, String)>;
+
+impl log::Log for JournalFields {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        struct Collect(Vec<(String, String)>);
+        impl<'kvs> log::kv::VisitSource<'kvs> for Collect {
+            fn visit_pair(
+                &mut self,
+                key: log::kv::Key<'kvs>,
+                value: log::kv::Value<'kvs>,
+            ) -> Result<(), log::kv::Error> {
+                self.0.push((key.to_string(), value.to_string()));
+                Ok(())
+            }
+        }
+        if !record.target().starts_with("peaqos_agent") {
+            return;
+        }
+        let mut fields = Collect(Vec::new());
+        let _ = record.key_values().visit(&mut fields);
+        self.0.lock().unwrap().push(fields.0);
+    }
+
+    fn flush(&self) {}
+}
+
+/// Issue #22 (11): `journalctl STATE=active MACHINE_ID=mach_…` found
+/// nothing, because the state entries did not carry the record's id. Every
+/// entry of the loop now carries `MACHINE_NAME=` and, once the record is
+/// known, `MACHINE_ID=`, on the first start and after a restart.
+#[tokio::test]
+async fn the_loops_journal_entries_carry_machine_name_and_machine_id() {
+    use tracing_subscriber::prelude::*;
+    let journal = JournalFields::default();
+    let subscriber =
+        tracing_subscriber::registry().with(peaqos_logging::JournalLayer::new(journal.clone()));
+    let _default = tracing::subscriber::set_default(subscriber);
+    let orch = Orchestrator::start(|_| {}).await;
+    let robot = Machine::new();
+    orch.set_controllers(ID, &[robot.address()]);
+    for _start in 0..2 {
+        journal.0.lock().unwrap().clear();
+        let (agent, id) = robot.start_active(&orch.url(), "").await;
+        agent.stop(STOP).await;
+        let entries = journal.0.lock().unwrap().clone();
+        let field = |entry: &[(String, String)], name: &str| {
+            entry
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let active: Vec<_> = entries
+            .iter()
+            .filter(|e| field(e, "state").as_deref() == Some("active"))
+            .collect();
+        assert!(!active.is_empty(), "{entries:#?}");
+        for entry in active {
+            assert_eq!(
+                field(entry, "machine_id").as_deref(),
+                Some(id.as_str()),
+                "{entry:?}"
+            );
+            assert_eq!(
+                field(entry, "machine_name").as_deref(),
+                Some("test robot"),
+                "{entry:?}"
+            );
+        }
+    }
+}
+
 /// Issue #15: `seq` was seen on two different payloads. Facts learnt from
 /// the orchestrator (record status, proof times) changed the snapshot
 /// without a new `seq`, and MQTT republished the changed payload under the

@@ -32,7 +32,7 @@ fn agent(hsm: &SoftHsm, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -50,7 +50,7 @@ fn uri_with_pin(hsm: &SoftHsm, object: &str) -> String {
 }
 
 /// `keygen --pkcs11` in the token; returns the printed address.
-fn keygen(hsm: &SoftHsm, object: &str) -> Address {
+pub(crate) fn keygen(hsm: &SoftHsm, object: &str) -> Address {
     let out = agent(hsm, &["keygen", "--pkcs11", &uri_with_pin(hsm, object)]);
     assert!(out.status.success(), "{}", text(&out));
     Address::parse(String::from_utf8(out.stdout).unwrap().trim()).unwrap()
@@ -553,5 +553,86 @@ async fn a_token_that_goes_away_is_shown_and_waited_for_never_replaced() {
     assert!(
         !log.contains(peaqos_testkit::softhsm::USER_PIN),
         "the PIN never reaches the log"
+    );
+}
+
+/// A gateway whose machines' keys are objects on one token: one module
+/// load for all of them, so that a machine removed by a reload (its
+/// session closed) does not end the others' sessions; `STATUS=` sums the
+/// machines up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateways_keys_share_one_token_and_removing_one_leaves_the_others_signing() {
+    let Some(hsm) = SoftHsm::start(
+        "a_gateways_keys_share_one_token_and_removing_one_leaves_the_others_signing",
+        "gateway",
+    ) else {
+        return;
+    };
+    let orch = Orchestrator::start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let machines = dir.path().join("machines.d");
+    std::fs::create_dir(&machines).unwrap();
+    let mut registry = Vec::new();
+    for (n, name) in ["m-a", "m-b", "m-c"].into_iter().enumerate() {
+        let address = keygen(&hsm, name);
+        let identity = format!("did:peaq:{}", 7000 + n);
+        let text = format!(
+            "[identity]\nref = \"{identity}\"\nkey = \"{}\"\n\n[machine]\n\
+             display_name = \"{name}\"\nowner_id = \"o\"\nmachine_type = \"t\"\n\
+             runtime_profile = \"r\"\n",
+            uri_with_pin(&hsm, name)
+        );
+        std::fs::write(machines.join(format!("{name}.toml")), text).unwrap();
+        registry.push((identity, address));
+    }
+    orch.set_registry(&registry);
+    let config = dir.path().join("agent.toml");
+    let gateway = config_text(&orch.url(), "unused", dir.path(), "");
+    // agent.toml without [identity] and [machine]: a gateway only.
+    let gateway: String = gateway
+        .split("\n[")
+        .filter(|table| !table.starts_with("identity]") && !table.starts_with("machine]"))
+        .collect::<Vec<_>>()
+        .join("\n[");
+    std::fs::write(&config, gateway).unwrap();
+    let mut agent = RunningAgent::start(&hsm, &config, dir.path());
+    agent.wait_status("3 machines: 3 active", WAIT).await;
+
+    let hup = |agent: &RunningAgent| {
+        let sent = Command::new("kill")
+            .args(["-HUP", &agent.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    // Each machine restarted in turn (its file changed): whichever loaded
+    // the module first closes its session while the others keep theirs.
+    for name in ["m-a", "m-b", "m-c"] {
+        let file = machines.join(format!("{name}.toml"));
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, format!("{text}# changed\n")).unwrap();
+        hup(&agent);
+        // Each loop probes its key at every check (200 ms): five each.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    std::fs::remove_file(machines.join("m-a.toml")).unwrap();
+    hup(&agent);
+    agent.wait_status("2 machines: 2 active", WAIT).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let statuses = agent.statuses.clone();
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{exit}\n{log}");
+    assert_eq!(
+        log.matches("0 started, 0 stopped, 1 restarted").count(),
+        3,
+        "{log}"
+    );
+    assert!(
+        !log.contains("key_unavailable") && !log.contains("token session opened again"),
+        "the remaining machines lost their token session:\n{log}"
+    );
+    assert!(
+        statuses.iter().all(|s| !s.contains("key_unavailable")),
+        "{statuses:#?}"
     );
 }

@@ -106,37 +106,42 @@ dir = "{state}"
     /// [`Device::write_config`]); `env` adds variables.
     pub(crate) fn run(&self, config: &Path, env: &[(&str, &Path)]) -> AgentProcess {
         assert!(config.starts_with(self.dir.path()), "this device's config");
-        let mut command = Command::new(BIN);
-        command
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            // Always stderr, never the journal, whatever runs the tests.
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (name, value) in env {
-            command.env(name, value);
+        spawn(config, env)
+    }
+}
+
+/// Starts `peaqos-agent run --config config`; `env` adds variables.
+pub(crate) fn spawn(config: &Path, env: &[(&str, &Path)]) -> AgentProcess {
+    let mut command = Command::new(BIN);
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        // Always stderr, never the journal, whatever runs the tests.
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().expect("spawn peaqos-agent");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = lines.clone();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push(line);
         }
-        let mut child = command.spawn().expect("spawn peaqos-agent");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        AgentProcess {
-            child: Some(child),
-            lines,
-            reader: Some(reader),
-        }
+    });
+    AgentProcess {
+        child: Some(child),
+        lines,
+        reader: Some(reader),
     }
 }
 
@@ -208,6 +213,22 @@ impl AgentProcess {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Sends `signal` (SIGHUP: reload).
+    pub(crate) fn signal(&self, signal: rustix::process::Signal) {
+        let child = self.child.as_ref().unwrap();
+        let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
+    /// SIGKILL: no clean stop, as a power cut or an OOM kill.
+    pub(crate) fn kill(mut self) -> String {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        self.drain();
+        self.log()
     }
 
     /// SIGTERM, then waits (bounded) for a clean exit.

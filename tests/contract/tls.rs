@@ -85,17 +85,35 @@ impl Ca {
 /// The double's TLS side: a certificate for 127.0.0.1 from `ca`, and, with
 /// `client_ca`, a required client certificate issued by it.
 fn server_config(ca: &Ca, client_ca: Option<&Ca>) -> Arc<rustls::ServerConfig> {
-    server_config_for(ca, &["127.0.0.1"], client_ca)
+    let (cert, key) = ca.leaf(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+    server_config_for(&cert, &key, client_ca)
 }
 
-/// A server's TLS side with a certificate from `ca` for `names`.
-pub(crate) fn server_config_for(
+/// As [`server_config`], with a server certificate valid only from
+/// `not_before` to `not_after` (the CA is valid for rcgen's default span).
+pub(crate) fn server_config_valid(
     ca: &Ca,
-    names: &[&str],
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> Arc<rustls::ServerConfig> {
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "contract test");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    server_config_for(&cert, &key, None)
+}
+
+pub(crate) fn server_config_for(
+    cert: &Certificate,
+    key: &KeyPair,
     client_ca: Option<&Ca>,
 ) -> Arc<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let (cert, key) = ca.leaf(names, ExtendedKeyUsagePurpose::ServerAuth);
     let chain = vec![cert.der().clone()];
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -235,6 +253,13 @@ async fn the_wrong_ca_is_reported_and_nothing_reaches_the_server() {
         log.contains("invalid peer certificate") && log.contains("UnknownIssuer"),
         "the log says the certificate is not trusted:\n{log}"
     );
+    // #22.19: its own code, the check that failed and what to fix.
+    let (_, failure) = agent.find(0, "error_code=TLS").expect("a TLS failure");
+    assert!(
+        failure.contains("unknown issuer") && failure.contains("ca_file"),
+        "{failure}"
+    );
+    assert!(!log.contains("error_code=NETWORK"), "{log}");
     assert!(line > 0);
     for endpoint in [Endpoint::CreateChallenge, Endpoint::Other] {
         assert_eq!(double.count(endpoint), 0, "{endpoint:?}");
@@ -262,6 +287,8 @@ async fn a_missing_client_certificate_is_reported() {
         log.contains("CertificateRequired"),
         "the log says the server wants a client certificate:\n{log}"
     );
+    let (_, failure) = agent.find(0, "error_code=TLS").expect("a TLS failure");
+    assert!(failure.contains("client_cert_file"), "{failure}");
     assert_eq!(double.count(Endpoint::CreateChallenge), 0);
     agent.stop().await;
 }

@@ -33,6 +33,12 @@ const PERMITTED: &str = "accept.example.com";
 /// Beyond the CA's constraint: it also matches `reject.example.com`.
 const WILDCARD: &str = "*.example.com";
 
+/// A server's TLS side with a certificate from `ca` for `names`.
+fn server(ca: &Ca, names: &[&str]) -> Arc<rustls::ServerConfig> {
+    let (cert, key) = ca.leaf(names, ExtendedKeyUsagePurpose::ServerAuth);
+    server_config_for(&cert, &key, None)
+}
+
 fn constrained_ca() -> Ca {
     Ca::constrained("fleet CA for accept.example.com only", &[PERMITTED])
 }
@@ -98,22 +104,14 @@ async fn the_orchestrator_connection_refuses_the_certificate_0102_accepts() {
     let extra = format!("ca_file = \"{}\"", toml_path(&ca_file));
 
     // Within the constraint: served.
-    let good = Double::start_tls(
-        Quirks::default(),
-        server_config_for(&ca, &["127.0.0.1", PERMITTED], None),
-    )
-    .await;
+    let good = Double::start_tls(Quirks::default(), server(&ca, &["127.0.0.1", PERMITTED])).await;
     good.set_controllers(ID, &[device.address()]);
     let agent = device.run(&device.write_config(&good.url(), &extra, ""), &[]);
     served(&good, &agent).await;
     agent.stop().await;
 
     // Beyond it: refused before any request.
-    let bad = Double::start_tls(
-        Quirks::default(),
-        server_config_for(&ca, &["127.0.0.1", WILDCARD], None),
-    )
-    .await;
+    let bad = Double::start_tls(Quirks::default(), server(&ca, &["127.0.0.1", WILDCARD])).await;
     bad.set_controllers(ID, &[device.address()]);
     let mut agent = device.run(&device.write_config(&bad.url(), &extra, ""), &[]);
     agent.wait_line(0, "state=backoff", WAIT).await;
@@ -159,7 +157,7 @@ async fn the_mqtt_connection_refuses_the_certificate_0102_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let ca_file = write(dir.path(), "broker-ca.pem", &ca.pem());
     let handshake = |names: &'static [&'static str]| {
-        let config = server_config_for(&ca, names, None);
+        let config = server(&ca, names);
         let ca_file = ca_file.clone();
         async move {
             let (port, accepted) = tls_listener(config).await;

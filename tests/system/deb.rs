@@ -153,6 +153,11 @@ fn check_contents(dpkg_deb: &Path, deb: &Path) {
         ("usr/lib/sysusers.d/peaqos-agent.conf", "-rw-r--r--"),
         ("usr/lib/tmpfiles.d/peaqos-agent.conf", "-rw-r--r--"),
         ("etc/peaqos-agent/agent.toml", "-rw-r--r--"),
+        // A gateway's folder, with an example the agent does not read.
+        (
+            "etc/peaqos-agent/machines.d/machine.toml.example",
+            "-rw-r--r--",
+        ),
         ("usr/share/doc/peaqos-agent/README.Debian", "-rw-r--r--"),
         ("usr/share/doc/peaqos-agent/mqtt.md", "-rw-r--r--"),
         ("usr/share/doc/peaqos-agent/copyright", "-rw-r--r--"),

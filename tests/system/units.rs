@@ -220,7 +220,6 @@ fn both_units_run_as_their_own_user_with_private_state_and_no_core_dumps() {
         assert_eq!(value(&unit, "User"), user, "{name}");
         assert_eq!(value(&unit, "StateDirectory"), user, "{name}");
         assert_eq!(value(&unit, "StateDirectoryMode"), "0700", "{name}");
-        assert_eq!(value(&unit, "ConfigurationDirectory"), user, "{name}");
         assert_eq!(value(&unit, "LimitCORE"), "0", "{name}");
         assert_eq!(value(&unit, "UMask"), "0077", "{name}");
         assert_eq!(value(&unit, "ProtectSystem"), "strict", "{name}");
@@ -250,6 +249,10 @@ fn both_units_run_as_their_own_user_with_private_state_and_no_core_dumps() {
         );
     }
     let orchestrator = unit_text(ORCHESTRATOR_UNIT);
+    assert_eq!(
+        value(&orchestrator, "ConfigurationDirectory"),
+        "peaqos-orchestrator"
+    );
     assert_eq!(
         value(&orchestrator, "EnvironmentFile"),
         "-/etc/peaqos-orchestrator/env"
@@ -425,4 +428,45 @@ fn the_pkcs11_drop_in_verifies_and_loosens_only_what_tokens_need() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("cannot parse {line:?}"));
     assert!(score <= MAX_EXPOSURE, "{stdout}");
+}
+
+/// #22.8 and #22.9, as far as the offline tools can check them (no booted
+/// systemd in this suite): the agent's configuration directory is not a
+/// ConfigurationDirectory= (which systemd exempts from ProtectSystem=strict
+/// and mounts writable) and is read-only; the scratch space shared with
+/// the rest of the system (/dev/shm, /run/lock) is inaccessible; and the
+/// PKCS#11 drop-in keeps both.
+#[test]
+fn the_agent_cannot_write_its_configuration_or_shared_scratch_space() {
+    let unit = unit_text(AGENT_UNIT);
+    assert!(values(&unit, "ConfigurationDirectory").is_empty());
+    assert_eq!(value(&unit, "ProtectSystem"), "strict");
+    assert_eq!(value(&unit, "ReadOnlyPaths"), "/etc/peaqos-agent");
+    let inaccessible: Vec<&str> = values(&unit, "InaccessiblePaths")
+        .iter()
+        .flat_map(|v| v.split_whitespace())
+        .map(|p| p.trim_start_matches('-'))
+        .collect();
+    for path in ["/dev/shm", "/run/lock"] {
+        assert!(inaccessible.contains(&path), "{path}: {inaccessible:?}");
+    }
+    // The writable place for keys the agent writes is its state directory.
+    assert!(values(&unit, "ReadWritePaths").is_empty());
+    assert_eq!(value(&unit, "StateDirectory"), "peaqos-agent");
+    let drop_in = std::fs::read_to_string(repo().join("systemd/examples/pkcs11.conf")).unwrap();
+    for key in [
+        "ConfigurationDirectory",
+        "InaccessiblePaths",
+        "ReadOnlyPaths",
+        "ReadWritePaths",
+    ] {
+        let set: Vec<&str> = values(&drop_in, key)
+            .into_iter()
+            .filter(|v| v.contains("/etc/peaqos-agent") || v.is_empty())
+            .collect();
+        assert!(
+            set.is_empty(),
+            "pkcs11.conf reopens something with {key}=: {set:?}"
+        );
+    }
 }

@@ -32,6 +32,8 @@ pub enum Service {
     /// Root with `unshare`: a private mount namespace in which a test may
     /// mount a tmpfs (a full file system, say) without touching the host.
     Root,
+    /// libfaketime (Debian's `faketime`): a process's wall clock set apart.
+    Faketime,
 }
 
 impl Service {
@@ -44,6 +46,7 @@ impl Service {
             Self::Deb => "deb",
             Self::Softhsm => "softhsm",
             Self::Root => "root",
+            Self::Faketime => "faketime",
         }
     }
 }

@@ -115,6 +115,20 @@ impl Orchestrator {
         std::fs::rename(&tmp, &path).unwrap();
     }
 
+    /// Rewrites the registry with many identities, each with its
+    /// controllers.
+    pub(crate) fn set_registry(&self, identities: &[(String, Address)]) {
+        use std::fmt::Write as _;
+        let mut text = "[identities]\n".to_owned();
+        for (identity, controller) in identities {
+            let _ = writeln!(text, "\"{identity}\" = [\"{}\"]", controller.checksummed());
+        }
+        let path = self.config.registry_file.clone().unwrap();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+
     /// `GET /api/v1/machines/{id}` as an independent client sees it.
     pub(crate) async fn machine(&self, id: &str) -> (u16, serde_json::Value) {
         let r = http()

@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""A gateway's cost against the same machines as separate agents, in one run
+(docs/performance.md, "A gateway of many machines").
+
+usage: AGENT=... ORCHESTRATOR=... gateway_bench.py [--sizes 1,100,1000]
+           [--separate 100] [--idle 20] [--proof-age 120]
+
+For each size N: a fresh orchestrator (SQLite, a registry naming N fresh keys,
+proofs that expire after --proof-age seconds), a private Mosquitto, and ONE
+gateway agent with N files in machines.d (MQTT on). Then, as the baseline,
+--separate agents as separate processes (robot configs, MQTT on, each its own
+identity), against their own fresh orchestrator and broker. Each is measured:
+- time from exec to all machines `active` (their retained statuses, seen by
+  mosquitto_sub);
+- resident memory (VmRSS, summed over processes) and CPU time spent during an
+  idle window of --idle seconds that starts 2 s after all are active;
+- open sockets (fds that are sockets, summed);
+- the largest number of identity challenges signed in any one second, while
+  starting and while renewing (the agents' "signed identity challenge" log
+  lines; renewals come at about two thirds of the proof's lifetime).
+Prints one JSON object per measurement and a markdown table at the end.
+Work files go to $WORK (default /tmp/peaqos-gateway-bench)."""
+import argparse, collections, datetime, json, os, secrets, shutil, signal, socket
+import subprocess, sys, threading, time
+
+AGENT = os.environ["AGENT"]
+ORCH = os.environ["ORCHESTRATOR"]
+BASE = os.environ.get("WORK", "/tmp/peaqos-gateway-bench")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+
+def keys(d, n, first_ident):
+    """n keys in d, their addresses, and the registry lines naming them."""
+    out = []
+    for i in range(n):
+        key = f"{d}/keys/k{i:04d}"
+        with open(key, "w") as f:
+            f.write(secrets.token_hex(32))
+        os.chmod(key, 0o600)
+        addr = subprocess.run([AGENT, "address", "--key", key], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        out.append((f"did:peaq:{first_ident + i}", key, addr))
+    return out
+
+
+class World:
+    """An orchestrator and a broker of one measurement."""
+
+    def __init__(self, d, ids, proof_age):
+        reg = ["[identities]"] + [f'"{i}" = ["{a}"]' for i, _, a in ids]
+        open(f"{d}/registry.toml", "w").write("\n".join(reg) + "\n")
+        env = dict(os.environ, PEAQOS_LISTEN_ADDR="127.0.0.1:0",
+                   DATABASE_URL=f"sqlite://{d}/orchestrator.db",
+                   PEAQOS_MCR_REGISTRY_FILE=f"{d}/registry.toml",
+                   PEAQOS_PROOF_MAX_AGE_SECS=str(proof_age),
+                   # A gateway is one client address for all its machines:
+                   # the per-address challenge limit (60/min, burst 20) is
+                   # raised, for the separate agents alike.
+                   PEAQOS_CHALLENGE_RATE_PER_MINUTE="1000000",
+                   PEAQOS_CHALLENGE_BURST="100000",
+                   PEAQOS_LOG_LEVEL="warn")
+        self.orch = subprocess.Popen([ORCH], env=env, stdout=subprocess.PIPE,
+                                     stderr=open(f"{d}/orchestrator.log", "w"), text=True)
+        line = self.orch.stdout.readline()
+        self.url = line.strip().removeprefix("listening on ")
+        self.mqtt_port = free_port()
+        open(f"{d}/mosquitto.conf", "w").write(
+            f"listener {self.mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"log_dest file {d}/mosquitto.log\nlog_type all\n")
+        os.chmod(d, 0o777)
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.broker = subprocess.Popen([mosquitto, "-c", f"{d}/mosquitto.conf"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        self.active = {}
+        self.watch = subprocess.Popen(
+            ["mosquitto_sub", "-p", str(self.mqtt_port), "-t", "peaqos/+/status", "-F", "%t\t%p"],
+            stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        time.sleep(0.3)
+
+    def _read(self):
+        for line in self.watch.stdout:
+            topic, _, payload = line.partition("\t")
+            if '"state":"active"' in payload and topic not in self.active:
+                self.active[topic] = time.time()
+
+    def stop(self):
+        for p in (self.watch, self.broker, self.orch):
+            p.send_signal(signal.SIGTERM)
+        for p in (self.watch, self.broker, self.orch):
+            p.wait()
+
+
+def common(world, d):
+    return f'''
+[orchestrator]
+url = "{world.url}"
+
+[state]
+dir = "{d}/state"
+
+[mqtt]
+enabled = true
+url = "mqtt://127.0.0.1:{world.mqtt_port}"
+'''
+
+
+def machine_tables(ident, key, name):
+    return f'''[identity]
+ref = "{ident}"
+key_file = "{key}"
+
+[machine]
+display_name = "{name}"
+owner_id = "bench"
+machine_type = "charger"
+runtime_profile = "bench"
+'''
+
+
+def sample(pids):
+    rss = cpu = sockets = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            rss += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+            cpu += int(fields[11]) + int(fields[12])
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                sockets += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+            except OSError:
+                pass
+    return rss, cpu, sockets
+
+
+def stamp(line):
+    return datetime.datetime.strptime(line[:26], "%Y-%m-%dT%H:%M:%S.%f").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+
+
+def challenges_per_second(logs, start, end):
+    per = collections.Counter()
+    for log in logs:
+        for line in open(log, errors="replace"):
+            if "signed identity challenge" in line:
+                t = stamp(line)
+                if start <= t < end:
+                    per[int(t)] += 1
+    return max(per.values(), default=0)
+
+
+def measure(kind, n, args):
+    d = f"{BASE}/{kind}-{n}"
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(f"{d}/keys"); os.makedirs(f"{d}/state")
+    ids = keys(d, n, 100000)
+    world = World(d, ids, args.proof_age)
+    procs, logs = [], []
+    t0 = time.time()
+    if kind == "gateway":
+        os.makedirs(f"{d}/machines.d")
+        for i, (ident, key, _) in enumerate(ids):
+            open(f"{d}/machines.d/m{i:04d}.toml", "w").write(machine_tables(ident, key, f"m{i:04d}"))
+        open(f"{d}/agent.toml", "w").write(common(world, d))
+        logs.append(f"{d}/agent.log")
+        t0 = time.time()
+        procs.append(subprocess.Popen([AGENT, "run", "--config", f"{d}/agent.toml"],
+                                      stdout=subprocess.DEVNULL, stderr=open(logs[0], "w")))
+    else:
+        configs = []
+        for i, (ident, key, _) in enumerate(ids):
+            md = f"{d}/m{i:04d}"
+            os.makedirs(f"{md}/state")
+            text = machine_tables(ident, key, f"m{i:04d}") + common(world, md)
+            open(f"{md}/agent.toml", "w").write(text)
+            configs.append(md)
+        t0 = time.time()
+        for md in configs:
+            logs.append(f"{md}/agent.log")
+            procs.append(subprocess.Popen([AGENT, "run", "--config", f"{md}/agent.toml"],
+                                          stdout=subprocess.DEVNULL, stderr=open(logs[-1], "w")))
+    deadline = t0 + args.timeout
+    while len(world.active) < n:
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs: p.kill()
+            world.stop()
+            sys.exit(f"{kind} {n}: only {len(world.active)} of {n} active; logs in {d}")
+        time.sleep(0.1)
+    t_active = max(world.active.values())
+    time.sleep(2)
+    pids = [p.pid for p in procs]
+    _, cpu0, _ = sample(pids)
+    w0 = time.time()
+    time.sleep(args.idle)
+    rss, cpu1, sockets = sample(pids)
+    idle_cpu = (cpu1 - cpu0) / TICK / (time.time() - w0)
+    # Renewals: every proof is renewed by about 3/4 of its lifetime after
+    # its activation; wait until then for the last one.
+    renew_end = t_active + args.proof_age * 0.8 + 5
+    while time.time() < renew_end:
+        time.sleep(1)
+    start_peak = challenges_per_second(logs, t0 - 1, t_active + 1)
+    renew_peak = challenges_per_second(logs, t_active + 1, renew_end)
+    for p in procs: p.send_signal(signal.SIGTERM)
+    for p in procs: p.wait()
+    world.stop()
+    result = {"kind": kind, "machines": n, "processes": len(procs),
+              "rss_bytes": rss, "idle_cpu_percent": round(idle_cpu * 100, 2),
+              "start_to_all_active_s": round(t_active - t0, 2), "open_sockets": sockets,
+              "peak_challenges_per_s_starting": start_peak,
+              "peak_challenges_per_s_renewing": renew_peak}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1,100,1000")
+    ap.add_argument("--separate", type=int, default=100)
+    ap.add_argument("--idle", type=float, default=20)
+    ap.add_argument("--proof-age", type=int, default=120)
+    ap.add_argument("--timeout", type=float, default=300)
+    args = ap.parse_args()
+    results = [measure("gateway", int(n), args) for n in args.sizes.split(",") if n]
+    if args.separate:
+        results.append(measure("separate", args.separate, args))
+    print("\n| agents | machines | processes | RSS | idle CPU | start to all active "
+          "| challenges/s (start, renewing) | open sockets |\n|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['kind']} | {r['machines']} | {r['processes']} "
+              f"| {r['rss_bytes'] / 1048576:.1f} MiB | {r['idle_cpu_percent']} % "
+              f"| {r['start_to_all_active_s']} s | {r['peak_challenges_per_s_starting']}, "
+              f"{r['peak_challenges_per_s_renewing']} | {r['open_sockets']} |")
+
+
+if __name__ == "__main__":
+    main()
