@@ -11,13 +11,18 @@
 # executables already built (`cargo xtask arm --debs` does that, so that
 # each is compiled once), `--output DIR` puts the packages elsewhere. The
 # agent is built with the `minsize` profile (opt-level z, fat LTO,
-# panic=abort, stripped), the orchestrator with `release`. Cross-building
+# panic=abort, stripped), the orchestrator with `release`, both through
+# the pinned `cargo auditable` (installed first if missing), so that each
+# executable carries its dependency list and `cargo audit bin
+# /usr/bin/peaqos-agent` can check an installed one (docs/security.md,
+# "Supply chain"). Cross-building
 # needs the target's toolchain: .ci/install-tools installs it (docs/agent.md,
 # "Cross-building for boards").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CARGO_DEB_VERSION=3.8.0
+CARGO_AUDITABLE_VERSION=0.7.7
 
 packages=(peaqos-agent peaqos-orchestrator)
 args=()
@@ -45,7 +50,20 @@ if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
     cargo install --locked "cargo-deb@$CARGO_DEB_VERSION"
 fi
 
+# With --no-build, whoever built the executables chose how (`cargo xtask
+# arm` builds them with cargo auditable too).
+build=(--cargo-build "auditable build")
+for arg in ${args[@]+"${args[@]}"}; do
+    if [[ $arg == --no-build ]]; then
+        build=()
+    fi
+done
+if ((${#build[@]})) && ! cargo install --list | grep -qx "cargo-auditable v$CARGO_AUDITABLE_VERSION:"; then
+    echo "--- installing cargo-auditable $CARGO_AUDITABLE_VERSION"
+    cargo install --locked "cargo-auditable@$CARGO_AUDITABLE_VERSION"
+fi
+
 for package in "${packages[@]}"; do
     echo "--- $package"
-    cargo deb -p "$package" --locked ${args[@]+"${args[@]}"}
+    cargo deb -p "$package" --locked ${build[@]+"${build[@]}"} ${args[@]+"${args[@]}"}
 done

@@ -5,8 +5,9 @@
 //! through the loop a fleet lives through (`scenarios.rs`): registration,
 //! degradation, proof expiry without `expiresAt`, a lost record, a lost
 //! state file, an outage, a removed and restored controller; and over TLS
-//! with a private CA and client certificates (`tls.rs`); and a gateway of
-//! many machines, reloaded file by file (`gateway.rs`).
+//! with a private CA and client certificates (`tls.rs`), and which
+//! rustls-webpki verifies the orchestrator and the broker (`webpki.rs`);
+//! and a gateway of many machines, reloaded file by file (`gateway.rs`).
 //!
 //! The agent is watched the way an operator watches it: its log lines on
 //! stderr, its state file, and what the server holds. Every wait is
@@ -20,3 +21,5 @@ mod gateway;
 mod scenarios;
 #[cfg(feature = "tls")]
 mod tls;
+#[cfg(feature = "tls")]
+mod webpki;

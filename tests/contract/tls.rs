@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, CertifiedIssuer, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, KeyPair, KeyUsagePurpose, NameConstraints,
 };
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -27,10 +27,31 @@ pub(crate) struct Ca {
 
 impl Ca {
     pub(crate) fn new(name: &str) -> Self {
+        Self::with_name_constraints(name, None)
+    }
+
+    /// A CA that may only issue for the DNS names under `permitted` (RFC
+    /// 5280 name constraints).
+    pub(crate) fn constrained(name: &str, permitted: &[&str]) -> Self {
+        let permitted_subtrees = permitted
+            .iter()
+            .map(|n| GeneralSubtree::DnsName((*n).to_owned()))
+            .collect();
+        Self::with_name_constraints(
+            name,
+            Some(NameConstraints {
+                permitted_subtrees,
+                excluded_subtrees: Vec::new(),
+            }),
+        )
+    }
+
+    fn with_name_constraints(name: &str, constraints: Option<NameConstraints>) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.name_constraints = constraints;
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
         Self { issuer }
     }
@@ -39,12 +60,16 @@ impl Ca {
         self.issuer.pem()
     }
 
-    fn der(&self) -> CertificateDer<'static> {
+    pub(crate) fn der(&self) -> CertificateDer<'static> {
         self.issuer.der().clone()
     }
 
     /// A leaf for `names` (IP addresses become IP SANs) with its key.
-    fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (Certificate, KeyPair) {
+    pub(crate) fn leaf(
+        &self,
+        names: &[&str],
+        usage: ExtendedKeyUsagePurpose,
+    ) -> (Certificate, KeyPair) {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params = CertificateParams::new(names).unwrap();
         params
@@ -83,7 +108,7 @@ pub(crate) fn server_config_valid(
     server_config_for(&cert, &key, None)
 }
 
-fn server_config_for(
+pub(crate) fn server_config_for(
     cert: &Certificate,
     key: &KeyPair,
     client_ca: Option<&Ca>,
@@ -117,14 +142,14 @@ pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-fn toml_path(p: &Path) -> String {
+pub(crate) fn toml_path(p: &Path) -> String {
     p.display().to_string()
 }
 
 /// Waits until the agent's first request (a challenge) has been served
 /// over TLS: the handshake, and the client certificate when required,
 /// passed.
-async fn served(double: &Double, agent: &AgentProcess) {
+pub(crate) async fn served(double: &Double, agent: &AgentProcess) {
     poll(
         "a challenge served over TLS",
         WAIT,

@@ -10,8 +10,11 @@
 //! it cleanly. With `--debs`, the Debian packages are made from these very
 //! executables (`cargo deb --no-build`: each target is compiled once) for
 //! x86-64 (agent and orchestrator) and the boards (the agent), and lintian
-//! checks every one of them. Files go to `target/arm/`.
+//! checks every one of them; each shipped executable in them must carry its
+//! dependency list, which `cargo audit bin` checks against the RustSec
+//! snapshot (`arm/audit.rs`). Files go to `target/arm/`.
 
+mod audit;
 mod debs;
 mod error;
 pub(crate) mod toolchain;
@@ -27,7 +30,7 @@ use self::toolchain::{BOARDS, Board};
 use crate::harness::agent::{self, Agent};
 use crate::harness::agent_config::AgentConfig;
 use crate::harness::broker::{self, Broker};
-use crate::harness::cargo::{AGENT, ORCHESTRATOR, cargo};
+use crate::harness::cargo::{AGENT, ORCHESTRATOR, cargo, shipping_build};
 use crate::harness::events::{Event, Events};
 use crate::harness::orchestrator::{self, Orchestrator};
 use crate::harness::process::{Managed, STOP_GRACE, StopOutcome, child_command};
@@ -160,18 +163,20 @@ fn build_native(root: &Path, test_build: bool) -> Result<Native, HarnessError> {
     say("building peaqos-agent (--profile minsize) and peaqos-orchestrator (--release) for x86-64");
     Ok(Native {
         agent: build_agent(root, None)?,
-        orchestrator: cargo(
-            root,
-            &["build", "--locked", "--release", "-p", ORCHESTRATOR],
-        )?
-        .executable(ORCHESTRATOR, "bin")?,
+        orchestrator: {
+            let mut args = shipping_build();
+            args.extend(["--locked", "--release", "-p", ORCHESTRATOR]);
+            cargo(root, &args)?.executable(ORCHESTRATOR, "bin")?
+        },
     })
 }
 
-/// `cargo build --locked --profile minsize -p peaqos-agent [--target T]`:
-/// the agent as the packages ship it. `footprint` measures the same builds.
+/// `cargo [auditable] build --locked --profile minsize -p peaqos-agent
+/// [--target T]`: the agent as the packages ship it. `footprint` measures
+/// the same builds.
 pub(crate) fn build_agent(root: &Path, board: Option<&Board>) -> Result<PathBuf, HarnessError> {
-    let mut args = vec!["build", "--locked", "--profile", "minsize", "-p", AGENT];
+    let mut args = shipping_build();
+    args.extend(["--locked", "--profile", "minsize", "-p", AGENT]);
     if let Some(board) = board {
         args.extend(["--target", board.target]);
     }
@@ -181,7 +186,8 @@ pub(crate) fn build_agent(root: &Path, board: Option<&Board>) -> Result<PathBuf,
 /// The agent for every board in one cargo call: while one target's
 /// single-threaded LTO runs, the other's crates compile on the other core.
 fn build_boards(root: &Path, boards: &[Board]) -> Result<Vec<PathBuf>, HarnessError> {
-    let mut args = vec!["build", "--locked", "--profile", "minsize", "-p", AGENT];
+    let mut args = shipping_build();
+    args.extend(["--locked", "--profile", "minsize", "-p", AGENT]);
     for board in boards {
         args.extend(["--target", board.target]);
     }

@@ -98,7 +98,8 @@ pub(crate) fn build_and_lint(
         return Err(ArmError::Lintian);
     }
     say(&format!("lintian: {} packages clean", debs.len()));
-    Ok(())
+    let test_build = matches!(native, Native::TestBuild(_));
+    super::audit::audit_packages(root, work, &debs, test_build)
 }
 
 /// A target directory with the test build's executables where

@@ -45,6 +45,19 @@ pub(crate) enum ArmError {
         "lintian found problems in the packages (above); fix them, or override a tag in packaging/debian/<package>/lintian-overrides with a comment saying why"
     )]
     Lintian,
+    #[error(
+        "{0}: its executable has no dependency list (no .dep-v0 section): build it with `cargo auditable build` (.ci/install-tools installs cargo-auditable)"
+    )]
+    NoDependencyList(PathBuf),
+    #[error(
+        "`cargo audit bin` found advisories for the executable of {0} (above): update the crate, or add a reasoned exception to deny.toml"
+    )]
+    Audit(PathBuf),
+    #[error("cannot read the advisory exceptions in {path}")]
+    DenyToml {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
 }
 
 impl From<HarnessError> for ArmError {

@@ -109,6 +109,14 @@ pub(crate) fn find(boards: &[Board], debs: bool) -> Result<Tools, Vec<String>> {
         if !cargo_deb {
             missing.push("cargo-deb (cargo install --locked cargo-deb@3.8.0)".to_owned());
         }
+        // The packaged executables must carry their dependency list.
+        if !crate::harness::cargo::auditable_installed() {
+            missing
+                .push("cargo-auditable (cargo install --locked cargo-auditable@0.7.7)".to_owned());
+        }
+        if find_program("readelf").is_none() {
+            missing.push("readelf (apt: binutils)".to_owned());
+        }
     }
     if missing.is_empty() {
         Ok(Tools { qemu })

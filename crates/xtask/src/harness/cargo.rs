@@ -10,6 +10,24 @@ use super::error::HarnessError;
 pub(crate) const AGENT: &str = "peaqos-agent";
 pub(crate) const ORCHESTRATOR: &str = "peaqos-orchestrator";
 
+/// The build command of the shipped executables: `cargo auditable build`,
+/// which embeds their dependency list (the `.dep-v0` section that `cargo
+/// audit bin` reads on an installed robot), when cargo-auditable is
+/// installed (.ci/install-tools installs it; `cargo xtask arm --debs`
+/// requires it); plain `cargo build` elsewhere.
+pub(crate) fn shipping_build() -> Vec<&'static str> {
+    if auditable_installed() {
+        vec!["auditable", "build"]
+    } else {
+        vec!["build"]
+    }
+}
+
+/// Whether `cargo auditable` exists (its `--version` would print cargo's).
+pub(crate) fn auditable_installed() -> bool {
+    peaqos_testkit::find_program("cargo-auditable").is_some()
+}
+
 /// What one cargo call built: its `compiler-artifact` messages.
 #[derive(Debug)]
 pub(crate) struct Built {
