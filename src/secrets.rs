@@ -86,7 +86,8 @@ pub fn read(path: &Path) -> Result<Zeroizing<String>, SecretError> {
 /// credential store (the first that exists, else `/etc/credstore`).
 ///
 /// The unit's lines are its effective ones, drop-ins included, as systemd
-/// reports them (`systemctl show -p LoadCredential`) when systemd runs and
+/// reports them (`systemctl show -p LoadCredential -p
+/// LoadCredentialEncrypted`, else `systemctl cat`) when systemd runs and
 /// knows the unit; else the shipped unit's followed by its drop-ins' (in
 /// [`DROP_IN_DIRS`], in file-name order, as systemd reads them: a sandbox
 /// or a chroot without systemd can still read those files).
@@ -223,24 +224,33 @@ fn credential_lines(text: &str) -> Vec<Credential> {
 /// The unit's effective credentials when systemd runs and has the unit
 /// loaded with at least one; `None` otherwise (no systemd, as in a
 /// container or a build machine, or the unit not installed).
+///
+/// `systemctl show` first; systemd 252's prints both properties as
+/// `[unprintable]` (seen under a booted systemd, `tests/system/
+/// sealed_boot.rs`), so then `systemctl cat`: the unit file and drop-ins
+/// systemd loaded for the unit, in its order.
 fn systemd_credentials() -> Option<Vec<Credential>> {
     if !Path::new("/run/systemd/system").is_dir() {
         return None;
     }
-    let output = std::process::Command::new("systemctl")
-        .args([
-            "show",
-            "--property=LoadCredential",
-            "--property=LoadCredentialEncrypted",
-            UNIT_NAME,
-        ])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())?;
-    let lines = credential_lines(&String::from_utf8_lossy(&output.stdout));
-    (!lines.is_empty()).then_some(lines)
+    let systemctl = |args: &[&str]| {
+        let output = std::process::Command::new("systemctl")
+            .args(args)
+            .arg(UNIT_NAME)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())?;
+        let lines = credential_lines(&String::from_utf8_lossy(&output.stdout));
+        (!lines.is_empty()).then_some(lines)
+    };
+    systemctl(&[
+        "show",
+        "--property=LoadCredential",
+        "--property=LoadCredentialEncrypted",
+    ])
+    .or_else(|| systemctl(&["cat", "--no-pager"]))
 }
 
 #[cfg(test)]
