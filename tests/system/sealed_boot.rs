@@ -64,10 +64,7 @@ runtime_profile = "ros2"
 #[test]
 fn a_booted_systemd_decrypts_the_sealed_key_for_the_shipped_unit() {
     const TEST: &str = "sealed_key_under_booted_systemd";
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let root = crate::units::is_root();
     let tools = find_program("systemd-nspawn")
         .zip(find_program("unshare"))
         .filter(|_| root && Path::new("/usr/lib/systemd/systemd").is_file());
