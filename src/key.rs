@@ -147,7 +147,13 @@ pub fn load_path(
 ) -> Result<(SecretKey, KeyFileInfo), KeyError> {
     let mut info = file_info(path)?;
     let mut text = secrets::read(path).map_err(KeyError::Read)?;
-    let name = secrets::sealed_name(path);
+    // Under systemd the unit's credentials arrive decrypted; only a
+    // command run by hand looks the file up among the unit's sealed ones
+    // (which may ask systemctl).
+    let name = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .is_none()
+        .then(|| secrets::sealed_name(path))
+        .flatten();
     let sealing = sealed::sealing_of(&text);
     if name.is_some() || sealing.is_some() {
         let plain = sealed::unseal(path, name.as_deref()).map_err(|source| KeyError::Unseal {
