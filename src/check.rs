@@ -24,6 +24,9 @@ const MQTT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Outcome {
     Ok,
     Fail,
+    /// Works, but something needs an operator's attention; does not make
+    /// the command fail.
+    Warn,
     /// Not run: disabled, or an earlier check it needs failed.
     Skip,
 }
@@ -41,6 +44,7 @@ impl fmt::Display for CheckLine {
         let tag = match self.outcome {
             Outcome::Ok => "ok",
             Outcome::Fail => "FAIL",
+            Outcome::Warn => "WARN",
             Outcome::Skip => "skip",
         };
         write!(f, "{tag:<5} {:<13} {}", self.name, self.detail)
@@ -117,11 +121,16 @@ pub async fn run(config_path: &Path) -> Vec<CheckLine> {
 fn credential_lines(r: &mut Report, credentials: &[(String, std::path::PathBuf)]) {
     for (configured, path) in credentials {
         // Not under systemd: the unit's LoadCredential= source stands in.
+        let directive = if crate::secrets::sealed_name(path).is_some() {
+            "LoadCredentialEncrypted="
+        } else {
+            "LoadCredential="
+        };
         r.push(
             Outcome::Ok,
             "credential",
             format!(
-                "{configured}: {} (the unit's LoadCredential= source; $CREDENTIALS_DIRECTORY is not set)",
+                "{configured}: {} (the unit's {directive} source; $CREDENTIALS_DIRECTORY is not set)",
                 path.display()
             ),
         );

@@ -23,17 +23,31 @@ pub enum Command {
     Run(ConfigArg),
     /// Generate a new secp256k1 controller key and print its controller
     /// address: from the OS random source into FILE (mode 0600; an existing
-    /// file is never overwritten), or inside a PKCS#11 token with --pkcs11
+    /// file is never overwritten), or sealed as a systemd encrypted
+    /// credential with --sealed, or inside a PKCS#11 token with --pkcs11
     /// (CKA_SENSITIVE, not CKA_EXTRACTABLE: it never leaves the token).
     Keygen {
         /// Where to write the key (64 hex digits and a newline).
         #[arg(
             long,
             value_name = "FILE",
-            conflicts_with = "pkcs11",
-            required_unless_present = "pkcs11"
+            conflicts_with_all = ["pkcs11", "sealed"],
+            required_unless_present_any = ["pkcs11", "sealed"]
         )]
         out: Option<PathBuf>,
+        /// Write the key sealed as the systemd credential `controller-key`
+        /// (`systemd-creds encrypt`; the key reaches it through a pipe and no
+        /// plaintext copy touches the disk), for the unit's
+        /// `LoadCredentialEncrypted=`, e.g.
+        /// /etc/peaqos-agent/controller.key.cred (an existing file is never
+        /// overwritten).
+        #[arg(long, value_name = "FILE.cred", conflicts_with = "pkcs11")]
+        sealed: Option<PathBuf>,
+        /// With --sealed: what seals it, as `systemd-creds --with-key=`
+        /// (auto: the TPM 2.0 when present, else the host key; which one was
+        /// used is printed).
+        #[arg(long, value_name = "KEY", requires = "sealed", default_value = "auto")]
+        with_key: crate::sealed::WithKey,
         /// Generate the key pair in the token this RFC 7512 URI names, under
         /// its object= label and id= (random when absent), e.g.
         /// "pkcs11:token=robot;object=controller?module-path=/usr/lib/softhsm/libsofthsm2.so".

@@ -10,8 +10,10 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use peaqos_protocol::{SecretKey, SecretKeyError};
+use zeroize::Zeroizing;
 
 use crate::keystore::{self, KeystoreError};
+use crate::sealed::{self, SealedError, Sealing};
 use crate::secrets::{self, SecretError};
 
 /// Why the key could not be loaded or written. Never contains the key.
@@ -53,6 +55,31 @@ pub enum KeyError {
     Write { path: PathBuf, source: io::Error },
     #[error("cannot generate a key")]
     Generate(#[source] SecretKeyError),
+    #[error("cannot unseal the key credential {path}")]
+    Unseal { path: PathBuf, source: SealedError },
+    #[error("cannot seal the new key")]
+    Seal(#[source] SealedError),
+}
+
+/// How the key is held at rest, as `check` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// 64 hex digits in a file.
+    Plaintext,
+    /// An Ethereum V3 keystore, unlocked with its password file.
+    Keystore,
+    /// A systemd encrypted credential (`LoadCredentialEncrypted=`).
+    Sealed(Sealing),
+}
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Plaintext => f.write_str("plaintext file: whoever reads it has the key"),
+            Self::Keystore => f.write_str("Ethereum keystore (encrypted with its password file)"),
+            Self::Sealed(sealing) => write!(f, "systemd credential, {sealing}"),
+        }
+    }
 }
 
 /// Facts about a key file that `check` reports.
@@ -60,10 +87,17 @@ pub enum KeyError {
 pub struct KeyFileInfo {
     pub path: PathBuf,
     pub mode: u32,
+    pub held: Held,
 }
 
 /// Checks that `path` is a regular file that only its owner can read.
 pub fn check_permissions(path: &Path) -> Result<KeyFileInfo, KeyError> {
+    let info = file_info(path)?;
+    refuse_loose(&info)?;
+    Ok(info)
+}
+
+fn file_info(path: &Path) -> Result<KeyFileInfo, KeyError> {
     let meta = std::fs::metadata(path).map_err(|source| KeyError::Metadata {
         path: path.to_owned(),
         source,
@@ -73,17 +107,21 @@ pub fn check_permissions(path: &Path) -> Result<KeyFileInfo, KeyError> {
             path: path.to_owned(),
         });
     }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::LoosePermissions {
-            path: path.to_owned(),
-            mode,
-        });
-    }
     Ok(KeyFileInfo {
         path: path.to_owned(),
-        mode,
+        mode: meta.mode() & 0o7777,
+        held: Held::Plaintext,
     })
+}
+
+fn refuse_loose(info: &KeyFileInfo) -> Result<(), KeyError> {
+    if info.mode & 0o077 != 0 {
+        return Err(KeyError::LoosePermissions {
+            path: info.path.clone(),
+            mode: info.mode,
+        });
+    }
+    Ok(())
 }
 
 /// Loads the controller key from a configured location (a path or
@@ -99,14 +137,41 @@ pub fn load(location: &str, password: Option<&str>) -> Result<(SecretKey, KeyFil
 }
 
 /// Loads the controller key from a file: 64 hex digits, or a V3 keystore
-/// unlocked with the password in `password_file`.
+/// unlocked with the password in `password_file`, or either of these
+/// sealed as a systemd credential (a file the unit loads with
+/// `LoadCredentialEncrypted=`, or one whose header says so), unsealed by
+/// `systemd-creds` into this process.
 pub fn load_path(
     path: &Path,
     password_file: Option<&Path>,
 ) -> Result<(SecretKey, KeyFileInfo), KeyError> {
-    let info = check_permissions(path)?;
-    let text = secrets::read(path).map_err(KeyError::Read)?;
+    let mut info = file_info(path)?;
+    let mut text = secrets::read(path).map_err(KeyError::Read)?;
+    // Under systemd the unit's credentials arrive decrypted; only a
+    // command run by hand looks the file up among the unit's sealed ones
+    // (which may ask systemctl).
+    let name = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .is_none()
+        .then(|| secrets::sealed_name(path))
+        .flatten();
+    let sealing = sealed::sealing_of(&text);
+    if name.is_some() || sealing.is_some() {
+        let plain = sealed::unseal(path, name.as_deref()).map_err(|source| KeyError::Unseal {
+            path: path.to_owned(),
+            source,
+        })?;
+        text = Zeroizing::new(plain.trim_end_matches(['\n', '\r']).to_owned());
+        info.held = Held::Sealed(sealing.unwrap_or(Sealing::Unknown));
+    } else {
+        // A sealed credential may be world-readable (systemd-creds writes
+        // 0644): it opens only with the host key or the TPM. Plaintext may
+        // not.
+        refuse_loose(&info)?;
+    }
     if keystore::looks_like_keystore(&text) {
+        if info.held == Held::Plaintext {
+            info.held = Held::Keystore;
+        }
         let Some(password_file) = password_file else {
             return Err(KeyError::KeystoreWithoutPassword {
                 path: path.to_owned(),
@@ -162,6 +227,23 @@ pub fn generate(path: &Path) -> Result<SecretKey, KeyError> {
     }
     sync_parent(path).map_err(write_err)?;
     Ok(key)
+}
+
+/// Generates a key and seals it as the systemd credential `controller-key`
+/// into the new file `out` (never overwriting one); the key reaches
+/// `systemd-creds` on its stdin only. Returns the key and what sealed it.
+pub fn generate_sealed(
+    out: &Path,
+    with: sealed::WithKey,
+) -> Result<(SecretKey, Sealing), KeyError> {
+    let key = SecretKey::generate().map_err(KeyError::Generate)?;
+    let hex = key.to_hex();
+    let sealing =
+        sealed::seal(hex.as_bytes(), sealed::KEY_CREDENTIAL, with, out).map_err(|e| match e {
+            SealedError::Exists { path } => KeyError::Exists { path },
+            e => KeyError::Seal(e),
+        })?;
+    Ok((key, sealing))
 }
 
 /// fsyncs the directory holding `path`, so that a new name survives power loss.

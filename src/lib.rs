@@ -23,6 +23,7 @@ pub mod pkcs11;
 pub mod registration;
 pub mod reload;
 pub mod run;
+pub mod sealed;
 pub mod secrets;
 pub mod shared;
 pub mod signer;

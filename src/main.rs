@@ -67,12 +67,15 @@ async fn dispatch(command: Command, hardened: std::io::Result<()>) -> Result<Exi
         Command::Run(args) => run(&args.config, hardened).await,
         Command::Keygen {
             out,
+            sealed,
+            with_key,
             pkcs11,
             pin_file,
-        } => match (out, pkcs11) {
-            (_, Some(uri)) => keygen_token(&uri, pin_file.as_deref()),
-            (Some(out), None) => keygen(&out),
-            (None, None) => unreachable!("clap requires --out or --pkcs11"),
+        } => match (out, sealed, pkcs11) {
+            (_, _, Some(uri)) => keygen_token(&uri, pin_file.as_deref()),
+            (_, Some(cred), None) => keygen_sealed(&cred, with_key),
+            (Some(out), None, None) => keygen(&out),
+            (None, None, None) => unreachable!("clap requires --out, --sealed or --pkcs11"),
         },
         Command::Address {
             config,
@@ -166,6 +169,27 @@ fn keygen(out: &Path) -> Result<ExitCode, Failure> {
     let key = key::generate(out)
         .context("keygen failed")
         .map_err(fail(1, false))?;
+    println!("{}", key.address().checksummed());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn keygen_sealed(out: &Path, with: peaqos_agent::sealed::WithKey) -> Result<ExitCode, Failure> {
+    use peaqos_agent::sealed::{Sealing, WithKey};
+    let (key, sealing) = key::generate_sealed(out, with)
+        .context("keygen failed")
+        .map_err(fail(1, false))?;
+    // stdout is the address alone (scripts read it); how it was sealed,
+    // and whether auto found no TPM 2.0, goes to stderr.
+    let fallback = if with == WithKey::Auto && sealing == Sealing::Host {
+        " (auto: no TPM 2.0 on this machine, so the host key only; a copy of this card \
+         unseals it)"
+    } else {
+        ""
+    };
+    eprintln!(
+        "{}: credential controller-key, {sealing}{fallback}",
+        out.display()
+    );
     println!("{}", key.address().checksummed());
     Ok(ExitCode::SUCCESS)
 }

@@ -6,7 +6,9 @@
 //! Outside systemd (`sudo peaqos-agent check`, `address`, `status`, a
 //! manual `run`), `credential:NAME` reads what the shipped unit would pass
 //! as NAME ([`unit_source`]), so that a first check on a correct install
-//! does not fail for want of `$CREDENTIALS_DIRECTORY`.
+//! does not fail for want of `$CREDENTIALS_DIRECTORY`. A source the unit
+//! loads with `LoadCredentialEncrypted=` is a sealed credential
+//! ([`sealed_name`], [`crate::sealed`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -84,17 +86,52 @@ pub fn read(path: &Path) -> Result<Zeroizing<String>, SecretError> {
 /// credential store (the first that exists, else `/etc/credstore`).
 ///
 /// The unit's lines are its effective ones, drop-ins included, as systemd
-/// reports them (`systemctl show -p LoadCredential`) when systemd runs and
+/// reports them (`systemctl show -p LoadCredential -p
+/// LoadCredentialEncrypted`, else `systemctl cat`) when systemd runs and
 /// knows the unit; else the shipped unit's followed by its drop-ins' (in
 /// [`DROP_IN_DIRS`], in file-name order, as systemd reads them: a sandbox
 /// or a chroot without systemd can still read those files).
 pub fn unit_source(name: &str, config_dir: &Path) -> Option<PathBuf> {
-    static LINES: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
-    let lines = LINES.get_or_init(|| {
+    source_in(unit_lines(), name, config_dir)
+}
+
+/// The credential name the unit gives `path` when it loads that file with
+/// `LoadCredentialEncrypted=` (seen, as by [`unit_source`], from any
+/// configuration directory); `None` when the unit does not load it sealed.
+pub fn sealed_name(path: &Path) -> Option<String> {
+    sealed_name_in(unit_lines(), path)
+}
+
+fn sealed_name_in(lines: &[Credential], path: &Path) -> Option<String> {
+    lines
+        .iter()
+        .filter(|c| c.encrypted)
+        .find(|c| {
+            let source = Path::new(&c.source);
+            source == path
+                || source
+                    .strip_prefix(UNIT_CONFIG_DIR)
+                    .is_ok_and(|rest| path.ends_with(rest))
+        })
+        .map(|c| c.name.clone())
+}
+
+/// The unit's effective credentials (see [`unit_source`]), read once.
+fn unit_lines() -> &'static [Credential] {
+    static LINES: std::sync::OnceLock<Vec<Credential>> = std::sync::OnceLock::new();
+    LINES.get_or_init(|| {
         systemd_credentials()
             .unwrap_or_else(|| credential_lines(&with_drop_ins(UNIT, &DROP_IN_DIRS.map(Path::new))))
-    });
-    source_in(lines, name, config_dir)
+    })
+}
+
+/// One `LoadCredential=` or `LoadCredentialEncrypted=` of the unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Credential {
+    name: String,
+    source: String,
+    /// `LoadCredentialEncrypted=`: systemd decrypts it for the service.
+    encrypted: bool,
 }
 
 /// Where systemd reads the unit's drop-ins, lowest precedence first.
@@ -129,11 +166,11 @@ fn with_drop_ins(unit: &str, dirs: &[&Path]) -> String {
     text
 }
 
-fn source_in(lines: &[(String, String)], name: &str, config_dir: &Path) -> Option<PathBuf> {
+fn source_in(lines: &[Credential], name: &str, config_dir: &Path) -> Option<PathBuf> {
     let source = lines
         .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, source)| Path::new(source))?;
+        .find(|c| c.name == name)
+        .map(|c| Path::new(&c.source))?;
     if source.is_absolute() {
         return Some(match source.strip_prefix(UNIT_CONFIG_DIR) {
             Ok(rest) => config_dir.join(rest),
@@ -151,17 +188,32 @@ fn source_in(lines: &[(String, String)], name: &str, config_dir: &Path) -> Optio
         .cloned()
 }
 
-/// `(name, source)` of each `LoadCredential=name:source` line of `text`
-/// (a unit file, or `systemctl show`'s output). An empty
-/// `LoadCredential=` clears the list, as in systemd.
-fn credential_lines(text: &str) -> Vec<(String, String)> {
-    let mut lines = Vec::new();
-    for value in text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("LoadCredential="))
-    {
+/// Each `LoadCredential=name:source` and `LoadCredentialEncrypted=` line
+/// of `text` (a unit file, or `systemctl show`'s output), as systemd reads
+/// them: both kinds share one list by name, a later line for a name
+/// replaces the earlier one (so a drop-in's one
+/// `LoadCredentialEncrypted=controller-key:...` replaces the unit's
+/// `LoadCredential=controller-key:...`), and an empty value of either
+/// clears the whole list.
+fn credential_lines(text: &str) -> Vec<Credential> {
+    let mut lines: Vec<Credential> = Vec::new();
+    for line in text.lines().map(str::trim) {
+        let (value, encrypted) = if let Some(v) = line.strip_prefix("LoadCredential=") {
+            (v, false)
+        } else if let Some(v) = line.strip_prefix("LoadCredentialEncrypted=") {
+            (v, true)
+        } else {
+            continue;
+        };
         match value.split_once(':') {
-            Some((name, source)) => lines.push((name.to_owned(), source.to_owned())),
+            Some((name, source)) => {
+                lines.retain(|c| c.name != name);
+                lines.push(Credential {
+                    name: name.to_owned(),
+                    source: source.to_owned(),
+                    encrypted,
+                });
+            }
             None if value.trim().is_empty() => lines.clear(),
             None => {}
         }
@@ -172,19 +224,33 @@ fn credential_lines(text: &str) -> Vec<(String, String)> {
 /// The unit's effective credentials when systemd runs and has the unit
 /// loaded with at least one; `None` otherwise (no systemd, as in a
 /// container or a build machine, or the unit not installed).
-fn systemd_credentials() -> Option<Vec<(String, String)>> {
+///
+/// `systemctl show` first; systemd 252's prints both properties as
+/// `[unprintable]` (seen under a booted systemd, `tests/system/
+/// sealed_boot.rs`), so then `systemctl cat`: the unit file and drop-ins
+/// systemd loaded for the unit, in its order.
+fn systemd_credentials() -> Option<Vec<Credential>> {
     if !Path::new("/run/systemd/system").is_dir() {
         return None;
     }
-    let output = std::process::Command::new("systemctl")
-        .args(["show", "--property=LoadCredential", UNIT_NAME])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())?;
-    let lines = credential_lines(&String::from_utf8_lossy(&output.stdout));
-    (!lines.is_empty()).then_some(lines)
+    let systemctl = |args: &[&str]| {
+        let output = std::process::Command::new("systemctl")
+            .args(args)
+            .arg(UNIT_NAME)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())?;
+        let lines = credential_lines(&String::from_utf8_lossy(&output.stdout));
+        (!lines.is_empty()).then_some(lines)
+    };
+    systemctl(&[
+        "show",
+        "--property=LoadCredential",
+        "--property=LoadCredentialEncrypted",
+    ])
+    .or_else(|| systemctl(&["cat", "--no-pager"]))
 }
 
 #[cfg(test)]
@@ -231,6 +297,38 @@ mod tests {
         assert!(source_in(&lines, "controller-key", etc).is_none());
         assert!(source_in(&lines, "token-pin", etc).is_some());
         assert!(source_in(&credential_lines(UNIT), "token-pin", etc).is_none());
+    }
+
+    #[test]
+    fn the_sealed_key_drop_in_replaces_only_the_keys_source() {
+        let drop_in = include_str!("../systemd/examples/sealed-key.conf");
+        let etc = Path::new("/etc/peaqos-agent");
+        let sealed = Path::new("/etc/peaqos-agent/controller.key.cred");
+        // Read as systemd reads the unit and its drop-in: the same name
+        // replaces the unit's line; the other credentials stay.
+        let lines = credential_lines(&format!("{UNIT}\n{drop_in}"));
+        assert_eq!(source_in(&lines, "controller-key", etc).unwrap(), sealed);
+        assert!(source_in(&lines, "mqtt-password", etc).is_some());
+        assert_eq!(
+            sealed_name_in(&lines, sealed).as_deref(),
+            Some("controller-key")
+        );
+        // Seen from a configuration elsewhere (a test's, a chroot's).
+        assert_eq!(
+            sealed_name_in(&lines, Path::new("/tmp/x/controller.key.cred")).as_deref(),
+            Some("controller-key")
+        );
+        assert!(sealed_name_in(&credential_lines(UNIT), sealed).is_none());
+        // As `systemctl show -p LoadCredential -p LoadCredentialEncrypted`
+        // prints them.
+        let shown = "LoadCredential=mqtt-password:peaqos-agent.mqtt-password\n\
+                     LoadCredentialEncrypted=controller-key:/etc/peaqos-agent/controller.key.cred\n";
+        let lines = credential_lines(shown);
+        assert_eq!(source_in(&lines, "controller-key", etc).unwrap(), sealed);
+        assert!(sealed_name_in(&lines, sealed).is_some());
+        // An empty value of either kind clears both.
+        let lines = credential_lines(&format!("{UNIT}\n{drop_in}\nLoadCredentialEncrypted=\n"));
+        assert!(lines.is_empty());
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! `check`'s lines about the controller key: the key file (path, mode,
-//! address), or the token (which token and key, whether the token promises
-//! that the key cannot be read out, and a test signature that verifies).
+//! `check`'s lines about the controller key: how it is held at rest
+//! (plaintext file, keystore, sealed credential, PKCS#11 token), the key
+//! file (path, mode, address), or the token (which token and key, whether
+//! the token promises that the key cannot be read out, and a test signature
+//! that verifies).
 
 use std::path::Path;
 
@@ -13,7 +15,7 @@ use crate::key;
 
 /// The names of the lines `check_key` may print, for the skips of a
 /// configuration that did not load.
-pub(super) const LINES: [&str; 1] = ["key file"];
+pub(super) const LINES: [&str; 2] = ["key", "key file"];
 
 /// Pushes the key's lines and returns its address if the key is usable.
 pub(super) fn check_key(
@@ -24,6 +26,10 @@ pub(super) fn check_key(
     match identity.key_source() {
         KeySource::File { location, password } => match key::load(location, password) {
             Ok((key, info)) => {
+                r.push(Outcome::Ok, "key", info.held.to_string());
+                if matches!(info.held, key::Held::Sealed(_)) {
+                    plaintext_beside(r, &info.path, key.address());
+                }
                 r.push(
                     Outcome::Ok,
                     "key file",
@@ -46,6 +52,44 @@ pub(super) fn check_key(
         #[cfg(not(feature = "pkcs11"))]
         KeySource::Token { .. } => unreachable!("Config::check refuses it in this build"),
     }
+}
+
+/// A sealed key defeats its purpose while the plaintext it was made from
+/// stays beside it (`controller.key` next to `controller.key.cred`).
+fn plaintext_beside(r: &mut Report, sealed: &Path, address: Address) {
+    let Some(plain) = sealed
+        .to_str()
+        .and_then(|s| s.strip_suffix(".cred"))
+        .map(Path::new)
+    else {
+        return;
+    };
+    if !plain.exists() {
+        return;
+    }
+    let same = match key::load_path(plain, None) {
+        Ok((other, info)) if info.held == key::Held::Plaintext => {
+            if other.address() == address {
+                "the same key, "
+            } else {
+                "another key, "
+            }
+        }
+        // Sealed itself, or not a key: nothing in the clear to warn about.
+        Ok(_) => return,
+        Err(_) => "",
+    };
+    r.push(
+        Outcome::Warn,
+        "key plaintext",
+        format!(
+            "{} is still on disk beside the sealed {} ({same}readable by whoever copies the \
+             disk); once the address above is the controller, remove it: shred -u {}",
+            plain.display(),
+            sealed.display(),
+            plain.display()
+        ),
+    );
 }
 
 #[cfg(feature = "pkcs11")]
@@ -73,6 +117,7 @@ fn check_token(r: &mut Report, identity: &IdentityConfig, state_root: &Path) -> 
         );
     }
     let address = token.address();
+    r.push(Outcome::Ok, "key", "PKCS#11 token: the key never leaves it");
     match pkcs11::inspect(token) {
         Ok(report) => {
             r.push(

@@ -280,7 +280,9 @@ async fn check_reports_each_part_and_whether_we_are_a_controller() {
     assert!(t.contains(&key.address().checksummed()), "{t}");
     assert!(t.contains("ok    challenge"), "{t}");
     assert!(t.contains("policy standard (default) would sign"), "{t}");
-    assert_eq!(t.lines().count(), 8, "{t}");
+    // How the key is held (issue 21): here a plaintext file.
+    assert!(t.contains("ok    key           plaintext file"), "{t}");
+    assert_eq!(t.lines().count(), 9, "{t}");
     assert_eq!(fake.lock().counters.creates, 0, "check registers nothing");
 }
 

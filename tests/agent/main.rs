@@ -2,7 +2,8 @@
 //! line (`cli`), the registration loop against the real orchestrator
 //! (`e2e`) and against a fake that misbehaves on purpose (`faults`), and a
 //! gateway of many machines in one process (`gateway`; through MQTT with
-//! 200 machines, some keys on a token: `gateway_mqtt`).
+//! 200 machines, some keys on a token: `gateway_mqtt`), and keys sealed
+//! at rest as systemd credentials (`sealed`).
 
 mod support;
 
@@ -17,3 +18,4 @@ mod gateway_mqtt;
 mod pkcs11;
 #[cfg(feature = "pkcs11")]
 mod pkcs11_pin;
+mod sealed;

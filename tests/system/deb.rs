@@ -167,6 +167,11 @@ fn check_contents(dpkg_deb: &Path, deb: &Path) {
             "usr/share/doc/peaqos-agent/examples/pkcs11.conf",
             "-rw-r--r--",
         ),
+        // The sealed-key drop-in (LoadCredentialEncrypted=), likewise.
+        (
+            "usr/share/doc/peaqos-agent/examples/sealed-key.conf",
+            "-rw-r--r--",
+        ),
         // lintian reads its overrides from here (each with its reason).
         ("usr/share/lintian/overrides/peaqos-agent", "-rw-r--r--"),
     ] {

@@ -331,7 +331,7 @@ fn sysusers_and_tmpfiles_entries_create_users_and_private_state_dirs() {
     }
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // `id -u` avoids a dependency for one check.
     Command::new("id")
         .arg("-u")
@@ -399,34 +399,107 @@ fn the_pkcs11_drop_in_verifies_and_loosens_only_what_tokens_need() {
     let Some(analyze) = systemd_analyze("the_pkcs11_drop_in_verifies") else {
         return;
     };
-    let out = Command::new(&analyze)
+    verify_without_a_word(&analyze, &combined, &combined);
+    let (score, stdout) = offline_exposure(&analyze, &combined);
+    eprintln!("unit with every block of the PKCS#11 drop-in: exposure {score}");
+    assert!(score <= MAX_EXPOSURE, "{stdout}");
+}
+
+/// `systemd-analyze verify` of `unit` succeeds and says nothing about the
+/// files under `about` (the unit, its drop-ins).
+fn verify_without_a_word(analyze: &Path, unit: &Path, about: &Path) {
+    let out = Command::new(analyze)
         .args(["verify", "--man=no"])
-        .arg(&combined)
+        .arg(unit)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let about: Vec<&str> = stderr
+    let said: Vec<&str> = stderr
         .lines()
-        .filter(|l| l.contains(&*combined.to_string_lossy()))
+        .filter(|l| l.contains(&*about.to_string_lossy()))
         .collect();
-    assert!(out.status.success() && about.is_empty(), "{stderr}");
-    let out = Command::new(&analyze)
+    assert!(out.status.success() && said.is_empty(), "{stderr}");
+}
+
+/// `systemd-analyze security --offline=true` of `unit`: its overall
+/// exposure, and the whole report.
+fn offline_exposure(analyze: &Path, unit: &Path) -> (f64, String) {
+    let out = Command::new(analyze)
         .args(["security", "--offline=true", "--threshold=20", "--no-pager"])
-        .arg(&combined)
+        .arg(unit)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let line = stdout
         .lines()
         .find(|l| l.contains("Overall exposure level"))
         .unwrap_or_else(|| panic!("{stdout}"));
-    eprintln!("unit with every block of the PKCS#11 drop-in: {line}");
     let score: f64 = line
         .rsplit(':')
         .next()
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("cannot parse {line:?}"));
+    (score, stdout)
+}
+
+/// Issue 21 (keys sealed at rest): systemd/examples/sealed-key.conf, as a
+/// real drop-in beside the unit, verifies without a warning and keeps the
+/// unit's score; it only makes the key credential an encrypted one, under
+/// the same name (so agent.toml keeps `credential:controller-key`) and
+/// without an empty `LoadCredential=` (which would clear every credential,
+/// the optional ones too).
+#[test]
+fn the_sealed_key_drop_in_verifies_and_only_seals_the_key() {
+    let drop_in = std::fs::read_to_string(repo().join("systemd/examples/sealed-key.conf")).unwrap();
+    let settings: Vec<&str> = drop_in
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(
+        settings,
+        [
+            "[Service]",
+            "LoadCredentialEncrypted=controller-key:/etc/peaqos-agent/controller.key.cred"
+        ]
+    );
+    let unit = unit_text(AGENT_UNIT);
+    assert!(
+        values(&unit, "LoadCredential")
+            .contains(&"controller-key:/etc/peaqos-agent/controller.key"),
+        "the drop-in replaces the unit's key credential by its name"
+    );
+
+    let Some(analyze) = systemd_analyze("the_sealed_key_drop_in_verifies") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit_copy(
+        dir.path(),
+        AGENT_UNIT,
+        "/usr/bin/peaqos-agent",
+        Path::new(env!("CARGO_BIN_EXE_peaqos-agent")),
+    );
+    let drop_in_dir = dir.path().join(format!("{AGENT_UNIT}.d"));
+    std::fs::create_dir(&drop_in_dir).unwrap();
+    let drop_in_path = drop_in_dir.join("sealed-key.conf");
+    std::fs::write(&drop_in_path, &drop_in).unwrap();
+    verify_without_a_word(&analyze, &unit, dir.path());
+    // verify reads the drop-in directory: a bad key in it is reported.
+    std::fs::write(&drop_in_path, format!("{drop_in}NoSuchSetting=1\n")).unwrap();
+    let out = Command::new(&analyze)
+        .args(["verify", "--man=no"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NoSuchSetting"),
+        "systemd-analyze verify did not read the drop-in"
+    );
+    std::fs::write(&drop_in_path, &drop_in).unwrap();
+    let (score, stdout) = offline_exposure(&analyze, &unit);
+    eprintln!("unit with the sealed-key drop-in: exposure {score}");
     assert!(score <= MAX_EXPOSURE, "{stdout}");
 }
 
