@@ -220,13 +220,13 @@ impl Prepared {
                 };
                 let heartbeat = Heartbeat::new(task_name);
                 shared.heartbeats.insert(heartbeat.clone());
-                let life = Life {
+                let life = Box::new(Life {
                     spec: *spec,
                     shared: shared.clone(),
                     status: status_tx,
                     heartbeat: heartbeat.clone(),
                     stop: stop.clone(),
-                };
+                });
                 let task = tokio::spawn(life.run(key, delay, commands_rx).instrument(span));
                 (task, Some(heartbeat))
             }
@@ -287,24 +287,42 @@ struct Life {
 }
 
 impl Life {
+    // Boxed, `self` and the start: an async fn's arguments stay in its
+    // future for its whole life, and what starting takes (the machine's
+    // whole configuration, the wait, opening the key) is not needed once
+    // the loop runs. A gateway keeps a thousand of these tasks
+    // (docs/performance.md).
     async fn run(
-        self,
+        self: Box<Self>,
         key: Option<Signer>,
         delay: Duration,
         mut commands: mpsc::Receiver<Command>,
     ) {
-        if !self
-            .wait(delay, &mut commands, "the machine is starting")
-            .await
-        {
-            return self.stopping();
+        let Some((registrar, stop)) = Box::pin(self.start(key, delay, &mut commands)).await else {
+            return;
+        };
+        registrar.run(commands, stop).await;
+    }
+
+    /// Waits its turn and opens its key (until it opens): the loop, ready
+    /// to run, or `None` when the machine is stopped first.
+    async fn start(
+        self,
+        key: Option<Signer>,
+        delay: Duration,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Option<(Registrar, CancellationToken)> {
+        if !self.wait(delay, commands, "the machine is starting").await {
+            self.stopping();
+            return None;
         }
-        let key = match key {
-            Some(key) => key,
-            None => match self.open_key(&mut commands).await {
-                Some(key) => key,
-                None => return self.stopping(),
-            },
+        let key = if let Some(key) = key {
+            key
+        } else if let Some(key) = self.open_key(commands).await {
+            key
+        } else {
+            self.stopping();
+            return None;
         };
         let Self {
             spec,
@@ -313,8 +331,7 @@ impl Life {
             heartbeat,
             stop,
         } = self;
-        let registrar = registrar(spec, key, &shared, status, heartbeat);
-        registrar.run(commands, stop).await;
+        Some((registrar(spec, key, &shared, status, heartbeat), stop))
     }
 
     /// Opens the key on a blocking thread (a keystore's scrypt, a token's

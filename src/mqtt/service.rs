@@ -123,7 +123,9 @@ pub(crate) struct Service {
     config: MqttConfig,
     client: Client,
     gateway: Gateway,
-    members: HashMap<Key, Member>,
+    /// Boxed: a member is several hundred bytes, and a table of a
+    /// thousand keeps room for up to twice as many (docs/performance.md).
+    members: HashMap<Key, Box<Member>>,
     names: HashMap<String, Key>,
     /// Request topic -> the machine it belongs to.
     routes: HashMap<String, Key>,
@@ -432,7 +434,7 @@ impl Service {
         debug!(machine = %m.name, prefix = %m.topics.prefix, "machine on MQTT");
         m.reset_session();
         self.names.insert(port.name, key);
-        self.members.insert(key, m);
+        self.members.insert(key, Box::new(m));
         self.mark(key, |_| {});
     }
 
@@ -717,7 +719,7 @@ impl Service {
         }
         // The gateway's own machine goes last: its `offline` is the
         // gateway's.
-        let mut members: Vec<&Member> = self.members.values().collect();
+        let mut members: Vec<&Member> = self.members.values().map(AsRef::as_ref).collect();
         members.sort_by_key(|m| m.is_gateway);
         let mut last_words: Vec<(String, Vec<u8>, bool)> =
             Vec::with_capacity(members.len() * 2 + 1);

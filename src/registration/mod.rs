@@ -235,9 +235,10 @@ impl Registrar {
                         let answer = tokio::select! {
                             biased;
                             () = shutdown.cancelled() => return self.stopping(replies),
+                            // Boxed, as the cycle is (`paced_cycle`).
                             answer = tokio::time::timeout_at(
                                 deadline,
-                                self.pacing.readiness.ask(&self.client),
+                                Box::pin(self.pacing.readiness.ask(&self.client)),
                             ) => answer,
                         };
                         let Ok(answer) = answer else { break };
@@ -286,12 +287,15 @@ impl Registrar {
     ) -> Option<Result<Settled, Failure>> {
         let heartbeat = self.heartbeat.clone();
         let cycles = self.pacing.cycles.clone();
-        let cycle = async {
+        // Boxed: a cycle's requests (reqwest, serde) make its future several
+        // KiB, and a gateway keeps a thousand loops that spend nearly all
+        // their time asleep between cycles. On the heap only while it runs,
+        // it is not part of every idle loop's task (docs/performance.md).
+        let mut cycle = Box::pin(async {
             // Never closed: the permit is always granted in turn.
             let _permit = cycles.acquire().await.ok();
             self.cycle(force_renew).await
-        };
-        tokio::pin!(cycle);
+        });
         loop {
             tokio::select! {
                 biased;
