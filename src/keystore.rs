@@ -85,7 +85,7 @@ fn unhex(field: &str, value: &str) -> Result<Vec<u8>, KeystoreError> {
 }
 
 fn hex_decode(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())

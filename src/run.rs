@@ -198,14 +198,13 @@ impl Agent {
             w.abort();
         }
         drop(host.members);
-        if let Some(mut handle) = mqtt_task {
-            if tokio::time::timeout(MQTT_STOP_TIMEOUT, &mut handle)
+        if let Some(mut handle) = mqtt_task
+            && tokio::time::timeout(MQTT_STOP_TIMEOUT, &mut handle)
                 .await
                 .is_err()
-            {
-                tracing::warn!("MQTT interface did not stop in time");
-                handle.abort();
-            }
+        {
+            tracing::warn!("MQTT interface did not stop in time");
+            handle.abort();
         }
         tracing::info!("stopped");
         Ok(())

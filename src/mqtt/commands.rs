@@ -155,10 +155,10 @@ impl Gate {
         if self.seen.contains(id) {
             return false;
         }
-        if self.recent.len() == REMEMBERED_IDS {
-            if let Some(old) = self.recent.pop_front() {
-                self.seen.remove(&old);
-            }
+        if self.recent.len() == REMEMBERED_IDS
+            && let Some(old) = self.recent.pop_front()
+        {
+            self.seen.remove(&old);
         }
         self.recent.push_back(id.to_owned());
         self.seen.insert(id.to_owned());

@@ -319,21 +319,21 @@ impl MqttConfig {
     }
 
     fn check_identity(&self) -> Result<(), MqttConfigError> {
-        if let Some(id) = &self.client_id {
-            if id.is_empty() || id.len() > MAX_ID_LEN {
-                return Err(invalid(
-                    "client_id",
-                    format!("must be 1 to {MAX_ID_LEN} bytes"),
-                ));
-            }
+        if let Some(id) = &self.client_id
+            && (id.is_empty() || id.len() > MAX_ID_LEN)
+        {
+            return Err(invalid(
+                "client_id",
+                format!("must be 1 to {MAX_ID_LEN} bytes"),
+            ));
         }
-        if let Some(user) = &self.username {
-            if user.is_empty() || user.len() > MAX_ID_LEN {
-                return Err(invalid(
-                    "username",
-                    format!("must be 1 to {MAX_ID_LEN} bytes"),
-                ));
-            }
+        if let Some(user) = &self.username
+            && (user.is_empty() || user.len() > MAX_ID_LEN)
+        {
+            return Err(invalid(
+                "username",
+                format!("must be 1 to {MAX_ID_LEN} bytes"),
+            ));
         }
         if let Some(file) = &self.password_file {
             if file.is_empty() {
@@ -400,18 +400,17 @@ impl MqttConfig {
         let ha = &self.home_assistant;
         topics::check_prefix(&ha.discovery_prefix)
             .map_err(|p| invalid("home_assistant.discovery_prefix", p))?;
-        if let Some(node) = &ha.node_id {
-            if node.is_empty()
+        if let Some(node) = &ha.node_id
+            && (node.is_empty()
                 || node.len() > 64
                 || !node
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            {
-                return Err(invalid(
-                    "home_assistant.node_id",
-                    "must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -",
-                ));
-            }
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        {
+            return Err(invalid(
+                "home_assistant.node_id",
+                "must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -",
+            ));
         }
         Ok(())
     }

@@ -227,13 +227,12 @@ impl Member {
             self.dirty.availability = false;
         }
         if self.dirty.discovery {
-            if let Some(d) = &self.discovery {
-                if client
+            if let Some(d) = &self.discovery
+                && client
                     .try_publish(&d.config_topic, d.payload.clone(), true, Some(&json()))
                     .is_err()
-                {
-                    return (Flushed::Full, subscribed_now);
-                }
+            {
+                return (Flushed::Full, subscribed_now);
             }
             self.dirty.discovery = false;
         }

@@ -251,7 +251,7 @@ mod tests {
 
     use super::*;
 
-    const DAY: Duration = Duration::from_secs(86_400);
+    const DAY: Duration = Duration::from_hours(24);
     const REQUIRED: Policy = Policy {
         verification_required: true,
         proof_max_age: Some(DAY),

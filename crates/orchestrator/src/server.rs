@@ -228,7 +228,7 @@ async fn collect_expired_challenges(app: Arc<App>, stop: CancellationToken) {
     let period = app
         .config
         .challenge_ttl
-        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        .clamp(Duration::from_secs(1), Duration::from_mins(1));
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -260,7 +260,7 @@ const PRUNE_BATCH: u32 = 1000;
 /// with a pause between batches (writers go first), every minute at most
 /// (a tenth of the retention when shorter).
 async fn prune_audit_events(app: Arc<App>, keep: Duration, stop: CancellationToken) {
-    let period = (keep / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let period = (keep / 10).clamp(Duration::from_secs(1), Duration::from_mins(1));
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -195,7 +195,7 @@ mod tests {
         assert_eq!(proof.signer_address, key.address());
         assert!(still_valid(&proof, &mine));
         assert!(!still_valid(&proof, &others));
-        let day = Duration::from_secs(86_400);
+        let day = Duration::from_hours(24);
         assert!(!is_stale(&proof, None, now.saturating_add(day * 365)));
         assert!(!is_stale(&proof, Some(day), now.saturating_add(day / 2)));
         assert!(is_stale(&proof, Some(day), now.saturating_add(day)));

@@ -471,10 +471,10 @@ impl StatusLines {
             }
         }
         let key = format!("{state:<14} {detail}");
-        if let Some(at) = clock(&status["nextAttemptAt"], 8) {
-            if !matches!(state.as_str(), "active" | "renewing") {
-                let _ = write!(detail, "; retry at {at}");
-            }
+        if let Some(at) = clock(&status["nextAttemptAt"], 8)
+            && !matches!(state.as_str(), "active" | "renewing")
+        {
+            let _ = write!(detail, "; retry at {at}");
         }
         let time = clock(&status["timestamp"], 12).unwrap_or_default();
         let line = format!("  {time:<12}  {state:<14} {detail}")

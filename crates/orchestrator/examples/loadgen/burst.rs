@@ -141,7 +141,7 @@ pub(crate) async fn run(
                         let wait = ceiling
                             .mul_f64(fraction(&mut rng))
                             .max(Duration::from_millis(100));
-                        ceiling = (ceiling * 2).min(Duration::from_secs(300));
+                        ceiling = (ceiling * 2).min(Duration::from_mins(5));
                         if Instant::now() + wait > deadline {
                             return outcome;
                         }

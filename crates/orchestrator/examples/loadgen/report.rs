@@ -102,7 +102,7 @@ pub(crate) fn print(run: &Run<'_>) {
         w.last_tenth.as_secs_f64() / w.first_tenth.as_secs_f64().max(1e-9)
     );
     if let Some((r, plan)) = run.burst {
-        let fits = r.failed == 0 && r.wall <= Duration::from_secs(60);
+        let fits = r.failed == 0 && r.wall <= Duration::from_mins(1);
         println!(
             "\nPower-cut burst: {} agents back within {} s, each on its own connection \
              (at most {} open), re-proving (GET, challenge, signature, PATCH).\n",

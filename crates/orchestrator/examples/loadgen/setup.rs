@@ -121,7 +121,7 @@ pub(crate) async fn seed(url: &str, count: u64) -> anyhow::Result<Vec<Seeded>> {
                 signer_address: address,
                 challenge_id: ids::challenge_id()?,
                 verified_at: at,
-                challenge_expires_at: at.saturating_add(Duration::from_secs(300)),
+                challenge_expires_at: at.saturating_add(Duration::from_mins(5)),
                 controller_addresses: vec![address],
                 resolution_source: ResolutionSource::PeaqosMcr,
                 expires_at: None,
@@ -189,7 +189,7 @@ pub(crate) fn start_servers(setup: &ServerSetup<'_>) -> anyhow::Result<Vec<Socke
             registry_file: Some(setup.registry_file.to_owned()),
             // The cache stays warm over the run; a production TTL of seconds
             // adds one look-up per identity per TTL, nothing per request.
-            mcr_cache_ttl: Duration::from_secs(600),
+            mcr_cache_ttl: Duration::from_mins(10),
             // Every simulated agent comes from 127.0.0.1.
             challenge_rate_per_minute: u32::MAX,
             challenge_burst: u32::MAX,
@@ -231,6 +231,6 @@ fn start_one(config: Config, threads: Option<usize>) -> anyhow::Result<SocketAdd
             }
         });
     });
-    rx.recv_timeout(Duration::from_secs(120))
+    rx.recv_timeout(Duration::from_mins(2))
         .context("the in-process server did not start")?
 }

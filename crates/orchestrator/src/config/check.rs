@@ -10,14 +10,14 @@ use crate::store::Backend;
 
 /// Upper bounds that keep obviously wrong values (a TTL in milliseconds
 /// typed as seconds, say) from starting a server that behaves strangely.
-const MAX_CHALLENGE_TTL: Duration = Duration::from_secs(3600);
-const MAX_CACHE_TTL: Duration = Duration::from_secs(3600);
+const MAX_CHALLENGE_TTL: Duration = Duration::from_hours(1);
+const MAX_CACHE_TTL: Duration = Duration::from_hours(1);
 const MAX_BODY_LIMIT: usize = 16 * 1024 * 1024;
 const MIN_BODY_LIMIT: usize = 1024;
 const MAX_NAME_LEN: usize = 200;
 const MAX_DB_CONNECTIONS: u32 = 1000;
-const MAX_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(60);
-const MAX_STATEMENT_TIMEOUT: Duration = Duration::from_secs(600);
+const MAX_ACQUIRE_TIMEOUT: Duration = Duration::from_mins(1);
+const MAX_STATEMENT_TIMEOUT: Duration = Duration::from_mins(10);
 
 impl Config {
     /// Checks values and their combinations. Errors name the environment
@@ -107,7 +107,7 @@ impl Config {
                 );
             }
         }
-        if self.mcr_timeout.is_zero() || self.mcr_timeout > Duration::from_secs(60) {
+        if self.mcr_timeout.is_zero() || self.mcr_timeout > Duration::from_mins(1) {
             return invalid(
                 NAMES.mcr_timeout,
                 "must be between 1 and 60000 milliseconds",

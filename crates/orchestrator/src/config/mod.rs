@@ -178,7 +178,7 @@ settings! {
     /// One API key per line; `#` comments and blank lines are skipped.
     api_keys_file: Option<PathBuf> as Option<File> = None,
         env "PEAQOS_API_KEYS_FILE", file "api_keys_file";
-    challenge_ttl: Duration as Secs = Duration::from_secs(300),
+    challenge_ttl: Duration as Secs = Duration::from_mins(5),
         env "PEAQOS_CHALLENGE_TTL_SECS", file "challenge_ttl_secs";
     /// Proofs older than this no longer keep a machine active.
     proof_max_age: Option<Duration> as Option<Secs> = None,

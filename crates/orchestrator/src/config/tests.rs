@@ -19,7 +19,7 @@ pub(super) fn from(file: Option<&Path>, vars: &[(&str, &str)]) -> Result<Config,
 fn defaults_are_the_documented_ones() {
     let c = from(None, &[]).unwrap();
     assert_eq!(c.listen_addr.to_string(), "127.0.0.1:8080");
-    assert_eq!(c.challenge_ttl, Duration::from_secs(300));
+    assert_eq!(c.challenge_ttl, Duration::from_mins(5));
     assert_eq!(c.proof_max_age, None);
     assert_eq!(c.verification, VerificationMode::Required);
     assert!(!c.require_api_auth);
@@ -40,8 +40,8 @@ fn environment_overrides_the_file() {
     )
     .unwrap();
     let c = from(Some(f.path()), &[("PEAQOS_CHALLENGE_TTL_SECS", "120")]).unwrap();
-    assert_eq!(c.challenge_ttl, Duration::from_secs(120));
-    assert_eq!(c.proof_max_age, Some(Duration::from_secs(86400)));
+    assert_eq!(c.challenge_ttl, Duration::from_mins(2));
+    assert_eq!(c.proof_max_age, Some(Duration::from_hours(24)));
     assert_eq!(c.listen_addr.port(), 9000);
 }
 

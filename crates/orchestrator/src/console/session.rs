@@ -24,7 +24,7 @@ pub const COOKIE: &str = "peaqos_session";
 /// The header the page sends its CSRF token in.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// How long a session lasts from its login, used or not.
-pub const LIFETIME: Duration = Duration::from_secs(8 * 3600);
+pub const LIFETIME: Duration = Duration::from_hours(8);
 /// Sessions held at most (memory stays bounded whoever logs in).
 pub const MAX_SESSIONS: usize = 10_000;
 

@@ -30,7 +30,7 @@ use super::{PoolSettings, StoreError};
 const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// Connections are replaced after this long, so that the server can free
 /// what a session accumulates (as sqlx's pool does by default).
-const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+const MAX_LIFETIME: Duration = Duration::from_mins(30);
 
 /// What an operation on a connection returns.
 pub type BoxFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;

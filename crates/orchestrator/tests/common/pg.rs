@@ -11,7 +11,7 @@ use sqlx::{AssertSqlSafe, Connection as _, Executor as _, PgConnection};
 
 /// Schemas of runs that were killed before they could clean up are dropped
 /// by a later run once they are this old.
-const STALE_AFTER: Duration = Duration::from_secs(6 * 3600);
+const STALE_AFTER: Duration = Duration::from_hours(6);
 const PREFIX: &str = "test_";
 
 #[derive(Debug)]

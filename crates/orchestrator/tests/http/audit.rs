@@ -308,7 +308,7 @@ async fn open_streams_end_when_the_server_stops() {
     let mut stream = s
         .client
         .get(s.url("/api/v1/events"))
-        .timeout(Duration::from_secs(600))
+        .timeout(Duration::from_mins(10))
         .send()
         .await
         .unwrap();
@@ -359,7 +359,7 @@ async fn a_cursor_past_the_head_is_refused_naming_it() {
         let mut request = s
             .client
             .get(s.url(&format!("/api/v1/events{query}")))
-            .timeout(Duration::from_secs(600));
+            .timeout(Duration::from_mins(10));
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id.to_string());
         }

@@ -289,7 +289,7 @@ async fn create_requires_a_proof_and_valid_fields() {
 
 #[tokio::test]
 async fn proofs_are_checked_and_a_refused_proof_does_not_burn_its_challenge() {
-    let s = TestServer::start(|c| c.challenge_ttl = std::time::Duration::from_secs(300)).await;
+    let s = TestServer::start(|c| c.challenge_ttl = std::time::Duration::from_mins(5)).await;
     let (k0, k1) = (key(0), key(1));
     let c = s.challenge("did:peaq:1").await;
     let good = sign(&k0, &c.message);

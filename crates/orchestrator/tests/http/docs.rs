@@ -29,7 +29,7 @@ fn schema_required(doc: &Value, name: &str) -> BTreeSet<String> {
     reason = "every documented route and schema, one by one"
 )]
 async fn openapi_document_matches_the_served_api() {
-    let s = TestServer::start(|c| c.proof_max_age = Some(Duration::from_secs(3600))).await;
+    let s = TestServer::start(|c| c.proof_max_age = Some(Duration::from_hours(1))).await;
     let r = s.get("/api/v1/openapi.json").await;
     assert_eq!(r.status(), 200);
     assert!(

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::support::{TestServer, expect_error, expect_item, key};
 
-const DAY: Duration = Duration::from_secs(86_400);
+const DAY: Duration = Duration::from_hours(24);
 
 #[tokio::test]
 async fn stale_proofs_degrade_and_a_fresh_proof_restores() {

@@ -373,7 +373,7 @@ impl Sse {
             .client
             .get(format!("{}/api/v1/events{query}", replica.base))
             // The stream outlives the client's default timeout.
-            .timeout(std::time::Duration::from_secs(3600));
+            .timeout(std::time::Duration::from_hours(1));
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id.to_string());
         }

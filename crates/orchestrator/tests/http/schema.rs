@@ -59,7 +59,7 @@ async fn schemathesis(python: &std::path::Path, s: &TestServer, api_key: Option<
     if let Some(key) = api_key {
         command.args(["-H", &format!("x-api-key: {key}")]);
     }
-    let out = tokio::time::timeout(Duration::from_secs(300), command.output())
+    let out = tokio::time::timeout(Duration::from_mins(5), command.output())
         .await
         .expect("schemathesis finishes within 5 minutes")
         .unwrap();
@@ -125,7 +125,7 @@ async fn schemathesis_finds_each_event_of_the_stream_as_documented() {
         assert_eq!(r.status(), 200);
     }
     let out = tokio::time::timeout(
-        Duration::from_secs(120),
+        Duration::from_mins(2),
         tokio::process::Command::new(&python)
             .args(["-c", CHECK_EVENTS_PY, &s.base])
             .current_dir(s.dir.path())

@@ -51,7 +51,7 @@ async fn sdk_lifecycle(python: &std::path::Path, database_url: Option<&str>) {
     let s = TestServer::start_with_registry(&registry_toml(&[("did:peaq:21", &[&k[3]])]), |c| {
         c.require_api_auth = true;
         c.api_keys_file = Some(api_keys.clone());
-        c.proof_max_age = Some(std::time::Duration::from_secs(86_400));
+        c.proof_max_age = Some(std::time::Duration::from_hours(24));
         if let Some(url) = database_url {
             url.clone_into(&mut c.database_url);
         }

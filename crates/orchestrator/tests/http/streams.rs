@@ -125,7 +125,7 @@ async fn streams_past_their_cap_are_refused_and_probes_still_answer() {
     let s = TestServer::start(|c| {
         c.max_connections = Some(8);
         c.max_streams_per_client = Some(100);
-        c.header_timeout = Duration::from_secs(120);
+        c.header_timeout = Duration::from_mins(2);
     })
     .await;
     let mut open = Vec::new();

@@ -318,7 +318,7 @@ async fn a_reader_following_concurrent_writers_on_two_replicas_misses_nothing() 
             let mut seen = Vec::new();
             let mut after = 0;
             let mut turn = 0;
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            let deadline = tokio::time::Instant::now() + Duration::from_mins(1);
             while after < total {
                 assert!(
                     tokio::time::Instant::now() < deadline,
@@ -346,7 +346,7 @@ async fn a_reader_following_concurrent_writers_on_two_replicas_misses_nothing() 
     for w in writers {
         w.await.unwrap();
     }
-    let seen = tokio::time::timeout(Duration::from_secs(60), reader)
+    let seen = tokio::time::timeout(Duration::from_mins(1), reader)
         .await
         .expect("the reader catches up")
         .unwrap();

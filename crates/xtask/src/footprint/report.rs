@@ -358,7 +358,7 @@ impl Report {
 
 /// `60 s`, `2 min`, `1.5 s`, `500 ms`.
 pub(crate) fn humane(d: Duration) -> String {
-    if d.as_secs() >= 120 && d.as_secs() % 60 == 0 {
+    if d.as_secs() >= 120 && d.as_secs().is_multiple_of(60) {
         format!("{} min", d.as_secs() / 60)
     } else if d >= Duration::from_secs(1) {
         let secs = d.as_secs_f64();

@@ -145,10 +145,10 @@ async fn watch(port: u16, id: String, prefix: String, tx: Sender<Event>) {
                 } else {
                     None
                 };
-                if let Some(event) = event {
-                    if tx.send(event).is_err() {
-                        return;
-                    }
+                if let Some(event) = event
+                    && tx.send(event).is_err()
+                {
+                    return;
                 }
             }
             Ok(_) => {}
