@@ -35,6 +35,12 @@ use super::{MachinePort, Membership};
 use crate::backoff::Backoff;
 use crate::systemd::Heartbeat;
 
+/// How long a removed machine's retained topics wait before they are
+/// cleared: a changed machine file is a Remove then an Add, and the host
+/// may yield between the two, so an Add of the same topics within this
+/// time cancels the clear instead of racing it (the topics would read
+/// empty for a moment, and a dashboard would see the machine vanish).
+const CLEAR_GRACE: Duration = Duration::from_secs(1);
 /// Events buffered between the polling task and the service.
 const EVENT_CAPACITY: usize = 32;
 /// Status changes buffered between the machines' watchers and the service.
@@ -137,8 +143,9 @@ pub(crate) struct Service {
     next_key: Key,
     /// Machines with something to write, in turn.
     queue: VecDeque<Key>,
-    /// Retained topics of removed machines still to be cleared.
-    clears: VecDeque<String>,
+    /// Retained topics of removed machines still to be cleared, each with
+    /// when it may be (see [`CLEAR_GRACE`]), oldest first.
+    clears: VecDeque<(Instant, String)>,
     changes: mpsc::Sender<StatusEvent>,
     running: JoinSet<Running>,
     connected: bool,
@@ -265,6 +272,11 @@ impl Service {
         let mut membership_open = true;
         loop {
             let retry_at = self.retry_at;
+            let clears_at = self
+                .clears
+                .front()
+                .map(|(due, _)| *due)
+                .filter(|_| self.connected);
             let counters_at = self.counters_at;
             let resume_at = self
                 .poison
@@ -308,6 +320,8 @@ impl Service {
                 }
                 () = inputs.progress.notified(), if retry_at.is_some() => self.retry_at = None,
                 () = sleep_until(retry_at), if retry_at.is_some() => self.retry_at = None,
+                // flush() below writes the clears that are due.
+                () = sleep_until(clears_at), if clears_at.is_some() => {}
                 () = sleep_until(counters_at), if counters_at.is_some() => self.republish_counters(),
                 () = sleep_until(resume_at), if resume_at.is_some() => {
                     info!("resuming the MQTT request subscriptions after the quarantine");
@@ -419,7 +433,7 @@ impl Service {
             self.changes.clone(),
         );
         let retained = m.retained_topics();
-        self.clears.retain(|t| !retained.contains(t));
+        self.clears.retain(|(_, t)| !retained.contains(t));
         for topic in m.request_topics() {
             self.routes.insert(topic.clone(), key);
         }
@@ -471,7 +485,9 @@ impl Service {
             self.behind -= 1;
         }
         self.queue.retain(|k| *k != key);
-        self.clears.extend(m.retained_topics());
+        let due = Instant::now() + CLEAR_GRACE;
+        self.clears
+            .extend(m.retained_topics().into_iter().map(|t| (due, t)));
         info!(machine = %name, prefix = %m.topics.prefix, "machine off MQTT: clearing its retained topics");
     }
 
@@ -668,9 +684,14 @@ impl Service {
         true
     }
 
-    /// Empty retained publishes for removed machines' topics.
+    /// Empty retained publishes for removed machines' topics, once their
+    /// grace is over.
     fn flush_clears(&mut self) -> bool {
-        while let Some(topic) = self.clears.front() {
+        let now = Instant::now();
+        while let Some((due, topic)) = self.clears.front() {
+            if *due > now {
+                break;
+            }
             if self
                 .client
                 .try_publish(topic, Vec::new(), true, None)
@@ -722,7 +743,12 @@ impl Service {
         let mut members: Vec<&Member> = self.members.values().map(AsRef::as_ref).collect();
         members.sort_by_key(|m| m.is_gateway);
         let mut last_words: Vec<(String, Vec<u8>, bool)> =
-            Vec::with_capacity(members.len() * 2 + 1);
+            Vec::with_capacity(members.len() * 2 + 1 + self.clears.len());
+        // Removed machines still in their grace are cleared now: no add
+        // can come any more.
+        for (_, topic) in self.clears.drain(..) {
+            last_words.push((topic, Vec::new(), false));
+        }
         for m in &members {
             last_words.push((m.topics.status.clone(), m.status_payload(), true));
             last_words.push((m.topics.availability.clone(), b"offline".to_vec(), false));
