@@ -302,3 +302,21 @@ pub fn root_unshare(test: &str) -> Option<PathBuf> {
         "needs root and unshare (util-linux) for a private mount namespace",
     )
 }
+
+/// Whether Home Assistant would show an entity available, given its
+/// discovery config (JSON) and the retained payloads by topic: every topic
+/// of its `availability` list says `online` (mode `all`, which the agent's
+/// discovery always sets).
+pub fn ha_available(
+    discovery: &str,
+    retained: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    let config: serde_json::Value = serde_json::from_str(discovery).expect("discovery is JSON");
+    assert_eq!(config["availability_mode"], "all", "{config}");
+    config["availability"]
+        .as_array()
+        .expect("an availability list")
+        .iter()
+        .map(|a| a["topic"].as_str().expect("a topic"))
+        .all(|t| retained.get(t).is_some_and(|p| p == "online"))
+}
