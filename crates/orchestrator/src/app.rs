@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use peaqos_protocol::Timestamp;
 
+use crate::admission::Admission;
 use crate::auth::ApiKeys;
+use crate::challenge_key::ChallengeKey;
 use crate::clock::Clock;
 use crate::config::{Config, VerificationMode};
 use crate::console::ConsoleState;
@@ -25,6 +27,10 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub limiter: RateLimiter,
+    /// Issues and checks challenges; shared by every replica of the store.
+    pub challenge_key: ChallengeKey,
+    /// Bounds the store writes running and queued (`crate::admission`).
+    pub admission: Admission,
     pub api_keys: Option<ApiKeys>,
     /// The live event stream's tail of the audit log.
     pub events: Arc<EventHub>,

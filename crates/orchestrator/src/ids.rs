@@ -40,11 +40,17 @@ pub fn looks_like(prefix: &str, text: &str) -> bool {
 fn with_prefix(prefix: &str) -> Result<String, RandomError> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|_| RandomError)?;
-    let mut out = String::with_capacity(prefix.len() + RANDOM_CHARS);
+    Ok(with_prefix_bytes(prefix, &bytes))
+}
+
+/// `prefix` and `bytes` in lowercase base32 without padding characters
+/// (the last character's unused bits are zero).
+pub fn with_prefix_bytes(prefix: &str, bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(prefix.len() + (bytes.len() * 8).div_ceil(5));
     out.push_str(prefix);
     let mut acc: u32 = 0;
     let mut bits = 0;
-    for byte in bytes {
+    for &byte in bytes {
         acc = (acc << 8) | u32::from(byte);
         bits += 8;
         while bits >= 5 {
@@ -55,7 +61,27 @@ fn with_prefix(prefix: &str) -> Result<String, RandomError> {
     if bits > 0 {
         out.push(char::from(ALPHABET[((acc << (5 - bits)) & 31) as usize]));
     }
-    Ok(out)
+    out
+}
+
+/// The bytes of [`with_prefix_bytes`]'s text (after the prefix), only in
+/// its one spelling: a character outside the alphabet, a length no byte
+/// count gives, or unused bits that are not zero make it `None`.
+pub fn decode_base32(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 5 / 8);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for b in text.bytes() {
+        let value = ALPHABET.iter().position(|&a| a == b)?;
+        acc = (acc << 5) | u32::try_from(value).ok()?;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(u8::try_from((acc >> bits) & 0xff).ok()?);
+        }
+    }
+    // Leftover bits: fewer than five, and all zero.
+    (bits < 5 && acc & ((1 << bits) - 1) == 0).then_some(out)
 }
 
 #[cfg(test)]
@@ -74,5 +100,21 @@ mod tests {
         assert!(looks_like(CHALLENGE_PREFIX, &c), "{c}");
         assert!(!looks_like(MACHINE_PREFIX, "mach_../../etc/passwd"));
         assert_eq!(nonce().unwrap().len(), 64);
+    }
+
+    #[test]
+    fn base32_round_trips_in_one_spelling_only() {
+        for len in 0..12 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|i: u8| i.wrapping_mul(37).wrapping_add(11))
+                .collect();
+            let text = with_prefix_bytes("", &bytes);
+            assert_eq!(decode_base32(&text), Some(bytes), "{text}");
+        }
+        // One byte is two characters, the second with two unused bits.
+        assert_eq!(decode_base32("ae"), Some(vec![1]));
+        assert_eq!(decode_base32("af"), None, "unused bits set");
+        assert_eq!(decode_base32("a"), None, "no whole byte");
+        assert_eq!(decode_base32("A1"), None);
     }
 }

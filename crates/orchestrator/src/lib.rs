@@ -19,9 +19,11 @@
 //! # }
 //! ```
 
+pub mod admission;
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod challenge_key;
 pub mod cli;
 pub mod clock;
 pub mod config;

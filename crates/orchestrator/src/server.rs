@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::{self, Admission};
 use crate::app::App;
 use crate::auth::{ApiKeys, ApiKeysError};
+use crate::challenge_key::ChallengeKey;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError, VerificationMode};
 use crate::controllers::address::NoSource;
@@ -40,6 +42,8 @@ pub enum Error {
     McrClient(#[from] McrClientError),
     #[error("cannot read the listening address")]
     LocalAddr(#[source] std::io::Error),
+    #[error("cannot draw the challenge key")]
+    Random(#[source] crate::ids::RandomError),
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then lets
@@ -109,6 +113,9 @@ impl Server {
         let store = store::open(&config.database_url, &config.pool_settings())
             .await
             .map_err(Error::Store)?;
+        let offered = ChallengeKey::random_bytes().map_err(Error::Random)?;
+        let challenge_key =
+            ChallengeKey::from_bytes(store.challenge_key(offered).await.map_err(Error::Store)?);
         let source: Arc<dyn ControllerSource> = match (&config.mcr_api_url, &config.registry_file) {
             (Some(url), _) => Arc::new(McrHttpSource::new(url, config.mcr_timeout)?),
             (None, Some(path)) => Arc::new(RegistrySource::open(path)?),
@@ -147,6 +154,11 @@ impl Server {
                 config.challenge_burst,
                 Arc::clone(&clock),
             ),
+            admission: Admission::new(
+                usize::try_from(config.db_max_connections).unwrap_or(usize::MAX),
+                admission::MAX_QUEUE_WAIT,
+            ),
+            challenge_key,
             store: Arc::clone(&store),
             resolver: Arc::new(Resolver::new(cache)),
             clock,
@@ -217,13 +229,13 @@ fn limits(config: &Config) -> (serve::Limits, StreamLimits) {
     (limits, streams)
 }
 
-/// Deletes expired challenges periodically, so that storage stays bounded.
+/// Forgets redemptions of expired challenges periodically, so that storage
+/// stays bounded by the challenges redeemed within two TTLs.
 ///
-/// A challenge is kept for one more TTL after it expires: a proof that
-/// arrives late (a slow link) must get `MACHINE_IDENTITY_PROOF_EXPIRED`, which
-/// tells the client to re-challenge, not `..._PROOF_INVALID` for a challenge
-/// that was already collected. Storage stays bounded by the challenges
-/// issued within two TTLs (the pending cap counts only unexpired ones).
+/// A redemption is kept for one more TTL after its challenge expired: a
+/// replica whose clock lags by less than that still finds it. An expired
+/// challenge is refused (`MACHINE_IDENTITY_PROOF_EXPIRED`) before the store
+/// is asked, so forgetting its redemption does not make it usable again.
 async fn collect_expired_challenges(app: Arc<App>, stop: CancellationToken) {
     let period = app
         .config
@@ -241,7 +253,7 @@ async fn collect_expired_challenges(app: Arc<App>, stop: CancellationToken) {
         let cutoff =
             peaqos_protocol::Timestamp::from_unix_millis(now.unix_millis().saturating_sub(grace))
                 .unwrap_or(now);
-        match app.store.delete_expired_challenges(cutoff).await {
+        match app.store.delete_expired_redemptions(cutoff).await {
             Ok(0) => {}
             Ok(n) => {
                 app.metrics.challenges_collected.inc_by(n);

@@ -55,7 +55,8 @@ pub fn parse_signature(input: &MachineIdentityProofInput) -> Result<Signature, P
 }
 
 /// Requires the challenge to exist, to be for `identity` and to be unexpired
-/// at `now`. (A used challenge no longer exists: consumption deletes it.)
+/// at `now`. (Whether it was used already is decided by the store, when
+/// the machine write redeems it.)
 pub fn check_challenge<'c>(
     challenge: Option<&'c ChallengeRecord>,
     identity: &IdentityRef,

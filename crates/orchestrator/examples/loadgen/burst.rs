@@ -3,7 +3,8 @@
 //! again (read its record, challenge, EIP-191 signature, `PATCH` with the
 //! proof and `status: active`), each on a connection of its own. An agent
 //! that gets a 503 or 429, or no connection, backs off as the agent does
-//! (exponential from 1 s, full jitter) and tries again.
+//! (exponential from 1 s, full jitter, never shorter than the answer's
+//! `Retry-After`: `src/backoff.rs`) and tries again.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,12 +39,35 @@ pub(crate) struct Report {
     /// One successful attempt (three requests).
     pub(crate) attempt_p99: Duration,
     pub(crate) retries: u64,
+    /// Retries by cause.
+    pub(crate) causes: Causes,
     pub(crate) first_error: Option<String>,
+}
+
+/// What made agents retry: the goal is none for 503 (requests dying in the
+/// server), while 429 with `Retry-After` is the server pacing the herd.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Causes {
+    pub(crate) unavailable_503: u64,
+    pub(crate) rate_limited_429: u64,
+    pub(crate) connection: u64,
+}
+
+impl Causes {
+    fn add(&mut self, other: Self) {
+        self.unavailable_503 += other.unavailable_503;
+        self.rate_limited_429 += other.rate_limited_429;
+        self.connection += other.connection;
+    }
 }
 
 enum Attempt {
     Done(Duration),
-    Retry(String),
+    Retry {
+        error: String,
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+    },
     Fail(String),
 }
 
@@ -57,13 +81,21 @@ async fn attempt(addr: SocketAddr, key: &SecretKey, agent: &Seeded) -> Attempt {
     match result {
         Ok(()) => Attempt::Done(began.elapsed()),
         Err(e) => {
-            let retryable = match e.downcast_ref::<Unexpected>() {
-                Some(u) => u.status.as_u16() == 503 || u.status.as_u16() == 429,
+            let (retryable, status, retry_after) = match e.downcast_ref::<Unexpected>() {
+                Some(u) => (
+                    u.status.as_u16() == 503 || u.status.as_u16() == 429,
+                    Some(u.status.as_u16()),
+                    u.retry_after.map(Duration::from_secs),
+                ),
                 // No connection, or it broke: the agent retries.
-                None => true,
+                None => (true, None, None),
             };
             if retryable {
-                Attempt::Retry(format!("{e:#}"))
+                Attempt::Retry {
+                    error: format!("{e:#}"),
+                    status,
+                    retry_after,
+                }
             } else {
                 Attempt::Fail(format!("{e:#}"))
             }
@@ -84,6 +116,7 @@ struct AgentOutcome {
     total: Option<Duration>,
     attempt: Option<Duration>,
     retries: u64,
+    causes: Causes,
     error: Option<String>,
 }
 
@@ -115,6 +148,7 @@ pub(crate) async fn run(
                 total: None,
                 attempt: None,
                 retries: 0,
+                causes: Causes::default(),
                 error: None,
             };
             loop {
@@ -133,14 +167,25 @@ pub(crate) async fn run(
                         outcome.error = Some(e);
                         return outcome;
                     }
-                    Attempt::Retry(e) => {
+                    Attempt::Retry {
+                        error,
+                        status,
+                        retry_after,
+                    } => {
                         outcome.retries += 1;
-                        outcome.error.get_or_insert(e);
+                        match status {
+                            Some(503) => outcome.causes.unavailable_503 += 1,
+                            Some(_) => outcome.causes.rate_limited_429 += 1,
+                            None => outcome.causes.connection += 1,
+                        }
+                        outcome.error.get_or_insert(error);
                         // Full jitter under the ceiling, at least a tenth of
-                        // a second; the ceiling doubles.
+                        // a second and at least the server's Retry-After;
+                        // the ceiling doubles.
                         let wait = ceiling
                             .mul_f64(fraction(&mut rng))
-                            .max(Duration::from_millis(100));
+                            .max(Duration::from_millis(100))
+                            .max(retry_after.unwrap_or_default());
                         ceiling = (ceiling * 2).min(Duration::from_mins(5));
                         if Instant::now() + wait > deadline {
                             return outcome;
@@ -154,6 +199,7 @@ pub(crate) async fn run(
     let mut totals = Vec::new();
     let mut attempts = Vec::new();
     let mut retries = 0;
+    let mut causes = Causes::default();
     let mut failed = 0;
     let mut first_error = None;
     let mut last_done = start;
@@ -163,6 +209,7 @@ pub(crate) async fn run(
             continue;
         };
         retries += o.retries;
+        causes.add(o.causes);
         if first_error.is_none() {
             first_error.clone_from(&o.error);
         }
@@ -186,6 +233,7 @@ pub(crate) async fn run(
         p99: percentile(&totals, 990),
         attempt_p99: percentile(&attempts, 990),
         retries,
+        causes,
         first_error,
     }
 }

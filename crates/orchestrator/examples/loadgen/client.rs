@@ -25,6 +25,8 @@ pub(crate) struct Unexpected {
     pub(crate) path: String,
     pub(crate) status: StatusCode,
     pub(crate) body: String,
+    /// The answer's `Retry-After` in seconds, if it had one.
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl Conn {
@@ -45,6 +47,17 @@ impl Conn {
         path: &str,
         body: Option<String>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let (status, _, bytes) = self.send_full(method, path, body).await?;
+        Ok((status, bytes))
+    }
+
+    /// [`Conn::send`], with the answer's `Retry-After` (seconds).
+    async fn send_full(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> anyhow::Result<(StatusCode, Option<u64>, Bytes)> {
         self.sender.ready().await?;
         let mut req = Request::builder()
             .method(method)
@@ -56,8 +69,13 @@ impl Conn {
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let resp = self.sender.send_request(req).await?;
         let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(hyper::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
         let bytes = resp.into_body().collect().await?.to_bytes();
-        Ok((status, bytes))
+        Ok((status, retry_after, bytes))
     }
 
     /// Sends and decodes the answer, which must have status `want`.
@@ -68,11 +86,12 @@ impl Conn {
         body: Option<String>,
         want: StatusCode,
     ) -> anyhow::Result<T> {
-        let (status, bytes) = self.send(method, path, body).await?;
+        let (status, retry_after, bytes) = self.send_full(method, path, body).await?;
         if status != want {
             bail!(Unexpected {
                 path: path.to_owned(),
                 status,
+                retry_after,
                 body: String::from_utf8_lossy(&bytes).into_owned(),
             });
         }

@@ -28,12 +28,17 @@ pub(crate) fn progress(o: &Outcome) {
 
 pub(crate) fn burst_progress(r: &burst::Report) {
     eprintln!(
-        "burst: {} of {} agents in {:.1} s, p99 {}, {} retries, {} failed",
+        "burst: {} of {} agents in {:.1} s ({:.0} agents/s), p99 {}, {} retries \
+         ({} on 503, {} on 429, {} without an answer), {} failed",
         r.done,
         r.agents,
         r.wall.as_secs_f64(),
+        r.done as f64 / r.wall.as_secs_f64().max(1e-9),
         ms(r.p99),
         r.retries,
+        r.causes.unavailable_503,
+        r.causes.rate_limited_429,
+        r.causes.connection,
         r.failed
     );
 }

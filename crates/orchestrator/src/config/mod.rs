@@ -192,7 +192,8 @@ settings! {
     /// Challenges a client address may request at once before the rate applies.
     challenge_burst: u32 as Num<u32> = 20,
         env "PEAQOS_CHALLENGE_BURST", file "challenge_burst";
-    /// Unexpired challenges held at once, over all clients.
+    /// No effect since challenges are no longer stored when issued
+    /// (`challenge_key`); still accepted so that existing settings load.
     max_pending_challenges: u64 as Num<u64> = 100_000,
         env "PEAQOS_MAX_PENDING_CHALLENGES", file "max_pending_challenges";
     body_limit_bytes: usize as Bytes = 64 * 1024,

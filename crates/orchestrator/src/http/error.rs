@@ -27,8 +27,6 @@ const IDENTITY_RETRY_AFTER_SECS: u64 = 5;
 /// Seconds a client should wait before retrying when the database did not
 /// answer.
 const DATABASE_RETRY_AFTER_SECS: u64 = 2;
-/// Seconds a client should wait when too many challenges are pending.
-const PENDING_RETRY_AFTER_SECS: u64 = 5;
 
 /// An error answered in the contract's envelope.
 #[derive(Debug)]
@@ -182,8 +180,10 @@ impl From<ServiceError> for ApiError {
                 Self::new(ErrorCode::RateLimited, e.to_string())
                     .retry_after(retry_after.as_secs() + 1)
             }
-            ServiceError::TooManyPending => Self::new(ErrorCode::RateLimited, e.to_string())
-                .retry_after(PENDING_RETRY_AFTER_SECS),
+            ServiceError::Busy(busy) => Self::new(ErrorCode::RateLimited, e.to_string())
+                .retry_after(
+                    busy.retry_after.as_secs() + u64::from(busy.retry_after.subsec_nanos() > 0),
+                ),
             ServiceError::IdentityUnavailable(u) => Self::new(
                 ErrorCode::IdentityUnavailable,
                 "peaqOS identity data is unavailable right now; nothing was changed, retry later",

@@ -352,6 +352,8 @@ mod tests {
             store: Arc::new(SqliteStore::open("sqlite::memory:").await.unwrap()),
             resolver: Arc::new(Resolver::new(cache)),
             limiter: RateLimiter::new(1, 1, clock.clone()),
+            challenge_key: crate::challenge_key::ChallengeKey::from_bytes([7; 32]),
+            admission: crate::admission::Admission::new(1, crate::admission::MAX_QUEUE_WAIT),
             clock,
             metrics,
             api_keys: None,

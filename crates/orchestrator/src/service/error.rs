@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::admission::Busy;
 use crate::controllers::Unavailable;
 use crate::lifecycle::Refusal;
 use crate::store::StoreError;
@@ -30,8 +31,9 @@ pub enum ServiceError {
     },
     #[error("too many challenge requests from this address; retry later")]
     RateLimited { retry_after: Duration },
-    #[error("too many challenges are pending; retry later")]
-    TooManyPending,
+    /// Too many writes are queued already (`crate::admission`).
+    #[error(transparent)]
+    Busy(#[from] Busy),
     /// The controller source cannot answer; nothing was decided or written.
     #[error(transparent)]
     IdentityUnavailable(#[from] Unavailable),

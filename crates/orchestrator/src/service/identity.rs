@@ -11,7 +11,6 @@ use peaqos_protocol::{IdentityRef, MachineIdentityProof, MachineIdentityProofInp
 use super::ServiceError;
 use crate::app::App;
 use crate::controllers::Resolution;
-use crate::ids;
 use crate::lifecycle::{self, Refusal};
 use crate::store::MachineRecord;
 use crate::verify;
@@ -94,13 +93,13 @@ impl App {
         input: &MachineIdentityProofInput,
     ) -> Result<MachineIdentityProof, ServiceError> {
         let signature = verify::parse_signature(input)?;
-        let challenge = if ids::looks_like(ids::CHALLENGE_PREFIX, &input.challenge_id) {
-            self.store.get_challenge(&input.challenge_id).await?
-        } else {
-            None
-        };
+        let challenge = self.challenge_key.open(
+            &self.config.orchestrator_name,
+            &input.challenge_id,
+            identity,
+        )?;
         let now = self.now();
-        let challenge = verify::check_challenge(challenge.as_ref(), identity, now)?;
+        let challenge = verify::check_challenge(Some(&challenge), identity, now)?;
         let controllers = self.controllers(identity).await?;
         Ok(verify::accept(&signature, challenge, &controllers, now)?)
     }

@@ -35,6 +35,14 @@ fn write_refused(e: StoreError) -> ServiceError {
 }
 
 impl App {
+    /// A slot for a write, or `Busy` with the time to come back.
+    async fn admit(&self) -> Result<crate::admission::Admitted<'_>, ServiceError> {
+        self.admission.enter().await.map_err(|busy| {
+            self.metrics.rate_limited.inc();
+            busy.into()
+        })
+    }
+
     /// The machine as responses carry it now.
     pub fn to_wire(&self, m: MachineRecord) -> Machine {
         lifecycle::read_as(m, self.config.proof_max_age, self.now())
@@ -48,6 +56,7 @@ impl App {
         caller: Option<&Caller>,
     ) -> Result<Machine, ServiceError> {
         lifecycle::check_create(request.identity_proof.is_some(), self.policy())?;
+        let _admitted = self.admit().await?;
         let identity = request.identity_ref;
         // Answer early, before any proof work; the unique index decides races.
         if let Some(machine_id) = self.store.live_machine_for(&identity).await? {
@@ -75,11 +84,15 @@ impl App {
             created_at: now,
             updated_at: now,
         };
-        let consume = request.identity_proof.as_ref().map(|p| Consume {
-            challenge_id: &p.challenge_id,
-            identity: &record.identity,
-            now,
-        });
+        let consume = request
+            .identity_proof
+            .as_ref()
+            .zip(record.proof.as_ref())
+            .map(|(p, proof)| Consume {
+                challenge_id: &p.challenge_id,
+                expires_at: proof.challenge_expires_at,
+                now,
+            });
         let event = self.config.audit_trail.then(|| {
             let signer = record.proof.as_ref().map(|p| &p.signer_address);
             audit::created(&record, audit::actor(caller, signer))
@@ -118,6 +131,7 @@ impl App {
         let policy = self.policy();
         let proof_input = request.identity_proof.take();
         let target = lifecycle::settable_status(request.status)?;
+        let _admitted = self.admit().await?;
         let mut machine = self
             .store
             .get_machine(id)
@@ -160,11 +174,14 @@ impl App {
             machine.status = status;
         }
         machine.updated_at = now;
-        let consume = proof_input.as_ref().map(|p| Consume {
-            challenge_id: &p.challenge_id,
-            identity: &machine.identity,
-            now,
-        });
+        let consume = proof_input
+            .as_ref()
+            .zip(machine.proof.as_ref().filter(|_| renewed))
+            .map(|(p, proof)| Consume {
+                challenge_id: &p.challenge_id,
+                expires_at: proof.challenge_expires_at,
+                now,
+            });
         let event = before.map(|before| {
             let signer = machine.proof.as_ref().filter(|_| renewed);
             let actor = audit::actor(caller, signer.map(|p| &p.signer_address));
@@ -190,6 +207,7 @@ impl App {
         caller: Option<&Caller>,
     ) -> Result<(), ServiceError> {
         let actor = self.config.audit_trail.then(|| audit::actor(caller, None));
+        let _admitted = self.admit().await?;
         match self
             .store
             .archive_machine(id, self.now(), actor.as_deref())

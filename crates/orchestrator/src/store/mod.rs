@@ -5,18 +5,17 @@
 //! The trait is written for several replicas sharing one database: every
 //! rule that must hold across processes is a single statement or a
 //! transaction in the database, never a check in this process's memory.
-//! Consuming a challenge deletes its row in the same transaction as the
-//! machine write it authorises; the unique index on live identities decides
-//! "one machine per identity". The pending-challenge bound is a count in
-//! the database: in the insert statement on SQLite, refreshed once a second
-//! on PostgreSQL (see `pending`); it caps storage, it is not a quota.
+//! Challenges are not stored when issued (`crate::challenge_key`): redeeming
+//! one inserts its id into `redeemed_challenges` in the same transaction as
+//! the machine write it authorises, and the primary key refuses a second
+//! redemption; the unique index on live identities decides "one machine per
+//! identity".
 //!
 //! Every machine write can carry its audit event (`crate::audit`), which
 //! the store inserts in the same transaction; `None` writes none (the
 //! trail switched off, or a test of the machine write alone).
 
 pub mod error;
-mod pending;
 mod pg_audit;
 pub mod pg_pool;
 pub mod postgres;
@@ -110,7 +109,7 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 /// A future that cannot fail.
 pub type CloseFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
-/// A challenge as stored.
+/// A challenge: what its id carries, and the message that was signed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChallengeRecord {
     pub id: String,
@@ -190,22 +189,15 @@ pub struct PageKey {
     pub id: String,
 }
 
-/// A challenge to consume in the same transaction as a machine write. The
-/// write fails with [`StoreError::ChallengeGone`] if, by then, the challenge
-/// was used, expired or never existed for this identity.
+/// A challenge (already checked: ours, for this identity) to redeem in the
+/// same transaction as a machine write. The write fails with
+/// [`StoreError::ChallengeGone`] if, by then, the challenge was redeemed
+/// or expired at `now`.
 #[derive(Debug, Clone, Copy)]
 pub struct Consume<'a> {
     pub challenge_id: &'a str,
-    pub identity: &'a IdentityRef,
+    pub expires_at: Timestamp,
     pub now: Timestamp,
-}
-
-/// Whether a new challenge was stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChallengeInsert {
-    Stored,
-    /// The bound on unexpired challenges was reached.
-    Full,
 }
 
 /// The storage operations the HTTP layer needs.
@@ -218,17 +210,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Closes the connections, waiting for those in use.
     fn close(&self) -> CloseFuture<'_>;
 
-    /// Stores a challenge unless `max_pending` unexpired challenges exist.
-    fn insert_challenge<'a>(
-        &'a self,
-        challenge: &'a ChallengeRecord,
-        max_pending: u64,
-    ) -> StoreFuture<'a, ChallengeInsert>;
+    /// The challenge MAC key all replicas share: the one stored, or
+    /// `offered` if none was (then it is stored).
+    fn challenge_key(&self, offered: [u8; 32]) -> StoreFuture<'_, [u8; 32]>;
 
-    fn get_challenge<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<ChallengeRecord>>;
-
-    /// Deletes challenges that expired before `now`; returns how many.
-    fn delete_expired_challenges(&self, now: Timestamp) -> StoreFuture<'_, u64>;
+    /// Forgets redemptions of challenges that expired before `before`;
+    /// returns how many.
+    fn delete_expired_redemptions(&self, before: Timestamp) -> StoreFuture<'_, u64>;
 
     /// Inserts a new machine, consuming `consume` and inserting `event` in
     /// the same transaction.

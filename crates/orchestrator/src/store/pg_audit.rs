@@ -1,30 +1,58 @@
 //! PostgreSQL's machine writes with their audit event, each one statement
-//! (one round trip, one implicit transaction).
+//! (one round trip, one implicit transaction), and the numbering of events
+//! by their readers.
 //!
-//! Each statement draws the event's id by incrementing the one row of
-//! `audit_sequence` *after* its machine write succeeded (the `EXISTS`
-//! makes the counter's update wait for the write's result), and holds that
-//! row's lock until it commits. So ids follow commit order: a reader that
-//! sees id `n` sees every id below it, on any replica. The order of locks
-//! is always machine row first, counter second, which cannot deadlock.
+//! A write inserts its event without an id: writers share no lock, so
+//! their commits share WAL flushes. Before reading, a reader numbers the
+//! committed events that have none ([`NUMBER_SQL`]), under an advisory
+//! lock that makes numberers on every replica take turns, so each sees
+//! what the previous one numbered. It sees only committed events, so an
+//! event that commits later is numbered later, with a larger id: a reader
+//! that was shown id `n` has seen every id below it, on any replica.
 //!
 //! Parameters: the machine's `$1..$14` (insert) or `$1..$12` (update) as
 //! in `postgres.rs`, then the event's five (actor, type, resource id,
-//! payload, time), then the challenge's three when one is consumed.
+//! payload, time), then the challenge's three (id, expiry, now) when one is
+//! redeemed.
 
-use super::rows::{audit_columns, machine_columns};
+use super::rows::machine_columns;
 
-/// Draws an id once `$written` has a row; inserts the event with it.
+/// An event's columns as a writer inserts them: no id yet.
+macro_rules! unnumbered_columns {
+    () => {
+        "actor, type, resource_type, resource_id, payload, created_at"
+    };
+}
+
+/// Numbers the committed events that have no id yet, in their order of
+/// arrival, continuing `audit_sequence`: 10,000 at most (a longer backlog
+/// is numbered by the next reads). One round trip of two statements
+/// (simple query protocol, one implicit transaction): the advisory lock
+/// first, so that the numbering statement's snapshot is taken after the
+/// previous numberer committed, and it numbers nothing twice. The lock is
+/// the transaction's, released at its end. The key is arbitrary and ours
+/// ("peaqaudi" in ASCII).
+pub(super) const NUMBER_SQL: &str = concat!(
+    "SELECT pg_advisory_xact_lock(8098986644489987177); \
+     WITH todo AS (\
+        SELECT arrival, row_number() OVER (ORDER BY arrival) AS n FROM (\
+            SELECT arrival FROM audit_events WHERE id IS NULL ORDER BY arrival LIMIT 10000\
+        ) AS waiting), \
+     base AS (\
+        UPDATE audit_sequence SET last_id = last_id + (SELECT count(*) FROM todo) \
+        WHERE only_row = 1 AND EXISTS (SELECT 1 FROM todo) \
+        RETURNING last_id - (SELECT count(*) FROM todo) AS first) \
+     UPDATE audit_events AS e SET id = base.first + todo.n \
+     FROM todo, base WHERE e.id IS NULL AND e.arrival = todo.arrival"
+);
+
+/// Inserts the event (unnumbered) once `$written` has a row.
 macro_rules! event_ctes {
     ($written:literal, $a:literal, $t:literal, $r:literal, $p:literal, $c:literal) => {
         concat!(
-            "seq AS (UPDATE audit_sequence SET last_id = last_id + 1 \
-               WHERE only_row = 1 AND EXISTS (SELECT 1 FROM ",
-            $written,
-            ") RETURNING last_id), \
-             event AS (INSERT INTO audit_events (",
-            audit_columns!(),
-            ") SELECT last_id, ",
+            "event AS (INSERT INTO audit_events (",
+            unnumbered_columns!(),
+            ") SELECT ",
             $a,
             ", ",
             $t,
@@ -34,7 +62,9 @@ macro_rules! event_ctes {
             $p,
             ", ",
             $c,
-            " FROM seq RETURNING id) "
+            " WHERE EXISTS (SELECT 1 FROM ",
+            $written,
+            ") RETURNING 1) "
         )
     };
 }
@@ -48,12 +78,13 @@ pub(super) const INSERT_AUDITED_SQL: &str = concat!(
     "SELECT count(*) AS written FROM event"
 );
 
-/// An insert consuming a challenge: nothing is written unless it could be
-/// deleted. A unique violation aborts the whole statement.
+/// An insert redeeming a challenge (`$20` id, `$21` expiry, `$22` now):
+/// nothing is written unless it could be redeemed. A unique violation
+/// aborts the whole statement.
 pub(super) const INSERT_CONSUMING_AUDITED_SQL: &str = concat!(
     "WITH consumed AS (\
-        DELETE FROM challenges WHERE id = $20 AND identity_ref = $21 AND expires_at > $22 \
-        RETURNING id), \
+        INSERT INTO redeemed_challenges (id, expires_at) SELECT $20, $21 WHERE $21 > $22 \
+        ON CONFLICT DO NOTHING RETURNING id), \
      inserted AS (INSERT INTO machines (",
     machine_columns!(),
     ") SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 FROM consumed \
@@ -79,10 +110,9 @@ pub(super) const UPDATE_CONSUMING_AUDITED_SQL: &str = concat!(
     "WITH target AS (\
         SELECT id FROM machines WHERE id = $12 AND status <> 'archived' FOR UPDATE), \
      consumed AS (\
-        DELETE FROM challenges \
-        WHERE id = $18 AND identity_ref = $19 AND expires_at > $20 \
-          AND EXISTS (SELECT 1 FROM target) \
-        RETURNING id), \
+        INSERT INTO redeemed_challenges (id, expires_at) SELECT $18, $19 \
+        WHERE $19 > $20 AND EXISTS (SELECT 1 FROM target) \
+        ON CONFLICT DO NOTHING RETURNING id), \
      updated AS (\
         UPDATE machines SET status = $1, display_name = $2, owner_id = $3, machine_type = $4, \
           runtime_profile = $5, capabilities = $6, labels = $7, policy_ids = $8, \
@@ -101,13 +131,11 @@ pub(super) const ARCHIVE_AUDITED_SQL: &str = concat!(
      archived AS (\
         UPDATE machines SET status = 'archived', updated_at = $2 \
         WHERE id = (SELECT id FROM target) RETURNING id), \
-     seq AS (UPDATE audit_sequence SET last_id = last_id + 1 \
-        WHERE only_row = 1 AND EXISTS (SELECT 1 FROM archived) RETURNING last_id), \
      event AS (INSERT INTO audit_events (",
-    audit_columns!(),
-    ") SELECT seq.last_id, $3, $4, 'machine', $1, \
+    unnumbered_columns!(),
+    ") SELECT $3, $4, 'machine', $1, \
         json_build_object('old_status', target.status, 'new_status', 'archived')::text, $2 \
-        FROM seq, target RETURNING id) \
+        FROM target WHERE EXISTS (SELECT 1 FROM archived) RETURNING 1) \
      SELECT EXISTS (SELECT 1 FROM event) AS archived, \
             EXISTS (SELECT 1 FROM machines WHERE id = $1) AS found"
 );

@@ -3,9 +3,10 @@
 //!
 //! Nothing is cached in this process: another replica may write any row at
 //! any time. Every rule that spans requests is decided by the database in
-//! one statement: a challenge is consumed by a `DELETE` inside the statement
-//! that writes the machine (if the write fails, the statement and with it
-//! the consumption is undone), one live machine per identity is a unique
+//! one statement: a challenge is redeemed by an `INSERT` of its id into
+//! `redeemed_challenges` inside the statement that writes the machine (if
+//! the write fails, the statement and with it the redemption is undone; a
+//! second redemption conflicts on the key), one live machine per identity is a unique
 //! partial index. Single statements also keep round trips down: a
 //! registration's write is one round trip, not a `BEGIN`/`COMMIT` dance.
 //!
@@ -15,23 +16,20 @@
 //! the pool reconnects by itself when it is back.
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use peaqos_protocol::{IdentityRef, Timestamp};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{Connection as _, Postgres, Row};
 
-use super::pending::{PendingEstimate, Room};
 use super::pg_audit;
 use super::pg_pool::PgPool;
 use super::rows::{
-    audit_columns, audit_event_from_row, challenge_from_row, machine_columns, machine_from_row,
-    proof_json, to_json,
+    audit_columns, audit_event_from_row, machine_columns, machine_from_row, proof_json, to_json,
 };
 use super::{
-    Backend, ChallengeInsert, ChallengeRecord, CloseFuture, Consume, MachineRecord, PageKey,
-    PoolSettings, Store, StoreError, StoreFuture,
+    Backend, CloseFuture, Consume, MachineRecord, PageKey, PoolSettings, Store, StoreError,
+    StoreFuture,
 };
 use crate::audit::{AuditEvent, AuditQuery, EventType, NewEvent};
 
@@ -54,12 +52,13 @@ const INSERT_MACHINE_SQL: &str = concat!(
     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 );
 
-/// The insert, only if the challenge could be deleted. A unique violation
-/// aborts the whole statement, so the challenge survives a refused write.
+/// The insert, only if the challenge (`$15` id, `$16` expiry, `$17` now)
+/// could be redeemed. A unique violation aborts the whole statement, so
+/// the challenge stays unredeemed after a refused write.
 const INSERT_MACHINE_CONSUMING_SQL: &str = concat!(
     "WITH consumed AS (\
-        DELETE FROM challenges WHERE id = $15 AND identity_ref = $16 AND expires_at > $17 \
-        RETURNING id) \
+        INSERT INTO redeemed_challenges (id, expires_at) SELECT $15, $16 WHERE $16 > $17 \
+        ON CONFLICT DO NOTHING RETURNING id) \
      INSERT INTO machines (",
     machine_columns!(),
     ") SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 FROM consumed"
@@ -72,17 +71,16 @@ const UPDATE_MACHINE_SQL: &str = "UPDATE machines SET status = $1, display_name 
 
 /// The update with a challenge consumed, in one statement. The machine row
 /// is locked first, so that it cannot be archived between the consumption
-/// and the update; the challenge is deleted only if the machine is live,
+/// and the update; the challenge is redeemed only if the machine is live,
 /// and the machine updated only if the challenge was deleted. `live` and
 /// `updated` tell the three outcomes apart: no live machine (nothing
 /// consumed), challenge gone (nothing updated), done.
 const UPDATE_MACHINE_CONSUMING_SQL: &str = "WITH target AS (\
         SELECT id FROM machines WHERE id = $12 AND status <> 'archived' FOR UPDATE), \
      consumed AS (\
-        DELETE FROM challenges \
-        WHERE id = $13 AND identity_ref = $14 AND expires_at > $15 \
-          AND EXISTS (SELECT 1 FROM target) \
-        RETURNING id), \
+        INSERT INTO redeemed_challenges (id, expires_at) SELECT $13, $14 \
+        WHERE $14 > $15 AND EXISTS (SELECT 1 FROM target) \
+        ON CONFLICT DO NOTHING RETURNING id), \
      updated AS (\
         UPDATE machines SET status = $1, display_name = $2, owner_id = $3, machine_type = $4, \
           runtime_profile = $5, capabilities = $6, labels = $7, policy_ids = $8, \
@@ -97,7 +95,6 @@ type PgQuery = sqlx::query::Query<'static, Postgres, PgArguments>;
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    pending: Arc<PendingEstimate>,
 }
 
 impl PostgresStore {
@@ -120,7 +117,6 @@ impl PostgresStore {
         migrate(&base, settings).await?;
         Ok(Self {
             pool: PgPool::new(options, settings),
-            pending: Arc::default(),
         })
     }
 
@@ -235,6 +231,14 @@ fn violates_live_identity(e: &sqlx::Error) -> bool {
 }
 
 impl PostgresStore {
+    /// Numbers the committed events that have no id yet (`pg_audit`).
+    async fn number_audit_events(&self) -> Result<(), StoreError> {
+        self.pool
+            .run(|c| Box::pin(sqlx::raw_sql(pg_audit::NUMBER_SQL).execute(c)))
+            .await?;
+        Ok(())
+    }
+
     async fn live_machine(&self, identity: &IdentityRef) -> Result<Option<String>, StoreError> {
         let query = sqlx::query_scalar(
             "SELECT id FROM machines WHERE identity_ref = $1 AND status <> 'archived'",
@@ -251,9 +255,11 @@ impl PostgresStore {
 /// each is asked alone.
 const NEEDED_PRIVILEGES: &str = "SELECT t || ':' || p FROM (VALUES \
      ('machines', 'SELECT'), ('machines', 'INSERT'), ('machines', 'UPDATE'), \
-     ('challenges', 'SELECT'), ('challenges', 'INSERT'), ('challenges', 'DELETE'), \
+     ('redeemed_challenges', 'SELECT'), ('redeemed_challenges', 'INSERT'), \
+     ('redeemed_challenges', 'DELETE'), ('challenge_key', 'SELECT'), ('challenge_key', 'INSERT'), \
      ('audit_sequence', 'SELECT'), ('audit_sequence', 'UPDATE'), \
-     ('audit_events', 'SELECT'), ('audit_events', 'INSERT'), ('audit_events', 'DELETE')\
+     ('audit_events', 'SELECT'), ('audit_events', 'INSERT'), ('audit_events', 'UPDATE'), \
+     ('audit_events', 'DELETE')\
      ) AS needed (t, p) WHERE NOT has_table_privilege(t, p)";
 
 /// Attempts at an insert whose identity conflict vanished before the
@@ -286,71 +292,38 @@ impl Store for PostgresStore {
         Box::pin(self.pool.close())
     }
 
-    fn insert_challenge<'a>(
-        &'a self,
-        c: &'a ChallengeRecord,
-        max_pending: u64,
-    ) -> StoreFuture<'a, ChallengeInsert> {
+    fn challenge_key(&self, offered: [u8; 32]) -> StoreFuture<'_, [u8; 32]> {
         Box::pin(async move {
-            let now = std::time::Instant::now();
-            let room = match self.pending.room(max_pending, now) {
-                Room::Yes => true,
-                Room::No => false,
-                Room::Recount => {
-                    // Up to the bound, no further: past it the answer is the same.
-                    let query = sqlx::query_scalar::<_, i64>(
-                        "SELECT count(*) FROM \
-                         (SELECT 1 FROM challenges WHERE expires_at > $1 LIMIT $2) AS pending",
-                    )
-                    .bind(c.issued_at.unix_millis())
-                    .bind(i64::try_from(max_pending).unwrap_or(i64::MAX));
-                    match self.pool.run(|c| Box::pin(query.fetch_one(c))).await {
-                        Ok(count) => {
-                            let count = u64::try_from(count).unwrap_or(0);
-                            self.pending.counted(count, now);
-                            count < max_pending
-                        }
-                        Err(e) => {
-                            self.pending.forget();
-                            return Err(e);
-                        }
-                    }
+            // Replicas starting together: the loser of the insert waits for
+            // the winner's commit, and its snapshot may predate it, so it
+            // reads again.
+            for _ in 0..INSERT_ATTEMPTS {
+                let query = sqlx::query_scalar::<_, Vec<u8>>(
+                    "WITH stored AS (INSERT INTO challenge_key (only_row, key) VALUES (1, $1) \
+                     ON CONFLICT DO NOTHING RETURNING key) \
+                     SELECT key FROM stored UNION ALL \
+                     SELECT key FROM challenge_key WHERE only_row = 1",
+                )
+                .bind(offered.to_vec());
+                let key = self.pool.run(|c| Box::pin(query.fetch_optional(c))).await?;
+                if let Some(key) = key {
+                    return key.try_into().map_err(|_| StoreError::Corrupt {
+                        id: "challenge_key".to_owned(),
+                        what: "key".to_owned(),
+                    });
                 }
-            };
-            if !room {
-                return Ok(ChallengeInsert::Full);
             }
-            let query = sqlx::query(
-                "INSERT INTO challenges (id, identity_ref, message, issued_at, expires_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(c.id.clone())
-            .bind(c.identity.canonical())
-            .bind(c.message.clone())
-            .bind(c.issued_at.unix_millis())
-            .bind(c.expires_at.unix_millis());
-            self.pool.run(|c| Box::pin(query.execute(c))).await?;
-            self.pending.inserted();
-            Ok(ChallengeInsert::Stored)
+            Err(StoreError::Corrupt {
+                id: "challenge_key".to_owned(),
+                what: "key (none stored, and none could be)".to_owned(),
+            })
         })
     }
 
-    fn get_challenge<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<ChallengeRecord>> {
+    fn delete_expired_redemptions(&self, before: Timestamp) -> StoreFuture<'_, u64> {
         Box::pin(async move {
-            let query = sqlx::query(
-                "SELECT id, identity_ref, message, issued_at, expires_at \
-                 FROM challenges WHERE id = $1",
-            )
-            .bind(id.to_owned());
-            let row = self.pool.run(|c| Box::pin(query.fetch_optional(c))).await?;
-            row.as_ref().map(challenge_from_row).transpose()
-        })
-    }
-
-    fn delete_expired_challenges(&self, now: Timestamp) -> StoreFuture<'_, u64> {
-        Box::pin(async move {
-            let query = sqlx::query("DELETE FROM challenges WHERE expires_at <= $1")
-                .bind(now.unix_millis());
+            let query = sqlx::query("DELETE FROM redeemed_challenges WHERE expires_at <= $1")
+                .bind(before.unix_millis());
             let done = self.pool.run(|c| Box::pin(query.execute(c))).await?;
             Ok(done.rows_affected())
         })
@@ -368,7 +341,7 @@ impl Store for PostgresStore {
                     (None, None) => bind_machine(sqlx::query(INSERT_MACHINE_SQL), m),
                     (Some(c), None) => bind_machine(sqlx::query(INSERT_MACHINE_CONSUMING_SQL), m)
                         .bind(c.challenge_id.to_owned())
-                        .bind(c.identity.canonical())
+                        .bind(c.expires_at.unix_millis())
                         .bind(c.now.unix_millis()),
                     (None, Some(e)) => bind_event(
                         bind_machine(sqlx::query(pg_audit::INSERT_AUDITED_SQL), m),
@@ -379,7 +352,7 @@ impl Store for PostgresStore {
                         e,
                     )
                     .bind(c.challenge_id.to_owned())
-                    .bind(c.identity.canonical())
+                    .bind(c.expires_at.unix_millis())
                     .bind(c.now.unix_millis()),
                 };
                 // Without the trail the insert's own count says whether it
@@ -460,7 +433,7 @@ impl Store for PostgresStore {
                 None => bind_update(sqlx::query(UPDATE_MACHINE_CONSUMING_SQL), m),
             }
             .bind(c.challenge_id.to_owned())
-            .bind(c.identity.canonical())
+            .bind(c.expires_at.unix_millis())
             .bind(c.now.unix_millis());
             let row = self.pool.run(|c| Box::pin(query.fetch_one(c))).await?;
             let live: bool = row.try_get("live")?;
@@ -507,6 +480,7 @@ impl Store for PostgresStore {
 
     fn list_audit_events<'a>(&'a self, q: &'a AuditQuery) -> StoreFuture<'a, Vec<AuditEvent>> {
         Box::pin(async move {
+            self.number_audit_events().await?;
             let sql = match (q.machine_id.is_some(), q.resource_type.is_some()) {
                 (false, false) => concat!(
                     "SELECT ",
@@ -546,6 +520,7 @@ impl Store for PostgresStore {
 
     fn audit_head(&self) -> StoreFuture<'_, i64> {
         Box::pin(async move {
+            self.number_audit_events().await?;
             let query = sqlx::query_scalar("SELECT last_id FROM audit_sequence WHERE only_row = 1");
             self.pool.run(|c| Box::pin(query.fetch_one(c))).await
         })
@@ -553,6 +528,8 @@ impl Store for PostgresStore {
 
     fn prune_audit_events(&self, before: Timestamp, batch: u32) -> StoreFuture<'_, u64> {
         Box::pin(async move {
+            // Only numbered events are pruned, in id order.
+            self.number_audit_events().await?;
             let query = sqlx::query(pg_audit::PRUNE_SQL)
                 .bind(before.unix_millis())
                 .bind(i64::from(batch));

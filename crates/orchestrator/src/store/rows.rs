@@ -5,7 +5,7 @@
 use peaqos_protocol::{IdentityRef, MachineIdentityProof, Timestamp};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{ChallengeRecord, MachineRecord, StoreError, StoredStatus};
+use super::{MachineRecord, StoreError, StoredStatus};
 use crate::audit::AuditEvent;
 
 /// The columns of `machines`, in the order every statement here uses.
@@ -118,33 +118,6 @@ where
         payload: serde_json::from_str(&payload).map_err(|_| corrupt("payload"))?,
         created_at: Timestamp::from_unix_millis(row.try_get("created_at")?)
             .ok_or_else(|| corrupt("created_at"))?,
-        id,
-    })
-}
-
-pub(crate) fn challenge_from_row<'r, R>(row: &'r R) -> Result<ChallengeRecord, StoreError>
-where
-    R: Row,
-    &'r str: ColumnIndex<R>,
-    String: Decode<'r, R::Database> + Type<R::Database>,
-    i64: Decode<'r, R::Database> + Type<R::Database>,
-{
-    let id: String = row.try_get("id")?;
-    let corrupt = |what: &str| StoreError::Corrupt {
-        id: id.clone(),
-        what: what.to_owned(),
-    };
-    let identity_ref: String = row.try_get("identity_ref")?;
-    let identity = IdentityRef::parse(&identity_ref).map_err(|_| corrupt("identity_ref"))?;
-    let issued_at = Timestamp::from_unix_millis(row.try_get("issued_at")?)
-        .ok_or_else(|| corrupt("issued_at"))?;
-    let expires_at = Timestamp::from_unix_millis(row.try_get("expires_at")?)
-        .ok_or_else(|| corrupt("expires_at"))?;
-    Ok(ChallengeRecord {
-        message: row.try_get("message")?,
-        identity,
-        issued_at,
-        expires_at,
         id,
     })
 }

@@ -22,11 +22,11 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 
 use super::row_cache::RowCache;
-use super::rows::{challenge_from_row, machine_columns, machine_from_row, proof_json, to_json};
+use super::rows::{machine_columns, machine_from_row, proof_json, to_json};
 use super::sqlite_audit;
 use super::{
-    Backend, ChallengeInsert, ChallengeRecord, CloseFuture, Consume, MachineRecord, PageKey,
-    PoolSettings, Store, StoreError, StoreFuture, StoredStatus,
+    Backend, CloseFuture, Consume, MachineRecord, PageKey, PoolSettings, Store, StoreError,
+    StoreFuture, StoredStatus,
 };
 use crate::audit::{self, AuditEvent, AuditQuery, EventType, NewEvent};
 
@@ -169,13 +169,15 @@ async fn consume(
     consume: Option<Consume<'_>>,
 ) -> Result<(), StoreError> {
     let Some(c) = consume else { return Ok(()) };
-    let done =
-        sqlx::query("DELETE FROM challenges WHERE id = ? AND identity_ref = ? AND expires_at > ?")
-            .bind(c.challenge_id)
-            .bind(c.identity.canonical())
-            .bind(c.now.unix_millis())
-            .execute(&mut **tx)
-            .await?;
+    let done = sqlx::query(
+        "INSERT INTO redeemed_challenges (id, expires_at) SELECT ?1, ?2 WHERE ?2 > ?3 \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(c.challenge_id)
+    .bind(c.expires_at.unix_millis())
+    .bind(c.now.unix_millis())
+    .execute(&mut **tx)
+    .await?;
     if done.rows_affected() == 1 {
         Ok(())
     } else {
@@ -199,51 +201,26 @@ impl Store for SqliteStore {
         Box::pin(SqliteStore::close(self))
     }
 
-    fn insert_challenge<'a>(
-        &'a self,
-        c: &'a ChallengeRecord,
-        max_pending: u64,
-    ) -> StoreFuture<'a, ChallengeInsert> {
+    fn challenge_key(&self, offered: [u8; 32]) -> StoreFuture<'_, [u8; 32]> {
         Box::pin(async move {
-            let done = sqlx::query(
-                "INSERT INTO challenges (id, identity_ref, message, issued_at, expires_at) \
-                 SELECT ?, ?, ?, ?, ? \
-                 WHERE (SELECT COUNT(*) FROM challenges WHERE expires_at > ?) < ?",
+            let key: Vec<u8> = sqlx::query_scalar(
+                "INSERT INTO challenge_key (only_row, key) VALUES (1, ?) \
+                 ON CONFLICT DO UPDATE SET key = key RETURNING key",
             )
-            .bind(&c.id)
-            .bind(c.identity.canonical())
-            .bind(&c.message)
-            .bind(c.issued_at.unix_millis())
-            .bind(c.expires_at.unix_millis())
-            .bind(c.issued_at.unix_millis())
-            .bind(i64::try_from(max_pending).unwrap_or(i64::MAX))
-            .execute(&self.writer)
+            .bind(offered.to_vec())
+            .fetch_one(&self.writer)
             .await?;
-            Ok(if done.rows_affected() == 1 {
-                ChallengeInsert::Stored
-            } else {
-                ChallengeInsert::Full
+            key.try_into().map_err(|_| StoreError::Corrupt {
+                id: "challenge_key".to_owned(),
+                what: "key".to_owned(),
             })
         })
     }
 
-    fn get_challenge<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<ChallengeRecord>> {
+    fn delete_expired_redemptions(&self, before: Timestamp) -> StoreFuture<'_, u64> {
         Box::pin(async move {
-            let row = sqlx::query(
-                "SELECT id, identity_ref, message, issued_at, expires_at \
-                 FROM challenges WHERE id = ?",
-            )
-            .bind(id)
-            .fetch_optional(&self.reader)
-            .await?;
-            row.as_ref().map(challenge_from_row).transpose()
-        })
-    }
-
-    fn delete_expired_challenges(&self, now: Timestamp) -> StoreFuture<'_, u64> {
-        Box::pin(async move {
-            let done = sqlx::query("DELETE FROM challenges WHERE expires_at <= ?")
-                .bind(now.unix_millis())
+            let done = sqlx::query("DELETE FROM redeemed_challenges WHERE expires_at <= ?")
+                .bind(before.unix_millis())
                 .execute(&self.writer)
                 .await?;
             Ok(done.rows_affected())
@@ -371,7 +348,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
             if done.rows_affected() == 0 {
-                // Dropping the transaction rolls back the consumed challenge.
+                // Dropping the transaction rolls back the redemption.
                 return Ok(false);
             }
             if let Some(e) = event {

@@ -212,39 +212,55 @@ async fn challenge_floods_are_rate_limited_per_address() {
 }
 
 #[tokio::test]
-async fn pending_challenges_are_bounded_and_expire() {
+async fn outstanding_challenges_are_not_stored_so_none_is_turned_away() {
+    // The old bound on pending challenges (3 here) no longer applies: they
+    // cost no storage. Every one of them stays good until used or expired.
     let s = TestServer::start(|c| c.max_pending_challenges = 3).await;
-    let path = "/api/v1/machine-identity/challenges";
-    let body = json!({"identityRef": "did:peaq:1"});
-    for _ in 0..3 {
-        assert_eq!(s.post(path, &body).await.status(), 201);
+    let mut issued = Vec::new();
+    for _ in 0..6 {
+        issued.push(s.challenge("did:peaq:1").await);
     }
-    let r = s.post(path, &body).await;
-    assert!(r.headers().contains_key("retry-after"));
-    expect_error(r, 429, "RATE_LIMITED").await;
-    // Expired challenges no longer count.
-    s.clock.advance(Duration::from_secs(301));
-    assert_eq!(s.post(path, &body).await.status(), 201);
+    let proof = |c: &peaqos_protocol::Challenge| json!({"challengeId": c.challenge_id, "signature": sign(&key(0), &c.message)});
+    let created: Machine = expect_item(
+        s.post(
+            "/api/v1/machines",
+            &machine_body("did:peaq:1", proof(&issued[5])),
+        )
+        .await,
+        201,
+    )
+    .await;
+    let path = format!("/api/v1/machines/{}", created.id);
+    for c in &issued[..5] {
+        let body = json!({"identityProof": proof(c), "status": "active"});
+        assert_eq!(s.patch(&path, &body).await.status(), 200);
+    }
 }
 
 #[tokio::test]
-async fn expired_challenges_are_collected() {
+async fn expired_challenges_stay_expired_after_their_redemptions_are_collected() {
     let s = TestServer::start(|c| c.challenge_ttl = Duration::from_secs(1)).await;
     let c = s.challenge("did:peaq:1").await;
     let p = json!({"challengeId": c.challenge_id, "signature": sign(&key(0), &c.message)});
-    // Expired, but kept for one more TTL: a late proof learns it must
-    // re-challenge (410), even after a collector run.
-    s.clock.advance(Duration::from_millis(1500));
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    expect_error(
+    let created: Machine = expect_item(
         s.post("/api/v1/machines", &machine_body("did:peaq:1", p.clone()))
             .await,
+        201,
+    )
+    .await;
+    let path = format!("/api/v1/machines/{}", created.id);
+    let again = json!({"identityProof": p, "status": "active"});
+    // Past its expiry a late proof learns it must re-challenge (410).
+    s.clock.advance(Duration::from_millis(1500));
+    expect_error(
+        s.patch(&path, &again).await,
         410,
         "MACHINE_IDENTITY_PROOF_EXPIRED",
     )
     .await;
+    // The redemption is kept one more TTL, then collected (the collector
+    // runs every TTL, here one second of real time).
     s.clock.advance(Duration::from_secs(2));
-    // The collector runs every TTL (here one second of real time).
     let deadline = tokio::time::Instant::now() + crate::support::TIMEOUT;
     loop {
         let text = s.get("/metrics").await.text().await.unwrap();
@@ -257,12 +273,11 @@ async fn expired_challenges_are_collected() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Deleted: no longer "expired" (410) but unknown (403).
+    // Forgotten by the store, still refused: its expiry is in its id.
     expect_error(
-        s.post("/api/v1/machines", &machine_body("did:peaq:1", p))
-            .await,
-        403,
-        "MACHINE_IDENTITY_PROOF_INVALID",
+        s.patch(&path, &again).await,
+        410,
+        "MACHINE_IDENTITY_PROOF_EXPIRED",
     )
     .await;
 }

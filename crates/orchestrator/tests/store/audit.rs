@@ -8,20 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use peaqos_orchestrator::audit::{self, AuditEvent, AuditQuery, EventType, NewEvent};
-use peaqos_orchestrator::store::{Consume, PostgresStore, Store, StoreError, StoredStatus};
-use peaqos_protocol::{IdentityRef, Timestamp};
+use peaqos_orchestrator::store::{PostgresStore, Store, StoreError, StoredStatus};
 use serde_json::json;
 
-use crate::{challenge, databases, identity, machine, ts};
-
-#[allow(clippy::unnecessary_wraps, reason = "the store methods take an Option")]
-fn consume<'a>(id: &'a str, identity: &'a IdentityRef, now: Timestamp) -> Option<Consume<'a>> {
-    Some(Consume {
-        challenge_id: id,
-        identity,
-        now,
-    })
-}
+use crate::{consume, databases, machine, ts};
 
 fn event(kind: EventType, machine: &str, at: i64) -> NewEvent {
     NewEvent {
@@ -57,23 +47,18 @@ fn ids(events: &[AuditEvent]) -> Vec<i64> {
 async fn every_write_is_one_event_and_a_refused_write_none() {
     for db in databases("every_write_is_one_event_and_a_refused_write_none").await {
         let (store, name) = (&*db.store, db.name);
-        let one = identity("did:peaq:1");
-        store
-            .insert_challenge(&challenge("chl_0", "did:peaq:1", 9_000_000), 100)
-            .await
-            .unwrap();
         let m = machine("mach_a", "did:peaq:1", 1_000);
         let created = audit::created(&m, "fleet-a".into());
-        // A challenge that is not there: no machine, no event.
+        // An expired challenge: no machine, no event.
         assert!(matches!(
             store
-                .insert_machine(&m, consume("chl_x", &one, ts(1_000)), Some(&created))
+                .insert_machine(&m, consume("chl_x", 1_000, 1_000), Some(&created))
                 .await,
             Err(StoreError::ChallengeGone)
         ));
         assert!(all(store, None).await.is_empty(), "{name}");
         store
-            .insert_machine(&m, consume("chl_0", &one, ts(1_000)), Some(&created))
+            .insert_machine(&m, consume("chl_0", 9_000_000, 1_000), Some(&created))
             .await
             .unwrap();
         // The identity is taken: refused, and no event.
@@ -99,7 +84,7 @@ async fn every_write_is_one_event_and_a_refused_write_none() {
             store
                 .update_machine(
                     &renamed,
-                    consume("chl_0", &one, ts(2_000)),
+                    consume("chl_0", 9_000_000, 2_000),
                     Some(&activated)
                 )
                 .await,
@@ -358,4 +343,66 @@ async fn a_reader_following_concurrent_writers_on_two_replicas_misses_nothing() 
     let from_a: BTreeSet<i64> = ids(&all(&*replicas[0], None).await).into_iter().collect();
     let from_b: BTreeSet<i64> = ids(&all(&*replicas[1], None).await).into_iter().collect();
     assert_eq!(from_a, from_b);
+}
+
+/// A writer whose transaction is still open after it wrote its event (a
+/// slow commit: here a connection of the test's own, inserting the event
+/// as a writer does) while another writer, on another replica, commits.
+/// A reader on a third pool is shown the committed event; once the slow
+/// one commits, the reader must still get it by cursor. Deterministic: an
+/// id drawn when the event is written (a plain sequence) makes the slow
+/// event's id smaller than the one the reader already paged past, every
+/// time.
+#[tokio::test]
+async fn an_event_that_commits_after_a_later_one_is_not_skipped_by_cursor() {
+    use sqlx::Executor as _;
+    let test = "an_event_that_commits_after_a_later_one_is_not_skipped_by_cursor";
+    let Some(schema) = crate::pg::PgSchema::create(test).await else {
+        return;
+    };
+    let settings = peaqos_orchestrator::store::PoolSettings::default();
+    let writer = PostgresStore::open(&schema.url, &settings).await.unwrap();
+    let reader = PostgresStore::open(&schema.url, &settings).await.unwrap();
+    for (id, identity) in [("mach_a", "did:peaq:1"), ("mach_b", "did:peaq:2")] {
+        writer
+            .insert_machine(&machine(id, identity, 0), None, None)
+            .await
+            .unwrap();
+    }
+    let mut slow = schema.connect().await;
+    slow.execute("BEGIN").await.unwrap();
+    slow.execute(
+        "INSERT INTO audit_events (actor, type, resource_type, resource_id, payload, created_at) \
+         VALUES ('slow', 'machine.updated', 'machine', 'mach_a', '{}', 1)",
+    )
+    .await
+    .unwrap();
+    let mut b = machine("mach_b", "did:peaq:2", 0);
+    b.display_name = "fast".into();
+    let e = event(EventType::Updated, "mach_b", 2);
+    assert!(writer.update_machine(&b, None, Some(&e)).await.unwrap());
+
+    let mut seen = Vec::new();
+    let mut after = 0;
+    let mut read = |page: Vec<AuditEvent>| {
+        if let Some(last) = page.last() {
+            after = last.id;
+        }
+        seen.extend(page.into_iter().map(|e| (e.id, e.resource_id)));
+        after
+    };
+    let query = |after| AuditQuery {
+        after,
+        limit: 100,
+        ..AuditQuery::default()
+    };
+    let cursor = read(reader.list_audit_events(&query(0)).await.unwrap());
+    slow.execute("COMMIT").await.unwrap();
+    read(reader.list_audit_events(&query(cursor)).await.unwrap());
+    assert_eq!(
+        seen,
+        [(1, "mach_b".to_owned()), (2, "mach_a".to_owned())],
+        "the committed event first, the slow one after it, none skipped"
+    );
+    assert_eq!(writer.audit_head().await.unwrap(), 2);
 }

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use peaqos_orchestrator::store::{
-    ChallengeRecord, MachineRecord, PoolSettings, PostgresStore, SqliteStore, Store, StoredStatus,
+    Consume, MachineRecord, PoolSettings, PostgresStore, SqliteStore, Store, StoredStatus,
 };
 use peaqos_protocol::{IdentityRef, Timestamp};
 
@@ -85,14 +85,15 @@ pub(crate) fn identity(text: &str) -> IdentityRef {
     IdentityRef::parse(text).unwrap()
 }
 
-pub(crate) fn challenge(id: &str, identity: &str, expires_ms: i64) -> ChallengeRecord {
-    ChallengeRecord {
-        id: id.into(),
-        identity: crate::identity(identity),
-        message: format!("message of {id}"),
-        issued_at: ts(expires_ms - 300_000),
+/// What a write that carries a proof redeems: challenge `id`, expiring at
+/// `expires_ms`, at `now_ms`.
+#[allow(clippy::unnecessary_wraps, reason = "the store methods take an Option")]
+pub(crate) fn consume(id: &str, expires_ms: i64, now_ms: i64) -> Option<Consume<'_>> {
+    Some(Consume {
+        challenge_id: id,
         expires_at: ts(expires_ms),
-    }
+        now: ts(now_ms),
+    })
 }
 
 pub(crate) fn machine(id: &str, identity: &str, created_ms: i64) -> MachineRecord {

@@ -2,80 +2,39 @@
 
 use std::sync::Arc;
 
-use peaqos_orchestrator::store::{
-    ChallengeInsert, Consume, MachineRecord, PageKey, StoreError, StoredStatus,
-};
-use peaqos_protocol::{
-    Address, IdentityRef, MachineIdentityProof, ProofMethod, ResolutionSource, Timestamp,
-};
+use peaqos_orchestrator::store::{MachineRecord, PageKey, StoreError, StoredStatus};
+use peaqos_protocol::{Address, MachineIdentityProof, ProofMethod, ResolutionSource};
 
-use crate::{challenge, databases, identity, machine, ts};
-
-/// What a write that carries a proof consumes.
-#[allow(clippy::unnecessary_wraps, reason = "the store methods take an Option")]
-fn consume<'a>(id: &'a str, identity: &'a IdentityRef, now: Timestamp) -> Option<Consume<'a>> {
-    Some(Consume {
-        challenge_id: id,
-        identity,
-        now,
-    })
-}
+use crate::{consume, databases, identity, machine, ts};
 
 #[tokio::test]
-async fn challenges_are_bounded_consumed_once_and_collected() {
-    for db in databases("challenges_are_bounded_consumed_once_and_collected").await {
+async fn challenges_are_redeemed_once_and_redemptions_collected() {
+    for db in databases("challenges_are_redeemed_once_and_redemptions_collected").await {
         let (store, name) = (&db.store, db.name);
-        let now = ts(1_000_000);
-        for i in 0..3 {
-            let c = challenge(&format!("chl_{i}"), "did:peaq:1", 1_300_000);
-            assert_eq!(
-                store.insert_challenge(&c, 3).await.unwrap(),
-                ChallengeInsert::Stored,
-                "{name}"
-            );
-        }
-        let c = challenge("chl_9", "did:peaq:1", 1_300_000);
-        assert_eq!(
-            store.insert_challenge(&c, 3).await.unwrap(),
-            ChallengeInsert::Full,
-            "{name}"
-        );
-        assert_eq!(
-            store.get_challenge("chl_0").await.unwrap(),
-            Some(challenge("chl_0", "did:peaq:1", 1_300_000)),
-            "{name}"
-        );
-
-        let one = identity("did:peaq:1");
-        let other = identity("did:peaq:2");
-        // Wrong identity or past expiry: nothing is consumed or written.
-        for (id, who, at) in [("chl_0", &other, now), ("chl_0", &one, ts(1_300_000))] {
-            let m = machine("mach_a", "did:peaq:1", 1);
-            assert!(
-                matches!(
-                    store.insert_machine(&m, consume(id, who, at), None).await,
-                    Err(StoreError::ChallengeGone)
-                ),
-                "{name}"
-            );
-            assert_eq!(store.get_machine("mach_a").await.unwrap(), None, "{name}");
-        }
+        let now = 1_000_000;
+        // Expired at the time of the write: nothing is redeemed or written.
         let m = machine("mach_a", "did:peaq:1", 1);
+        assert!(
+            matches!(
+                store
+                    .insert_machine(&m, consume("chl_0", now, now), None)
+                    .await,
+                Err(StoreError::ChallengeGone)
+            ),
+            "{name}"
+        );
+        assert_eq!(store.get_machine("mach_a").await.unwrap(), None, "{name}");
         store
-            .insert_machine(&m, consume("chl_0", &one, now), None)
+            .insert_machine(&m, consume("chl_0", 1_300_000, now), None)
             .await
             .unwrap();
-        assert_eq!(
-            store.get_challenge("chl_0").await.unwrap(),
-            None,
-            "{name}: consumed"
-        );
+        // Redeemed: a second write with it is refused, and writes nothing.
         let mut m2 = m.clone();
         m2.display_name = "renamed".into();
         assert!(
             matches!(
                 store
-                    .update_machine(&m2, consume("chl_0", &one, now), None)
+                    .update_machine(&m2, consume("chl_0", 1_300_000, now), None)
                     .await,
                 Err(StoreError::ChallengeGone)
             ),
@@ -84,36 +43,44 @@ async fn challenges_are_bounded_consumed_once_and_collected() {
         let stored = store.get_machine("mach_a").await.unwrap().unwrap();
         assert_eq!(stored.display_name, "Robot", "{name}");
 
-        // A failed write gives the challenge back.
+        // A failed write leaves the challenge unredeemed.
         let clash = machine("mach_b", "did:peaq:1", 2);
         assert!(
             matches!(
-                store.insert_machine(&clash, consume("chl_1", &one, now), None).await,
+                store.insert_machine(&clash, consume("chl_1", 1_300_000, now), None).await,
                 Err(StoreError::IdentityTaken { machine_id }) if machine_id == "mach_a"
             ),
-            "{name}"
-        );
-        assert!(
-            store.get_challenge("chl_1").await.unwrap().is_some(),
             "{name}"
         );
         // So does an update of a machine that is no longer live.
         store.archive_machine("mach_a", ts(3), None).await.unwrap();
         assert!(
             !store
-                .update_machine(&m2, consume("chl_1", &one, now), None)
+                .update_machine(&m2, consume("chl_1", 1_300_000, now), None)
                 .await
                 .unwrap(),
             "{name}"
         );
+        // Both times given back: it redeems now, once.
+        let again = machine("mach_c", "did:peaq:1", 4);
+        store
+            .insert_machine(&again, consume("chl_1", 1_300_000, now), None)
+            .await
+            .unwrap();
+        let other = machine("mach_d", "did:peaq:2", 5);
         assert!(
-            store.get_challenge("chl_1").await.unwrap().is_some(),
+            matches!(
+                store
+                    .insert_machine(&other, consume("chl_1", 1_300_000, now), None)
+                    .await,
+                Err(StoreError::ChallengeGone)
+            ),
             "{name}"
         );
 
         assert_eq!(
             store
-                .delete_expired_challenges(ts(1_299_999))
+                .delete_expired_redemptions(ts(1_299_999))
                 .await
                 .unwrap(),
             0,
@@ -121,10 +88,24 @@ async fn challenges_are_bounded_consumed_once_and_collected() {
         );
         assert_eq!(
             store
-                .delete_expired_challenges(ts(1_300_000))
+                .delete_expired_redemptions(ts(1_300_000))
                 .await
                 .unwrap(),
             2,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_challenge_key_is_the_first_one_offered() {
+    for db in databases("the_challenge_key_is_the_first_one_offered").await {
+        let (store, name) = (&db.store, db.name);
+        let first = store.challenge_key([1; 32]).await.unwrap();
+        assert_eq!(first, [1; 32], "{name}");
+        assert_eq!(
+            store.challenge_key([2; 32]).await.unwrap(),
+            [1; 32],
             "{name}"
         );
     }
@@ -256,19 +237,14 @@ async fn one_challenge_one_winner_however_many_submit_it() {
         let store = Arc::clone(&db.store);
         let m = machine("mach_a", "did:peaq:1", 1);
         store.insert_machine(&m, None, None).await.unwrap();
-        store
-            .insert_challenge(&challenge("chl_race", "did:peaq:1", 9_000_000), 100)
-            .await
-            .unwrap();
         let tasks: Vec<_> = (0..16)
             .map(|i| {
                 let store = Arc::clone(&store);
                 let mut m = m.clone();
                 tokio::spawn(async move {
                     m.display_name = format!("writer {i}");
-                    let who = identity("did:peaq:1");
                     let result = store
-                        .update_machine(&m, consume("chl_race", &who, ts(1_000)), None)
+                        .update_machine(&m, consume("chl_race", 9_000_000, 1_000), None)
                         .await;
                     (i, result)
                 })
@@ -297,26 +273,16 @@ async fn one_live_machine_per_identity_under_concurrent_creates() {
     for db in databases("one_live_machine_per_identity_under_concurrent_creates").await {
         let name = db.name;
         let store = Arc::clone(&db.store);
-        for i in 0..8 {
-            store
-                .insert_challenge(
-                    &challenge(&format!("chl_{i}"), "did:peaq:1", 9_000_000),
-                    100,
-                )
-                .await
-                .unwrap();
-        }
         let tasks: Vec<_> = (0..8)
             .map(|i| {
                 let store = Arc::clone(&store);
                 tokio::spawn(async move {
                     let m = machine(&format!("mach_{i}"), "did:peaq:1", 1);
-                    let who = identity("did:peaq:1");
                     let id = format!("chl_{i}");
                     (
                         i,
                         store
-                            .insert_machine(&m, consume(&id, &who, ts(1_000)), None)
+                            .insert_machine(&m, consume(&id, 9_000_000, 1_000), None)
                             .await,
                     )
                 })
@@ -336,23 +302,31 @@ async fn one_live_machine_per_identity_under_concurrent_creates() {
         }
         let winner = winner.unwrap_or_else(|| panic!("{name}: nobody won"));
         assert_eq!(losers.len(), 7, "{name}");
+        let held = store
+            .get_machine(&format!("mach_{winner}"))
+            .await
+            .unwrap()
+            .unwrap();
         for (i, named) in losers {
             assert_eq!(named, format!("mach_{winner}"), "{name}: names the holder");
+            // A loser's challenge is not burnt: it still redeems.
+            let id = format!("chl_{i}");
             assert!(
                 store
-                    .get_challenge(&format!("chl_{i}"))
+                    .update_machine(&held, consume(&id, 9_000_000, 1_000), None)
                     .await
-                    .unwrap()
-                    .is_some(),
-                "{name}: a loser's challenge is not burnt"
+                    .unwrap(),
+                "{name}: {id}"
             );
         }
+        let id = format!("chl_{winner}");
         assert!(
-            store
-                .get_challenge(&format!("chl_{winner}"))
-                .await
-                .unwrap()
-                .is_none(),
+            matches!(
+                store
+                    .update_machine(&held, consume(&id, 9_000_000, 1_000), None)
+                    .await,
+                Err(StoreError::ChallengeGone)
+            ),
             "{name}"
         );
     }

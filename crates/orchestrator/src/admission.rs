@@ -1,0 +1,246 @@
+//! Admission control for the store's writes: at most `slots` write
+//! operations run at once, a bounded queue waits for a slot, and past the
+//! queue a request is answered `429 RATE_LIMITED` at once, with a
+//! `Retry-After` that books it a place in the future.
+//!
+//! Why: when a fleet comes back at once, thousands of writes arrive within
+//! a second. Without a bound they all wait for one of the pool's few
+//! connections, and those that wait longer than the pool's acquire timeout
+//! die there as `503`, after holding a connection's worth of memory and
+//! the client's patience for seconds. A client told "come back in n
+//! seconds" early costs nothing meanwhile; and telling each rejected
+//! client a later second than the last (at the rate the store is measured
+//! to complete writes) spreads their return instead of sending the herd
+//! back all at once.
+//!
+//! The queue is bounded in time, not in count: a request queues only if
+//! the writes ahead of it will be done within [`MAX_QUEUE_WAIT`] at the
+//! measured rate (and never fewer than [`MIN_QUEUE`] may queue, so that a
+//! cold server, which has measured nothing yet, does not turn work away).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::Instant;
+
+/// Longest a request should wait in the queue; well under the pool's
+/// acquire timeout (5 s by default), so that queued work is never answered
+/// `503` for having queued.
+pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(1);
+
+/// Requests that may always queue, whatever the measured rate.
+pub const MIN_QUEUE: usize = 256;
+
+/// How often the completion rate is re-measured.
+const RATE_WINDOW: Duration = Duration::from_millis(500);
+
+/// A rate assumed before any is measured (writes per second).
+const INITIAL_RATE: f64 = 500.0;
+
+/// Turned away: come back after `retry_after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the orchestrator is busy; retry after the time given")]
+pub struct Busy {
+    pub retry_after: Duration,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Admission {
+    slots: Semaphore,
+    waiting: AtomicUsize,
+    max_wait: Duration,
+    state: Mutex<RateState>,
+}
+
+#[derive(Debug)]
+struct RateState {
+    /// Completions per second, smoothed.
+    rate: f64,
+    window_start: Instant,
+    window_done: u64,
+    /// The last moment a rejected client was told to come back at.
+    booked_until: Instant,
+}
+
+/// A running write; dropping it frees the slot and counts a completion.
+#[derive(Debug)]
+pub struct Admitted<'a> {
+    admission: &'a Admission,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.admission.completed();
+    }
+}
+
+impl Admission {
+    /// `slots` writes at once; a queue of at most `max_wait`'s worth.
+    pub fn new(slots: usize, max_wait: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            slots: Semaphore::new(slots.max(1)),
+            waiting: AtomicUsize::new(0),
+            max_wait,
+            state: Mutex::new(RateState {
+                rate: INITIAL_RATE,
+                window_start: now,
+                window_done: 0,
+                booked_until: now,
+            }),
+        }
+    }
+
+    /// Waits for a slot, or refuses at once if the queue is full, or once
+    /// the wait has lasted twice the queue's target (a store that stalled).
+    pub async fn enter(&self) -> Result<Admitted<'_>, Busy> {
+        if let Ok(permit) = self.slots.try_acquire() {
+            return Ok(self.admitted(permit));
+        }
+        let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _leave = Leave(&self.waiting);
+        if queued >= self.queue_bound() {
+            return Err(self.book());
+        }
+        match tokio::time::timeout(self.max_wait * 2, self.slots.acquire()).await {
+            Ok(Ok(permit)) => Ok(self.admitted(permit)),
+            // Never closed; a timeout is a store that stopped completing.
+            Ok(Err(_)) | Err(_) => Err(self.book()),
+        }
+    }
+
+    /// Requests queued now (for metrics and tests).
+    pub fn queued(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    fn admitted<'a>(&'a self, permit: SemaphorePermit<'a>) -> Admitted<'a> {
+        Admitted {
+            admission: self,
+            _permit: permit,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RateState> {
+        // A panic elsewhere cannot leave the figures inconsistent enough
+        // to matter: they are estimates.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn queue_bound(&self) -> usize {
+        let rate = self.lock().rate;
+        // Truncation is intended: a count of requests.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let by_time = (rate * self.max_wait.as_secs_f64()) as usize;
+        by_time.max(MIN_QUEUE)
+    }
+
+    fn completed(&self) {
+        let now = Instant::now();
+        let mut s = self.lock();
+        s.window_done += 1;
+        let elapsed = now.duration_since(s.window_start);
+        if elapsed >= RATE_WINDOW {
+            #[allow(clippy::cast_precision_loss)]
+            let measured = s.window_done as f64 / elapsed.as_secs_f64();
+            s.rate = 0.5 * s.rate + 0.5 * measured;
+            s.window_start = now;
+            s.window_done = 0;
+        }
+    }
+
+    /// Books the refused request a place after the queue and after every
+    /// request refused before it, one per 1/rate; answers how long from now.
+    fn book(&self) -> Busy {
+        let now = Instant::now();
+        let queued = self.waiting.load(Ordering::Acquire);
+        let mut s = self.lock();
+        let rate = s.rate.max(1.0);
+        #[allow(clippy::cast_precision_loss)]
+        let queue_done = now + Duration::from_secs_f64(queued as f64 / rate);
+        let at = s.booked_until.max(queue_done) + Duration::from_secs_f64(1.0 / rate);
+        s.booked_until = at;
+        Busy {
+            retry_after: at.duration_since(now),
+        }
+    }
+}
+
+/// Leaves the queue however `enter` ends (a dropped request included).
+struct Leave<'a>(&'a AtomicUsize);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn past_the_queue_requests_are_refused_with_later_and_later_retry_times() {
+        let a = std::sync::Arc::new(Admission::new(1, Duration::from_secs(1)));
+        let held = a.enter().await.unwrap();
+        // MIN_QUEUE requests queue (the initial rate allows 500 in a second,
+        // more than MIN_QUEUE: so the bound is the rate's).
+        let bound = a.queue_bound();
+        assert_eq!(bound, 500);
+        let mut queued = Vec::new();
+        for _ in 0..bound {
+            let a = std::sync::Arc::clone(&a);
+            queued.push(tokio::spawn(async move { a.enter().await.map(|_| ()) }));
+        }
+        tokio::task::yield_now().await;
+        while a.queued() < bound {
+            tokio::task::yield_now().await;
+        }
+        let first = a.enter().await.unwrap_err();
+        let second = a.enter().await.unwrap_err();
+        // After the queue (500 at 500/s: one second), then one more slot each.
+        assert!(first.retry_after >= Duration::from_secs(1), "{first:?}");
+        assert!(second.retry_after > first.retry_after, "{second:?}");
+        assert_eq!(
+            second.retry_after - first.retry_after,
+            Duration::from_secs_f64(1.0 / 500.0)
+        );
+        drop(held);
+        for q in queued {
+            q.await.unwrap().unwrap();
+        }
+        assert_eq!(a.queued(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_that_is_never_freed_turns_the_queue_away_in_bounded_time() {
+        let a = Admission::new(1, Duration::from_millis(100));
+        let _held = a.enter().await.unwrap();
+        let began = Instant::now();
+        let refused = a.enter().await.unwrap_err();
+        assert_eq!(began.elapsed(), Duration::from_millis(200));
+        assert!(refused.retry_after > Duration::ZERO);
+        assert_eq!(a.queued(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_follows_completions() {
+        let a = Admission::new(4, Duration::from_secs(1));
+        for _ in 0..10 {
+            for _ in 0..1000 {
+                drop(a.enter().await.unwrap());
+            }
+            tokio::time::advance(Duration::from_millis(500)).await;
+        }
+        drop(a.enter().await.unwrap());
+        // 2,000 a second measured; the queue may hold a second's worth.
+        let bound = a.queue_bound();
+        assert!((1900..=2100).contains(&bound), "{bound}");
+    }
+}
