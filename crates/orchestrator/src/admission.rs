@@ -208,7 +208,7 @@ mod tests {
         assert!(first.retry_after >= Duration::from_secs(1), "{first:?}");
         assert!(second.retry_after > first.retry_after, "{second:?}");
         assert_eq!(
-            second.retry_after - first.retry_after,
+            second.retry_after.checked_sub(first.retry_after).unwrap(),
             Duration::from_secs_f64(1.0 / 500.0)
         );
         drop(held);

@@ -113,9 +113,7 @@ impl Server {
         let store = store::open(&config.database_url, &config.pool_settings())
             .await
             .map_err(Error::Store)?;
-        let offered = ChallengeKey::random_bytes().map_err(Error::Random)?;
-        let challenge_key =
-            ChallengeKey::from_bytes(store.challenge_key(offered).await.map_err(Error::Store)?);
+        let challenge_key = shared_challenge_key(&*store).await?;
         let source: Arc<dyn ControllerSource> = match (&config.mcr_api_url, &config.registry_file) {
             (Some(url), _) => Arc::new(McrHttpSource::new(url, config.mcr_timeout)?),
             (None, Some(path)) => Arc::new(RegistrySource::open(path)?),
@@ -131,15 +129,7 @@ impl Server {
             (true, Some(path)) => Some(ApiKeys::load(path)?),
             _ => None,
         };
-        if config.verification == VerificationMode::Disabled {
-            tracing::warn!(
-                "!!! PEAQOS_MACHINE_IDENTITY_VERIFICATION=disabled: machine writes are accepted \
-                 WITHOUT identity proofs. Development only; never run this in production. !!!"
-            );
-        }
-        if api_keys.is_none() {
-            tracing::warn!("API-key auth is off (PEAQOS_REQUIRE_API_AUTH): the API is public");
-        }
+        warn_about_unsafe_settings(&config, api_keys.is_none());
         let metrics = Arc::new(Metrics::new());
         let cache = ControllerCache::new(
             Arc::clone(&source),
@@ -212,6 +202,27 @@ impl Server {
         tracing::info!("peaqos-orchestrator stopped");
         Ok(())
     }
+}
+
+/// Says loudly what makes this server unfit for production.
+fn warn_about_unsafe_settings(config: &Config, public: bool) {
+    if config.verification == VerificationMode::Disabled {
+        tracing::warn!(
+            "!!! PEAQOS_MACHINE_IDENTITY_VERIFICATION=disabled: machine writes are accepted \
+             WITHOUT identity proofs. Development only; never run this in production. !!!"
+        );
+    }
+    if public {
+        tracing::warn!("API-key auth is off (PEAQOS_REQUIRE_API_AUTH): the API is public");
+    }
+}
+
+/// The challenge key every replica of the store shares (the first one
+/// offered).
+async fn shared_challenge_key(store: &dyn store::Store) -> Result<ChallengeKey, Error> {
+    let offered = ChallengeKey::random_bytes().map_err(Error::Random)?;
+    let stored = store.challenge_key(offered).await.map_err(Error::Store)?;
+    Ok(ChallengeKey::from_bytes(stored))
 }
 
 /// The connection limits, and the event streams' within them.

@@ -54,6 +54,14 @@ pub(crate) struct Causes {
 }
 
 impl Causes {
+    fn count(&mut self, status: Option<u16>) {
+        match status {
+            Some(503) => self.unavailable_503 += 1,
+            Some(_) => self.rate_limited_429 += 1,
+            None => self.connection += 1,
+        }
+    }
+
     fn add(&mut self, other: Self) {
         self.unavailable_503 += other.unavailable_503;
         self.rate_limited_429 += other.rate_limited_429;
@@ -111,6 +119,7 @@ fn fraction(state: &mut u64) -> f64 {
     (*state >> 11) as f64 / (1u64 << 53) as f64
 }
 
+#[derive(Default)]
 struct AgentOutcome {
     finished: Option<Instant>,
     total: Option<Duration>,
@@ -143,14 +152,7 @@ pub(crate) async fn run(
             tokio::time::sleep_until(arrival.into()).await;
             let mut rng = 0x9E37_79B9_7F4A_7C15 ^ (agent.id.wrapping_mul(0x2545_F491_4F6C_DD1D));
             let mut ceiling = Duration::from_secs(1);
-            let mut outcome = AgentOutcome {
-                finished: None,
-                total: None,
-                attempt: None,
-                retries: 0,
-                causes: Causes::default(),
-                error: None,
-            };
+            let mut outcome = AgentOutcome::default();
             loop {
                 let result = {
                     let _permit = open.acquire().await;
@@ -173,11 +175,7 @@ pub(crate) async fn run(
                         retry_after,
                     } => {
                         outcome.retries += 1;
-                        match status {
-                            Some(503) => outcome.causes.unavailable_503 += 1,
-                            Some(_) => outcome.causes.rate_limited_429 += 1,
-                            None => outcome.causes.connection += 1,
-                        }
+                        outcome.causes.count(status);
                         outcome.error.get_or_insert(error);
                         // Full jitter under the ceiling, at least a tenth of
                         // a second and at least the server's Retry-After;

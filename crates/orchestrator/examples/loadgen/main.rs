@@ -33,6 +33,7 @@
 
 mod burst;
 mod client;
+mod cost;
 mod report;
 mod scenarios;
 mod setup;
@@ -276,6 +277,7 @@ async fn drive(
     backend: Option<Backend>,
 ) -> anyhow::Result<()> {
     let key = Arc::new(setup::controller());
+    let database_url = args.database_url.as_deref();
     // First, every page once (before anything else has been read, so that
     // every page costs the same on every store): the walk's figures, the
     // cursors of the `list` scenario, and controller data cached for every
@@ -324,8 +326,11 @@ async fn drive(
                     deadline: Duration::from_secs(args.burst_deadline),
                     max_open: max_open_connections(),
                 };
+                let before = cost::Snapshot::take(database_url).await?;
                 let r = burst::run(addrs, agents, &key, &plan).await;
+                let spent = before.until(cost::Snapshot::take(database_url).await?);
                 report::burst_progress(&r);
+                report::burst_cost(&r, &spent);
                 burst = Some((r, plan));
             }
         }

@@ -43,6 +43,22 @@ pub(crate) fn burst_progress(r: &burst::Report) {
     );
 }
 
+/// CPU and WAL per re-proof: the capacity model's inputs.
+pub(crate) fn burst_cost(r: &burst::Report, spent: &crate::cost::Snapshot) {
+    let n = r.done.max(1) as f64;
+    eprintln!(
+        "burst cost per re-proof: server {:.0} µs CPU, load generator {:.0} µs, \
+         PostgreSQL {:.0} µs{}",
+        spent.server_cpu / n * 1e6,
+        spent.client_cpu / n * 1e6,
+        spent.postgres_cpu / n * 1e6,
+        spent
+            .wal
+            .map(|b| format!(", WAL {:.0} bytes", b as f64 / n))
+            .unwrap_or_default()
+    );
+}
+
 pub(crate) struct Run<'a> {
     pub(crate) backend: Option<Backend>,
     pub(crate) replicas: usize,

@@ -32,8 +32,7 @@ macro_rules! unnumbered_columns {
 /// previous numberer committed, and it numbers nothing twice. The lock is
 /// the transaction's, released at its end. The key is arbitrary and ours
 /// ("peaqaudi" in ASCII).
-pub(super) const NUMBER_SQL: &str = concat!(
-    "SELECT pg_advisory_xact_lock(8098986644489987177); \
+pub(super) const NUMBER_SQL: &str = "SELECT pg_advisory_xact_lock(8098986644489987177); \
      WITH todo AS (\
         SELECT arrival, row_number() OVER (ORDER BY arrival) AS n FROM (\
             SELECT arrival FROM audit_events WHERE id IS NULL ORDER BY arrival LIMIT 10000\
@@ -43,8 +42,7 @@ pub(super) const NUMBER_SQL: &str = concat!(
         WHERE only_row = 1 AND EXISTS (SELECT 1 FROM todo) \
         RETURNING last_id - (SELECT count(*) FROM todo) AS first) \
      UPDATE audit_events AS e SET id = base.first + todo.n \
-     FROM todo, base WHERE e.id IS NULL AND e.arrival = todo.arrival"
-);
+     FROM todo, base WHERE e.id IS NULL AND e.arrival = todo.arrival";
 
 /// Inserts the event (unnumbered) once `$written` has a row.
 macro_rules! event_ctes {
