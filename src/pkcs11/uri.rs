@@ -125,6 +125,37 @@ impl Pkcs11Uri {
     }
 }
 
+impl Pkcs11Uri {
+    /// The URI of a new key pair beside this one on the same token (key
+    /// rotation's successor): the same token, module and PIN, the object
+    /// `id` (as given) and a label derived from this one's (`LABEL-next-ID`).
+    pub fn sibling(&self, id: &[u8]) -> Result<Self, UriError> {
+        let rest = &self.text[7..];
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut items: Vec<String> = path
+            .split(';')
+            .filter(|s| !s.is_empty() && !s.starts_with("object=") && !s.starts_with("id="))
+            .map(str::to_owned)
+            .collect();
+        let label = path
+            .split(';')
+            .find_map(|s| s.strip_prefix("object="))
+            .unwrap_or("controller");
+        let id_hex = hex(id);
+        items.push(format!("object={label}-next-{id_hex}"));
+        items.push(format!(
+            "id={}",
+            id.iter().map(|b| format!("%{b:02x}")).collect::<String>()
+        ));
+        let mut text = format!("pkcs11:{}", items.join(";"));
+        if !query.is_empty() {
+            text.push('?');
+            text.push_str(query);
+        }
+        text.parse()
+    }
+}
+
 /// Lowercase hex of an object id.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;

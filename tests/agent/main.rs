@@ -12,6 +12,7 @@ mod console;
 mod e2e;
 mod faults;
 mod gateway;
+mod rotation;
 #[cfg(feature = "pkcs11")]
 mod gateway_mqtt;
 #[cfg(feature = "pkcs11")]

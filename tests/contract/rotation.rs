@@ -1,0 +1,220 @@
+//! Key rotation against the contract double, with the real binary: `key
+//! rotate` while the agent runs, the owner adding the successor and later
+//! removing the old key (the record never leaves `active`, as a client
+//! reading it would see it), the owner replacing the controller in one step
+//! (back at the next check), and kill -9 right after each step.
+
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use peaqos_protocol::Address;
+
+use crate::agent::{AgentProcess, Device, poll};
+use crate::double::{Double, Endpoint, Quirks};
+
+const BIN: &str = env!("CARGO_BIN_EXE_peaqos-agent");
+const ID: &str = "did:peaq:7070";
+const WAIT: Duration = Duration::from_secs(15);
+
+/// `peaqos-agent key rotate --config config`: the successor's address.
+fn rotate(config: &std::path::Path) -> Address {
+    let out = Command::new(BIN)
+        .args(["key", "rotate", "--config"])
+        .arg(config)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Address::parse(String::from_utf8(out.stdout).unwrap().trim()).unwrap()
+}
+
+/// Whether the record reads `active` as a client reading it sees it: the
+/// contract's `GET` re-verifies the stored proof's signer against the
+/// controllers now.
+fn reads_active(double: &Double, controllers: &[Address]) -> bool {
+    double.records().iter().any(|r| {
+        r.identity == ID
+            && r.status == "active"
+            && r.signer().is_some_and(|s| controllers.contains(&s))
+    })
+}
+
+fn signer(double: &Double) -> Option<Address> {
+    double
+        .records()
+        .into_iter()
+        .find(|r| r.identity == ID)
+        .and_then(|r| r.signer())
+}
+
+async fn started(hold: Option<&str>) -> (Double, Device, std::path::PathBuf, AgentProcess) {
+    let double = Double::start(Quirks::default()).await;
+    let device = Device::new(ID);
+    double.set_controllers(ID, &[device.address()]);
+    let config = device.write_config(&double.url(), "", "");
+    let env: Vec<(&str, &std::path::Path)> = hold
+        .map(|h| vec![("PEAQOS_AGENT_TEST_HOLD_AFTER", std::path::Path::new(h))])
+        .unwrap_or_default();
+    let mut agent = device.run(&config, &env);
+    agent.wait_line(0, "state=active", WAIT).await;
+    (double, device, config, agent)
+}
+
+/// Signatures the agent logged after log line `from`, by signer.
+fn signed_by(agent: &AgentProcess, from: usize, who: Address) -> usize {
+    agent
+        .log()
+        .lines()
+        .skip(from)
+        .filter(|l| {
+            l.contains("signed identity challenge") && l.contains(&who.checksummed().to_string())
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn two_controllers_rotation_never_leaves_active_and_the_old_key_is_silent_after() {
+    let (double, device, config, mut agent) = started(None).await;
+    let double = Arc::new(double);
+    let old = device.address();
+    let controllers = Arc::new(Mutex::new(vec![old]));
+    // A client polling the record all along: it must read active at every
+    // look (a change of controllers and the check happen under one lock).
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (looks, lapses) = (Arc::new(Mutex::new(0usize)), Arc::new(Mutex::new(Vec::new())));
+    let watcher = {
+        let (double, controllers, watching) = (double.clone(), controllers.clone(), watching.clone());
+        let (looks, lapses) = (looks.clone(), lapses.clone());
+        tokio::spawn(async move {
+            while watching.load(std::sync::atomic::Ordering::SeqCst) {
+                {
+                    let list = controllers.lock().unwrap();
+                    if !reads_active(&double, &list) {
+                        lapses.lock().unwrap().push(format!("{:?}", double.records()));
+                    }
+                    *looks.lock().unwrap() += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+
+    let mark = agent.mark();
+    let next = rotate(&config);
+    assert_ne!(next, old);
+    let keys = device.state_dir().join("keys");
+    assert!(keys.join(format!("{}.key", next.checksummed())).exists());
+    agent.wait_line(mark, "key rotation: prepared", WAIT).await;
+    // Not a controller yet: checks take challenges but sign nothing with
+    // the successor, and the old key keeps the record.
+    let reads = double.count(Endpoint::GetMachine);
+    poll("three more checks", WAIT, || (double.count(Endpoint::GetMachine) >= reads + 3).then_some(()), || agent.log()).await;
+    assert_eq!(signed_by(&agent, mark, next), 0, "{}", agent.log());
+
+    // The owner adds the successor.
+    {
+        let mut list = controllers.lock().unwrap();
+        *list = vec![old, next];
+        double.set_controllers(ID, &list);
+    }
+    let promoted = agent.wait_line(mark, "key rotation: promoted", WAIT).await;
+    agent.wait_line(promoted, "key rotation: retired", WAIT).await;
+    assert_eq!(signer(&double), Some(next));
+    // ... and later removes the old key.
+    {
+        let mut list = controllers.lock().unwrap();
+        *list = vec![next];
+        double.set_controllers(ID, &list);
+    }
+    let reads = double.count(Endpoint::GetMachine);
+    poll("three more checks", WAIT, || (double.count(Endpoint::GetMachine) >= reads + 3).then_some(()), || agent.log()).await;
+    agent.mark();
+    let log = agent.stop().await;
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    watcher.await.unwrap();
+
+    assert!(*looks.lock().unwrap() > 50);
+    assert!(lapses.lock().unwrap().is_empty(), "left active: {:?}", lapses.lock().unwrap());
+    // The old key signed nothing after the promotion.
+    let after: Vec<&str> = log.lines().skip(promoted).filter(|l| l.contains("signed identity challenge")).collect();
+    assert!(after.iter().all(|l| !l.contains(&old.checksummed().to_string())), "{log}");
+    assert!(log.contains(&format!("old_controller={}", old.checksummed())), "{log}");
+    // The configured file is the operator's: recorded as retired, kept.
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(keys.join("rotation.json")).unwrap()).unwrap();
+    assert_eq!(record["current"]["address"], next.checksummed());
+    assert_eq!(record["retired"][0]["address"], old.checksummed());
+    assert!(record["next"].is_null(), "{record}");
+
+    // A restart comes back with the successor, and check says so.
+    let mut again = device.run(&config, &[]);
+    again.wait_line(0, &format!("controller={}", next.checksummed()), WAIT).await;
+    again.wait_line(0, "state=active", WAIT).await;
+    again.stop().await;
+    let check = Command::new(BIN).args(["check", "--config"]).arg(&config).output().unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(text.contains(&format!("rotated: {}", next.checksummed())), "{text}");
+    assert!(text.contains("key retired") && text.contains(&device.key_path.display().to_string()), "{text}");
+}
+
+#[tokio::test]
+async fn one_step_replacement_is_back_at_the_next_check() {
+    let (double, device, config, mut agent) = started(None).await;
+    let mark = agent.mark();
+    let next = rotate(&config);
+    agent.wait_line(mark, "key rotation: prepared", WAIT).await;
+    // The owner replaces the controller: the old key's proof no longer
+    // counts, and the record reads as not activated.
+    let reads = double.count(Endpoint::GetMachine);
+    double.set_controllers(ID, &[next]);
+    agent.wait_line(mark, "key rotation: promoted", WAIT).await;
+    // Back with the successor's proof at the first check after the change
+    // (a read already under way when the controllers changed may count
+    // too), not after a retry.
+    assert!(double.count(Endpoint::GetMachine) <= reads + 2, "{}", agent.log());
+    assert!(reads_active(&double, &[next]));
+    assert_eq!(signed_by(&agent, mark, device.address()), 0, "{}", agent.log());
+    agent.stop().await;
+}
+
+/// kill -9 right after each step: the machine comes back, with a key that
+/// is a controller, and finishes the rotation.
+#[tokio::test]
+async fn kill_9_after_each_step_comes_back_with_a_controller_key() {
+    for step in ["prepared", "proven", "promoted", "retired"] {
+        let (double, device, config, agent) = started(Some(step)).await;
+        let mark = agent.mark();
+        let next = rotate(&config);
+        let mut agent = agent;
+        agent.wait_line(mark, "key rotation: prepared", WAIT).await;
+        // One step: from now on only the successor is a controller.
+        double.set_controllers(ID, &[next]);
+        agent.wait_line(mark, &format!("holding after this step"), WAIT).await;
+        assert!(agent.log().contains(&format!("rotation_step=\"{step}\"")) || agent.log().contains(&format!("rotation_step={step}")), "{}", agent.log());
+        let _ = agent.kill();
+        let mut again = device.run(&config, &[]);
+        poll(
+            &format!("active with the successor after kill -9 at {step}"),
+            WAIT,
+            || reads_active(&double, &[next]).then_some(()),
+            || again.log(),
+        )
+        .await;
+        again.wait_line(0, "state=active", WAIT).await;
+        if step != "retired" {
+            again.wait_line(0, "key rotation: retired", WAIT).await;
+        }
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(device.state_dir().join("keys/rotation.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(record["current"]["address"], next.checksummed(), "{step}");
+        assert!(record["retiring"].is_null(), "{step}: {record}");
+        again.stop().await;
+    }
+}
