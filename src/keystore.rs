@@ -328,9 +328,15 @@ mod tests {
             );
             assert_eq!(a["crypto"]["kdf"], b["crypto"]["kdf"]);
             for field in ["n", "r", "p", "c", "prf", "dklen"] {
-                assert_eq!(a["crypto"]["kdfparams"][field], b["crypto"]["kdfparams"][field]);
+                assert_eq!(
+                    a["crypto"]["kdfparams"][field],
+                    b["crypto"]["kdfparams"][field]
+                );
             }
-            assert_ne!(a["crypto"]["kdfparams"]["salt"], b["crypto"]["kdfparams"]["salt"]);
+            assert_ne!(
+                a["crypto"]["kdfparams"]["salt"],
+                b["crypto"]["kdfparams"]["salt"]
+            );
             assert!(!json.contains(key.to_hex().as_str()));
         }
     }

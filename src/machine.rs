@@ -352,7 +352,7 @@ impl Life {
                 tokio::task::spawn_blocking(move || {
                     crate::rotation::open_effective(&identity, &state_dir, &state_root)
                 })
-                    .await
+                .await
             };
             let error = match opened {
                 Ok(Ok(key)) => return Some(key),

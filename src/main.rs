@@ -244,18 +244,19 @@ fn key_rotate(path: &Path, machine: Option<&str>) -> Result<ExitCode, Failure> {
         Some(name) => machines::read_all(&config)
             .map_err(anyhow::Error::new)
             .and_then(|entries| {
-                let entry = entries.into_iter().find(|e| e.name == name).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "no machine {name:?} in {}",
-                        config.machines_dir.display()
-                    )
-                })?;
+                let entry = entries
+                    .into_iter()
+                    .find(|e| e.name == name)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("no machine {name:?} in {}", config.machines_dir.display())
+                    })?;
                 entry.spec.map_err(anyhow::Error::new)
             }),
     }
     .map_err(fail(EX_CONFIG, false))?;
-    let key = peaqos_agent::rotation::open_effective(&spec.identity, &spec.state_dir, &config.state.dir)
-        .map_err(open_failed)?;
+    let key =
+        peaqos_agent::rotation::open_effective(&spec.identity, &spec.state_dir, &config.state.dir)
+            .map_err(open_failed)?;
     let (next, unsealed) =
         peaqos_agent::rotation::prepare(&spec.identity, &spec.state_dir, key.address())
             .context("key rotation failed")

@@ -355,14 +355,19 @@ fn token_of(
 
 /// How the current key is held, which its successor copies.
 enum Protection {
-    Plain { mode: u32 },
-    Keystore { like: Zeroizing<String>, password: PathBuf },
+    Plain {
+        mode: u32,
+    },
+    Keystore {
+        like: Zeroizing<String>,
+        password: PathBuf,
+    },
     /// A sealed credential: the sandboxed agent cannot seal, so the
     /// successor is a 0600 plaintext file until an operator seals it.
     Sealed,
     #[cfg(feature = "pkcs11")]
     Token {
-        uri: crate::pkcs11::Pkcs11Uri,
+        uri: Box<crate::pkcs11::Pkcs11Uri>,
         pin: Option<String>,
     },
 }
@@ -382,12 +387,15 @@ fn protection(at: &KeyRef, identity: &IdentityConfig) -> Result<Protection, Rota
         (Location::Pkcs11 { uri }, _) => {
             let (parsed, pin) = token_of(identity, uri);
             let uri = parsed.map_err(RotateError::Uri)?;
-            return Ok(Protection::Token { uri, pin });
+            return Ok(Protection::Token {
+                uri: Box::new(uri),
+                pin,
+            });
         }
         #[cfg(feature = "pkcs11")]
         (Location::Configured, KeySource::Token { uri, pin }) => {
             return Ok(Protection::Token {
-                uri: uri.clone(),
+                uri: Box::new(uri.clone()),
                 pin,
             });
         }
@@ -411,8 +419,7 @@ fn protection(at: &KeyRef, identity: &IdentityConfig) -> Result<Protection, Rota
         Held::Plaintext => Protection::Plain { mode: info.mode },
         Held::Sealed(_) => Protection::Sealed,
         Held::Keystore => Protection::Keystore {
-            like: secrets::read(&path)
-                .map_err(|e| RotateError::Current(KeyError::Read(e)))?,
+            like: secrets::read(&path).map_err(|e| RotateError::Current(KeyError::Read(e)))?,
             password: password.expect("a keystore opened with its password"),
         },
     })
@@ -496,11 +503,9 @@ fn write_key(
     let path = keys.join(&name);
     let mut text = encode(&key)?;
     text.push('\n');
-    write_atomically(keys, &name, text.as_bytes(), mode).map_err(|source| {
-        RotateError::Write {
-            path: path.clone(),
-            source,
-        }
+    write_atomically(keys, &name, text.as_bytes(), mode).map_err(|source| RotateError::Write {
+        path: path.clone(),
+        source,
     })?;
     adopt(&path, keys);
     Ok(KeyRef {
@@ -554,9 +559,7 @@ pub fn retired_file(at: &KeyRef, identity: &IdentityConfig) -> Option<String> {
         (Location::Configured, KeySource::File { location, .. }) => Some(
             location
                 .strip_prefix(secrets::CREDENTIAL_PREFIX)
-                .and_then(|name| {
-                    secrets::unit_source(name, Path::new(secrets::UNIT_CONFIG_DIR))
-                })
+                .and_then(|name| secrets::unit_source(name, Path::new(secrets::UNIT_CONFIG_DIR)))
                 .map_or_else(|| location.to_owned(), |p| p.display().to_string()),
         ),
         _ => None,

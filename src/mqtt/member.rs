@@ -359,19 +359,21 @@ impl Member {
         // What the loop answers, as the result's message: a rotation's
         // answer is the successor's address.
         type Answer = Result<Result<Option<String>, String>, oneshot::error::RecvError>;
-        let (command, reply_rx): (Command, std::pin::Pin<Box<dyn Future<Output = Answer> + Send>>) =
-            match req.name {
-                CommandName::Reregister => {
-                    let (tx, rx) = oneshot::channel::<Result<(), String>>();
-                    let answer = async move { rx.await.map(|r| r.map(|()| None)) };
-                    (Command::Reregister { reply: tx }, Box::pin(answer))
-                }
-                CommandName::RotateKey => {
-                    let (tx, rx) = oneshot::channel::<Result<String, String>>();
-                    let answer = async move { rx.await.map(|r| r.map(Some)) };
-                    (Command::RotateKey { reply: tx }, Box::pin(answer))
-                }
-            };
+        let (command, reply_rx): (
+            Command,
+            std::pin::Pin<Box<dyn Future<Output = Answer> + Send>>,
+        ) = match req.name {
+            CommandName::Reregister => {
+                let (tx, rx) = oneshot::channel::<Result<(), String>>();
+                let answer = async move { rx.await.map(|r| r.map(|()| None)) };
+                (Command::Reregister { reply: tx }, Box::pin(answer))
+            }
+            CommandName::RotateKey => {
+                let (tx, rx) = oneshot::channel::<Result<String, String>>();
+                let answer = async move { rx.await.map(|r| r.map(Some)) };
+                (Command::RotateKey { reply: tx }, Box::pin(answer))
+            }
+        };
         // The registration loop's queue is small and it may be busy: a full
         // queue is a rejection, never a wait.
         if let Err(e) = self.commands.try_send(command) {

@@ -144,8 +144,13 @@ impl Pkcs11Uri {
         let id_hex = hex(id);
         items.push(format!("object={label}-next-{id_hex}"));
         items.push(format!(
-            "id={}",
-            id.iter().map(|b| format!("%{b:02x}")).collect::<String>()
+            "id=%{}",
+            id_hex
+                .as_bytes()
+                .chunks(2)
+                .map(|p| std::str::from_utf8(p).unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join("%")
         ));
         let mut text = format!("pkcs11:{}", items.join(";"));
         if !query.is_empty() {

@@ -68,8 +68,7 @@ impl Registrar {
                 }
                 Err(e) if e.is(&ErrorCode::NotActivated) || e.is(&ErrorCode::ProofExpired) => {
                     tracing::info!(machine_id = %id, error_code = %e.code(), "record needs a fresh proof");
-                    self.prove(&id, AgentState::Activating, None, false)
-                        .await?;
+                    self.prove(&id, AgentState::Activating, None, false).await?;
                     return Ok(Settled::Active);
                 }
                 Err(e) => return Err(e.into()),

@@ -137,11 +137,10 @@ impl Registrar {
         let identity = self.rotation.identity.clone();
         let state_dir = self.rotation.state_dir.clone();
         let current = self.key.address();
-        let prepared = tokio::task::spawn_blocking(move || {
-            rotation::prepare(&identity, &state_dir, current)
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+        let prepared =
+            tokio::task::spawn_blocking(move || rotation::prepare(&identity, &state_dir, current))
+                .await
+                .map_err(|e| e.to_string())?;
         match prepared {
             Ok((address, unsealed)) => {
                 if unsealed {
@@ -213,8 +212,7 @@ impl Registrar {
         };
         let identity = self.rotation.identity.clone();
         let (address, at) = (old.address, old.clone());
-        let retired =
-            tokio::task::spawn_blocking(move || rotation::retire(&at, &identity)).await;
+        let retired = tokio::task::spawn_blocking(move || rotation::retire(&at, &identity)).await;
         match retired {
             Ok(Ok(kept)) => {
                 record.retired.extend(kept);

@@ -12,11 +12,11 @@ mod console;
 mod e2e;
 mod faults;
 mod gateway;
-mod rotation;
 #[cfg(feature = "pkcs11")]
 mod gateway_mqtt;
 #[cfg(feature = "pkcs11")]
 mod pkcs11;
 #[cfg(feature = "pkcs11")]
 mod pkcs11_pin;
+mod rotation;
 mod sealed;

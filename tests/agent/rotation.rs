@@ -89,7 +89,10 @@ async fn two_controllers_on_our_orchestrator_zero_time_out_of_active_by_the_audi
         })
     };
 
-    let next = rotate(&mut Command::new(BIN), &["--config", path.to_str().unwrap()]);
+    let next = rotate(
+        &mut Command::new(BIN),
+        &["--config", path.to_str().unwrap()],
+    );
     until("the running agent picks the successor up", async || {
         agent.status.borrow().next_controller_address.as_deref() == Some(&*next.checksummed())
     })
@@ -115,19 +118,38 @@ async fn two_controllers_on_our_orchestrator_zero_time_out_of_active_by_the_audi
     // after the promotion names the successor as signer, and no event ever
     // takes the record out of active.
     let events = orch.audit_events(&id).await;
-    let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str().or(e["event_type"].as_str())).collect();
-    let first_active = types.iter().position(|t| *t == "machine.activated").unwrap_or_else(|| panic!("{events:#?}"));
+    let types: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["type"].as_str().or(e["event_type"].as_str()))
+        .collect();
+    let first_active = types
+        .iter()
+        .position(|t| *t == "machine.activated")
+        .unwrap_or_else(|| panic!("{events:#?}"));
     assert!(
-        types[first_active + 1..].iter().all(|t| *t == "machine.proof_renewed"),
+        types[first_active + 1..]
+            .iter()
+            .all(|t| *t == "machine.proof_renewed"),
         "{events:#?}"
     );
     let signers: Vec<String> = events[first_active + 1..]
         .iter()
-        .map(|e| e["payload"]["signer"].as_str().unwrap().to_ascii_lowercase())
+        .map(|e| {
+            e["payload"]["signer"]
+                .as_str()
+                .unwrap()
+                .to_ascii_lowercase()
+        })
         .collect();
     let successor = next.checksummed().to_ascii_lowercase();
-    let from = signers.iter().position(|s| *s == successor).unwrap_or_else(|| panic!("{events:#?}"));
-    assert!(signers[from..].iter().all(|s| *s == successor), "the old key signed after: {signers:?}");
+    let from = signers
+        .iter()
+        .position(|s| *s == successor)
+        .unwrap_or_else(|| panic!("{events:#?}"));
+    assert!(
+        signers[from..].iter().all(|s| *s == successor),
+        "the old key signed after: {signers:?}"
+    );
 }
 
 /// A child agent whose log goes to a file the test reads.
@@ -205,32 +227,58 @@ async fn kill_9_after_each_step_with_the_key_in_softhsm() {
         let Some(hsm) = peaqos_testkit::SoftHsm::start(test, "robot") else {
             return;
         };
-        let uri = format!("{}&pin-source={}", hsm.uri("controller"), hsm.pin_file().display());
-        let out = hsm.command(BIN).args(["keygen", "--pkcs11", &uri]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let uri = format!(
+            "{}&pin-source={}",
+            hsm.uri("controller"),
+            hsm.pin_file().display()
+        );
+        let out = hsm
+            .command(BIN)
+            .args(["keygen", "--pkcs11", &uri])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let old = Address::parse(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
         let orch = Orchestrator::start(|_| {}).await;
         orch.set_controllers(ID, &[old]);
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let config = dir.path().join("agent.toml");
-        let text = config_text(&orch.url(), ID, Path::new("unused"), &state, FAST_RENEWAL)
+        let toml = config_text(&orch.url(), ID, Path::new("unused"), &state, FAST_RENEWAL)
             .replace("key_file = \"unused\"", &format!("key = \"{uri}\""));
-        std::fs::write(&config, text).unwrap();
+        std::fs::write(&config, toml).unwrap();
 
-        let mut agent = Child9::start(&mut hsm.command(BIN), &config, dir.path().join("1.log"), Some(step));
+        let mut agent = Child9::start(
+            &mut hsm.command(BIN),
+            &config,
+            dir.path().join("1.log"),
+            Some(step),
+        );
         agent.wait_line("state=active").await;
-        let next = rotate(&mut hsm.command(BIN), &["--config", config.to_str().unwrap()]);
+        let next = rotate(
+            &mut hsm.command(BIN),
+            &["--config", config.to_str().unwrap()],
+        );
         agent.wait_line("key rotation: prepared").await;
         // The owner replaces the controller in one step.
         orch.set_controllers(ID, &[next]);
         agent.wait_line("holding after this step").await;
         agent.kill();
 
-        let mut again = Child9::start(&mut hsm.command(BIN), &config, dir.path().join("2.log"), None);
-        until(&format!("active, proved by the successor, after kill -9 at {step}"), async || {
-            active_by(&orch, &state, next).await
-        })
+        let mut again = Child9::start(
+            &mut hsm.command(BIN),
+            &config,
+            dir.path().join("2.log"),
+            None,
+        );
+        until(
+            &format!("active, proved by the successor, after kill -9 at {step}"),
+            async || active_by(&orch, &state, next).await,
+        )
         .await;
         if step != "retired" {
             again.wait_line("key rotation: retired").await;
@@ -239,8 +287,14 @@ async fn kill_9_after_each_step_with_the_key_in_softhsm() {
         // and never extractable, on the same token.
         let (ok, listing) = hsm.pkcs11_tool(&["--list-objects"]);
         assert!(ok, "{listing}");
-        assert!(!listing.contains("label:      controller\n"), "{step}: {listing}");
-        assert!(listing.contains("label:      controller-next-"), "{step}: {listing}");
+        assert!(
+            !listing.contains("label:      controller\n"),
+            "{step}: {listing}"
+        );
+        assert!(
+            listing.contains("label:      controller-next-"),
+            "{step}: {listing}"
+        );
         assert!(listing.contains("never extractable"), "{listing}");
         again.wait_line("state=active").await;
         again.kill();
@@ -282,11 +336,18 @@ async fn a_gateway_rotates_one_machine_and_the_others_take_no_challenge() {
         ),
     )
     .unwrap();
-    let mut agent = Child9::start(&mut Command::new(BIN), &config, dir.path().join("gw.log"), None);
-    for n in 0..4 {
-        let (identity, signer) = registry[n].clone();
+    let mut agent = Child9::start(
+        &mut Command::new(BIN),
+        &config,
+        dir.path().join("gw.log"),
+        None,
+    );
+    for (n, (identity, signer)) in registry.clone().into_iter().enumerate() {
         let machine_state = state.join("machines").join(format!("m{n}"));
-        until(&format!("{identity} active"), async || active_by(&orch, &machine_state, signer).await).await;
+        until(&format!("{identity} active"), async || {
+            active_by(&orch, &machine_state, signer).await
+        })
+        .await;
     }
     let challenges = |identity: &str| {
         link.exchanges
@@ -315,11 +376,21 @@ async fn a_gateway_rotates_one_machine_and_the_others_take_no_challenge() {
     })
     .await;
     let log = agent.log();
-    let line = log.lines().find(|l| l.contains("key rotation: promoted")).unwrap();
-    assert!(line.contains("m2"), "the machine's name on the step: {line}");
+    let promoted = log
+        .lines()
+        .find(|l| l.contains("key rotation: promoted"))
+        .unwrap();
+    assert!(
+        promoted.contains("m2"),
+        "the machine's name on the step: {promoted}"
+    );
     for (n, (identity, _)) in registry.iter().enumerate() {
         if n != 2 {
-            assert_eq!(challenges(identity), before[n], "{identity} took a challenge");
+            assert_eq!(
+                challenges(identity),
+                before[n],
+                "{identity} took a challenge"
+            );
         }
     }
     assert!(challenges(&registry[2].0) > before[2]);

@@ -71,13 +71,12 @@ fn signed_by(agent: &AgentProcess, from: usize, who: Address) -> usize {
         .log()
         .lines()
         .skip(from)
-        .filter(|l| {
-            l.contains("signed identity challenge") && l.contains(&who.checksummed().to_string())
-        })
+        .filter(|l| l.contains("signed identity challenge") && l.contains(&*who.checksummed()))
         .count()
 }
 
 #[tokio::test]
+#[allow(clippy::too_many_lines)] // one rotation, told in order
 async fn two_controllers_rotation_never_leaves_active_and_the_old_key_is_silent_after() {
     let (double, device, config, mut agent) = started(None).await;
     let double = Arc::new(double);
@@ -86,16 +85,23 @@ async fn two_controllers_rotation_never_leaves_active_and_the_old_key_is_silent_
     // A client polling the record all along: it must read active at every
     // look (a change of controllers and the check happen under one lock).
     let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let (looks, lapses) = (Arc::new(Mutex::new(0usize)), Arc::new(Mutex::new(Vec::new())));
+    let (looks, lapses) = (
+        Arc::new(Mutex::new(0usize)),
+        Arc::new(Mutex::new(Vec::new())),
+    );
     let watcher = {
-        let (double, controllers, watching) = (double.clone(), controllers.clone(), watching.clone());
+        let (double, controllers, watching) =
+            (double.clone(), controllers.clone(), watching.clone());
         let (looks, lapses) = (looks.clone(), lapses.clone());
         tokio::spawn(async move {
             while watching.load(std::sync::atomic::Ordering::SeqCst) {
                 {
                     let list = controllers.lock().unwrap();
                     if !reads_active(&double, &list) {
-                        lapses.lock().unwrap().push(format!("{:?}", double.records()));
+                        lapses
+                            .lock()
+                            .unwrap()
+                            .push(format!("{:?}", double.records()));
                     }
                     *looks.lock().unwrap() += 1;
                 }
@@ -113,7 +119,13 @@ async fn two_controllers_rotation_never_leaves_active_and_the_old_key_is_silent_
     // Not a controller yet: checks take challenges but sign nothing with
     // the successor, and the old key keeps the record.
     let reads = double.count(Endpoint::GetMachine);
-    poll("three more checks", WAIT, || (double.count(Endpoint::GetMachine) >= reads + 3).then_some(()), || agent.log()).await;
+    poll(
+        "three more checks",
+        WAIT,
+        || (double.count(Endpoint::GetMachine) >= reads + 3).then_some(()),
+        || agent.log(),
+    )
+    .await;
     assert_eq!(signed_by(&agent, mark, next), 0, "{}", agent.log());
 
     // The owner adds the successor.
@@ -123,7 +135,9 @@ async fn two_controllers_rotation_never_leaves_active_and_the_old_key_is_silent_
         double.set_controllers(ID, &list);
     }
     let promoted = agent.wait_line(mark, "key rotation: promoted", WAIT).await;
-    agent.wait_line(promoted, "key rotation: retired", WAIT).await;
+    agent
+        .wait_line(promoted, "key rotation: retired", WAIT)
+        .await;
     assert_eq!(signer(&double), Some(next));
     // ... and later removes the old key.
     {
@@ -132,18 +146,38 @@ async fn two_controllers_rotation_never_leaves_active_and_the_old_key_is_silent_
         double.set_controllers(ID, &list);
     }
     let reads = double.count(Endpoint::GetMachine);
-    poll("three more checks", WAIT, || (double.count(Endpoint::GetMachine) >= reads + 3).then_some(()), || agent.log()).await;
+    poll(
+        "three more checks",
+        WAIT,
+        || (double.count(Endpoint::GetMachine) >= reads + 3).then_some(()),
+        || agent.log(),
+    )
+    .await;
     agent.mark();
     let log = agent.stop().await;
     watching.store(false, std::sync::atomic::Ordering::SeqCst);
     watcher.await.unwrap();
 
     assert!(*looks.lock().unwrap() > 50);
-    assert!(lapses.lock().unwrap().is_empty(), "left active: {:?}", lapses.lock().unwrap());
+    assert!(
+        lapses.lock().unwrap().is_empty(),
+        "left active: {:?}",
+        lapses.lock().unwrap()
+    );
     // The old key signed nothing after the promotion.
-    let after: Vec<&str> = log.lines().skip(promoted).filter(|l| l.contains("signed identity challenge")).collect();
-    assert!(after.iter().all(|l| !l.contains(&old.checksummed().to_string())), "{log}");
-    assert!(log.contains(&format!("old_controller={}", old.checksummed())), "{log}");
+    let after: Vec<&str> = log
+        .lines()
+        .skip(promoted)
+        .filter(|l| l.contains("signed identity challenge"))
+        .collect();
+    assert!(
+        after.iter().all(|l| !l.contains(&*old.checksummed())),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("old_controller={}", old.checksummed())),
+        "{log}"
+    );
     // The configured file is the operator's: recorded as retired, kept.
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(keys.join("rotation.json")).unwrap()).unwrap();
@@ -153,13 +187,25 @@ async fn two_controllers_rotation_never_leaves_active_and_the_old_key_is_silent_
 
     // A restart comes back with the successor, and check says so.
     let mut again = device.run(&config, &[]);
-    again.wait_line(0, &format!("controller={}", next.checksummed()), WAIT).await;
+    again
+        .wait_line(0, &format!("controller={}", next.checksummed()), WAIT)
+        .await;
     again.wait_line(0, "state=active", WAIT).await;
     again.stop().await;
-    let check = Command::new(BIN).args(["check", "--config"]).arg(&config).output().unwrap();
+    let check = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&check.stdout);
-    assert!(text.contains(&format!("rotated: {}", next.checksummed())), "{text}");
-    assert!(text.contains("key retired") && text.contains(&device.key_path.display().to_string()), "{text}");
+    assert!(
+        text.contains(&format!("rotated: {}", next.checksummed())),
+        "{text}"
+    );
+    assert!(
+        text.contains("key retired") && text.contains(&device.key_path.display().to_string()),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -176,9 +222,18 @@ async fn one_step_replacement_is_back_at_the_next_check() {
     // Back with the successor's proof at the first check after the change
     // (a read already under way when the controllers changed may count
     // too), not after a retry.
-    assert!(double.count(Endpoint::GetMachine) <= reads + 2, "{}", agent.log());
+    assert!(
+        double.count(Endpoint::GetMachine) <= reads + 2,
+        "{}",
+        agent.log()
+    );
     assert!(reads_active(&double, &[next]));
-    assert_eq!(signed_by(&agent, mark, device.address()), 0, "{}", agent.log());
+    assert_eq!(
+        signed_by(&agent, mark, device.address()),
+        0,
+        "{}",
+        agent.log()
+    );
     agent.stop().await;
 }
 
@@ -194,8 +249,13 @@ async fn kill_9_after_each_step_comes_back_with_a_controller_key() {
         agent.wait_line(mark, "key rotation: prepared", WAIT).await;
         // One step: from now on only the successor is a controller.
         double.set_controllers(ID, &[next]);
-        agent.wait_line(mark, &format!("holding after this step"), WAIT).await;
-        assert!(agent.log().contains(&format!("rotation_step=\"{step}\"")) || agent.log().contains(&format!("rotation_step={step}")), "{}", agent.log());
+        agent.wait_line(mark, "holding after this step", WAIT).await;
+        assert!(
+            agent.log().contains(&format!("rotation_step=\"{step}\""))
+                || agent.log().contains(&format!("rotation_step={step}")),
+            "{}",
+            agent.log()
+        );
         let _ = agent.kill();
         let mut again = device.run(&config, &[]);
         poll(
