@@ -278,3 +278,101 @@ async fn kill_9_after_each_step_comes_back_with_a_controller_key() {
         again.stop().await;
     }
 }
+
+/// The fleet's way: the MQTT `rotate_key` command makes the successor, the
+/// retained status shows `nextControllerAddress`, and after a one-step
+/// replacement the `reregister` command brings the record back at once
+/// (the check interval here is an hour).
+#[tokio::test]
+async fn over_mqtt_rotate_key_then_reregister_after_a_one_step_replacement() {
+    const TEST: &str = "over_mqtt_rotate_key_then_reregister_after_a_one_step_replacement";
+    let Some(broker) = peaqos_testkit::Mosquitto::start(TEST, "") else {
+        return;
+    };
+    let tools = peaqos_testkit::find_program("mosquitto_pub")
+        .zip(peaqos_testkit::find_program("mosquitto_sub"));
+    let Some((publish, sub)) = peaqos_testkit::available_or_skip(
+        peaqos_testkit::Service::Mosquitto,
+        TEST,
+        tools,
+        "mosquitto_pub/mosquitto_sub missing (Debian: mosquitto-clients)",
+    ) else {
+        return;
+    };
+    let double = Double::start(Quirks::default()).await;
+    let device = Device::new(ID);
+    double.set_controllers(ID, &[device.address()]);
+    let mqtt = format!(
+        "[mqtt]\nenabled = true\nurl = \"{}\"\ntopic_prefix = \"peaqos/rot\"\n\n\
+         [mqtt.commands]\nenabled = true\nallow = [\"reregister\", \"rotate_key\"]\n",
+        broker.url()
+    );
+    let config = device.write_config(&double.url(), "", &mqtt);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("check_interval = \"300ms\"", "check_interval = \"1h\"");
+    std::fs::write(&config, text).unwrap();
+    let mut agent = device.run(&config, &[]);
+    agent.wait_line(0, "state=active", WAIT).await;
+    let command = |name: &str, id: &str| {
+        let ok = Command::new(&publish)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &broker.port().to_string(),
+                "-q",
+                "1",
+            ])
+            .args([
+                "-t",
+                &format!("peaqos/rot/command/{name}"),
+                "-m",
+                &format!("{{\"id\":\"{id}\"}}"),
+            ])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    let mark = agent.mark();
+    command("rotate_key", "r1");
+    agent.wait_line(mark, "key rotation: prepared", WAIT).await;
+    let next = poll(
+        "nextControllerAddress in the retained status",
+        WAIT,
+        || {
+            let status = broker.retained(&sub, "peaqos/rot/status");
+            let v: serde_json::Value =
+                serde_json::from_str(status.get("peaqos/rot/status")?).ok()?;
+            Address::parse(v["nextControllerAddress"].as_str()?).ok()
+        },
+        || agent.log(),
+    )
+    .await;
+    assert_ne!(next, device.address());
+    let reads = double.count(Endpoint::GetMachine);
+    double.set_controllers(ID, &[next]);
+    command("reregister", "r2");
+    agent.wait_line(mark, "key rotation: promoted", WAIT).await;
+    assert!(reads_active(&double, &[next]));
+    assert_eq!(
+        double.count(Endpoint::GetMachine),
+        reads + 1,
+        "one cycle, on the command"
+    );
+    poll(
+        "the successor as controllerAddress, no nextControllerAddress",
+        WAIT,
+        || {
+            let status = broker.retained(&sub, "peaqos/rot/status");
+            let v: serde_json::Value =
+                serde_json::from_str(status.get("peaqos/rot/status")?).ok()?;
+            (v["controllerAddress"] == next.checksummed()
+                && v.get("nextControllerAddress").is_none())
+            .then_some(())
+        },
+        || agent.log(),
+    )
+    .await;
+    agent.stop().await;
+}
