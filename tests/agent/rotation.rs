@@ -396,3 +396,103 @@ async fn a_gateway_rotates_one_machine_and_the_others_take_no_challenge() {
     assert!(challenges(&registry[2].0) > before[2]);
     agent.kill();
 }
+
+/// A keystore's successor is a keystore with the same password and work
+/// factors, and eth-account opens it; a plaintext key's keeps its mode.
+#[test]
+fn successors_keep_the_protection_and_eth_account_opens_the_keystore() {
+    use std::os::unix::fs::PermissionsExt;
+    let test = "successors_keep_the_protection_and_eth_account_opens_the_keystore";
+    let Some(python) = peaqos_testkit::python_with(test, &["eth_account"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let keystore = dir.path().join("keystore.json");
+    let password = dir.path().join("password");
+    std::fs::write(&password, "s3cret passphrase\n").unwrap();
+    let make = r#"
+import json, sys
+from eth_account import Account
+ks = Account.encrypt(Account.create().key, "s3cret passphrase", kdf="pbkdf2", iterations=2000)
+open(sys.argv[1], "w").write(json.dumps(ks))
+"#;
+    let out = Command::new(&python)
+        .args(["-c", make, keystore.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::set_permissions(&keystore, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let state = dir.path().join("state");
+    let config = dir.path().join("agent.toml");
+    let text = config_text("http://127.0.0.1:9", ID, &keystore, &state, "").replace(
+        "key_file =",
+        &format!("key_password_file = \"{}\"\nkey_file =", password.display()),
+    );
+    std::fs::write(&config, text).unwrap();
+    let next = rotate(
+        &mut Command::new(BIN),
+        &["--config", config.to_str().unwrap()],
+    );
+    let successor = state
+        .join("keys")
+        .join(format!("{}.json", next.checksummed()));
+    let open = r#"
+import json, sys
+from eth_account import Account
+ks = json.load(open(sys.argv[1]))
+print(ks["crypto"]["kdf"], ks["crypto"]["kdfparams"]["c"], Account.from_key(Account.decrypt(ks, "s3cret passphrase")).address)
+"#;
+    let out = Command::new(&python)
+        .args(["-c", open, successor.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("pbkdf2 2000 {}", next.checksummed())
+    );
+    // A second rotation while one waits is refused, naming the successor.
+    let again = Command::new(BIN)
+        .args(["key", "rotate", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains(&*next.checksummed()),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // A plaintext key of mode 0400: its successor is 0400 too.
+    let (_, plain) = write_key(dir.path(), "plain");
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let state = dir.path().join("state2");
+    std::fs::write(
+        &config,
+        config_text("http://127.0.0.1:9", ID, &plain, &state, ""),
+    )
+    .unwrap();
+    let next = rotate(
+        &mut Command::new(BIN),
+        &["--config", config.to_str().unwrap()],
+    );
+    let file = state
+        .join("keys")
+        .join(format!("{}.key", next.checksummed()));
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o400);
+    let keys_mode = std::fs::metadata(state.join("keys"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(keys_mode, 0o700);
+}
