@@ -582,3 +582,118 @@ pub fn journal(step: Step, old: Address, new: Address) {
 pub fn log_failure(what: &str, e: &RotateError) {
     tracing::warn!("key rotation: {what}: {}", error_chain(e));
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn identity(key: &Path) -> IdentityConfig {
+        toml::from_str(&format!(
+            "ref = \"did:peaq:1\"\nkey_file = \"{}\"\n",
+            key.display()
+        ))
+        .unwrap()
+    }
+
+    fn write(path: &Path, key: &SecretKey) {
+        std::fs::write(path, format!("{}\n", key.to_hex().as_str())).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[test]
+    fn the_key_at_start_follows_the_record_unless_the_configuration_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, configured) = (dir.path().join("state"), dir.path().join("c.key"));
+        let old = SecretKey::generate().unwrap();
+        write(&configured, &old);
+        let id = identity(&configured);
+        let open = || open_effective(&id, &state, dir.path()).unwrap().address();
+        assert_eq!(open(), old.address(), "no record: the configured key");
+
+        let (next, sealed) = prepare(&id, &state, old.address()).unwrap();
+        assert!(!sealed);
+        assert_eq!(
+            open(),
+            old.address(),
+            "a successor waits: still the configured key"
+        );
+        assert!(matches!(
+            prepare(&id, &state, old.address()),
+            Err(RotateError::Pending(a)) if a == next.checksummed()
+        ));
+
+        // Promoted: the successor, even with the configured file gone.
+        let keys = keys_dir(&state);
+        let mut record = Record::load(&keys).unwrap();
+        record.current = record.next.take();
+        record.save(&keys).unwrap();
+        assert_eq!(open(), next);
+        std::fs::remove_file(&configured).unwrap();
+        assert_eq!(open(), next);
+
+        // The operator configures another key: it wins, the record goes.
+        let other = SecretKey::generate().unwrap();
+        write(&configured, &other);
+        assert_eq!(open(), other.address());
+        assert!(Record::load(&keys).is_none());
+    }
+
+    #[test]
+    fn a_configuration_naming_the_promoted_key_takes_it_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, configured) = (dir.path().join("state"), dir.path().join("c.key"));
+        let old = SecretKey::generate().unwrap();
+        write(&configured, &old);
+        let id = identity(&configured);
+        let (next, _) = prepare(&id, &state, old.address()).unwrap();
+        let keys = keys_dir(&state);
+        let mut record = Record::load(&keys).unwrap();
+        let successor = record.next.take().unwrap();
+        record.current = Some(successor.clone());
+        record.save(&keys).unwrap();
+        // The operator sealed (here: copied) the successor and configures it.
+        let Location::File { path } = &successor.location else {
+            panic!("{successor:?}")
+        };
+        std::fs::copy(path, &configured).unwrap();
+        assert_eq!(
+            open_effective(&id, &state, dir.path()).unwrap().address(),
+            next
+        );
+        let record = Record::load(&keys).unwrap();
+        assert_eq!((record.configured, record.current), (next, None));
+    }
+
+    #[test]
+    fn retiring_unlinks_agent_files_and_keeps_configured_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let configured = dir.path().join("c.key");
+        write(&configured, &SecretKey::generate().unwrap());
+        let agent_file = dir.path().join("a.key");
+        write(&agent_file, &SecretKey::generate().unwrap());
+        let id = identity(&configured);
+        let address = SecretKey::generate().unwrap().address();
+        let file = KeyRef {
+            address,
+            location: Location::File {
+                path: agent_file.clone(),
+            },
+        };
+        assert_eq!(retire(&file, &id).unwrap(), None);
+        assert!(!agent_file.exists());
+        let own = KeyRef {
+            address,
+            location: Location::Configured,
+        };
+        assert_eq!(retire(&own, &id).unwrap(), Some(own.clone()));
+        assert!(configured.exists());
+        assert_eq!(retired_file(&own, &id).as_deref(), configured.to_str());
+        let mut keep = id.clone();
+        keep.retire_old_key = RetireOldKey::Keep;
+        write(&agent_file, &SecretKey::generate().unwrap());
+        assert_eq!(retire(&file, &keep).unwrap(), Some(file.clone()));
+        assert!(agent_file.exists());
+    }
+}

@@ -84,7 +84,8 @@ pub(super) fn check_steps(r: &mut Report, identity: &IdentityConfig, record: &Re
         }
     }
     for old in &record.retired {
-        let detail = match rotation::retired_file(old, identity) {
+        let keep = identity.retire_old_key == crate::config::RetireOldKey::Keep;
+        let detail = match rotation::retired_file(old, identity).filter(|_| !keep) {
             Some(file) => format!(
                 "{} was retired and is never signed with again, but {file} still holds it; \
                  delete it: shred -u {file}",
@@ -96,6 +97,7 @@ pub(super) fn check_steps(r: &mut Report, identity: &IdentityConfig, record: &Re
                 old.location
             ),
         };
-        r.push(Outcome::Warn, "key retired", detail);
+        let outcome = if keep { Outcome::Ok } else { Outcome::Warn };
+        r.push(outcome, "key retired", detail);
     }
 }

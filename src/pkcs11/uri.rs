@@ -392,4 +392,18 @@ mod tests {
             .unwrap_err();
         assert!(!format!("{err} {err:?}").contains("s3cret"));
     }
+
+    #[test]
+    fn a_sibling_is_on_the_same_token_with_a_derived_label_and_the_new_id() {
+        let uri: Pkcs11Uri =
+            "pkcs11:token=robot;object=dock%207;id=%01?module-path=/m.so&pin-source=/p"
+                .parse()
+                .unwrap();
+        let sibling = uri.sibling(&[0xab, 0x01]).unwrap();
+        assert_eq!(sibling.token.as_deref(), Some("robot"));
+        assert_eq!(sibling.object.as_deref(), Some("dock 7-next-ab01"));
+        assert_eq!(sibling.id.as_deref(), Some(&[0xab, 0x01][..]));
+        assert_eq!(sibling.pin_source.as_deref(), Some("/p"));
+        assert_eq!(sibling.module_path, uri.module_path);
+    }
 }

@@ -265,8 +265,11 @@ impl Registrar {
                             tracing::info!("renewal requested");
                             replies.push(reply);
                             // Take every queued request; one renewal answers all.
-                            while let Ok(Command::Reregister { reply }) = commands.try_recv() {
-                                replies.push(reply);
+                            while let Ok(queued) = commands.try_recv() {
+                                match queued {
+                                    Command::Reregister { reply } => replies.push(reply),
+                                    other => other.refuse("busy: a renewal is starting".to_owned()),
+                                }
                             }
                             force_renew = true;
                             break;
