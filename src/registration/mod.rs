@@ -268,7 +268,7 @@ impl Registrar {
                             while let Ok(queued) = commands.try_recv() {
                                 match queued {
                                     Command::Reregister { reply } => replies.push(reply),
-                                    other => other.refuse("busy: a renewal is starting".to_owned()),
+                                    other @ Command::RotateKey { .. } => other.refuse("busy: a renewal is starting".to_owned()),
                                 }
                             }
                             force_renew = true;
