@@ -428,11 +428,11 @@ open(sys.argv[1], "w").write(json.dumps(ks))
     std::fs::set_permissions(&keystore, std::fs::Permissions::from_mode(0o600)).unwrap();
     let state = dir.path().join("state");
     let config = dir.path().join("agent.toml");
-    let text = config_text("http://127.0.0.1:9", ID, &keystore, &state, "").replace(
+    let toml = config_text("http://127.0.0.1:9", ID, &keystore, &state, "").replace(
         "key_file =",
         &format!("key_password_file = \"{}\"\nkey_file =", password.display()),
     );
-    std::fs::write(&config, text).unwrap();
+    std::fs::write(&config, toml).unwrap();
     let next = rotate(
         &mut Command::new(BIN),
         &["--config", config.to_str().unwrap()],
