@@ -34,6 +34,14 @@ fn rotate(command: &mut Command, args: &[&str]) -> Address {
     Address::parse(String::from_utf8(out.stdout).unwrap().trim()).unwrap()
 }
 
+/// `peaqos-agent key rotate --config config`.
+fn rotate_config(config: &Path) -> Address {
+    rotate(
+        &mut Command::new(BIN),
+        &["--config", config.to_str().unwrap()],
+    )
+}
+
 /// Polls `done` every 20 ms until it holds; panics naming `what` after WAIT.
 async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
@@ -89,10 +97,7 @@ async fn two_controllers_on_our_orchestrator_zero_time_out_of_active_by_the_audi
         })
     };
 
-    let next = rotate(
-        &mut Command::new(BIN),
-        &["--config", path.to_str().unwrap()],
-    );
+    let next = rotate_config(&path);
     until("the running agent picks the successor up", async || {
         agent.status.borrow().next_controller_address.as_deref() == Some(&*next.checksummed())
     })
@@ -397,6 +402,21 @@ async fn a_gateway_rotates_one_machine_and_the_others_take_no_challenge() {
     agent.kill();
 }
 
+/// Runs a Python script on `arg`; what it printed.
+fn run_python(python: &Path, script: &str, arg: &Path) -> String {
+    let out = Command::new(python)
+        .args(["-c", script])
+        .arg(arg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 /// A keystore's successor is a keystore with the same password and work
 /// factors, and eth-account opens it; a plaintext key's keeps its mode.
 #[test]
@@ -416,15 +436,7 @@ from eth_account import Account
 ks = Account.encrypt(Account.create().key, "s3cret passphrase", kdf="pbkdf2", iterations=2000)
 open(sys.argv[1], "w").write(json.dumps(ks))
 "#;
-    let out = Command::new(&python)
-        .args(["-c", make, keystore.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python(&python, make, &keystore);
     std::fs::set_permissions(&keystore, std::fs::Permissions::from_mode(0o600)).unwrap();
     let state = dir.path().join("state");
     let config = dir.path().join("agent.toml");
@@ -433,10 +445,7 @@ open(sys.argv[1], "w").write(json.dumps(ks))
         &format!("key_password_file = \"{}\"\nkey_file =", password.display()),
     );
     std::fs::write(&config, toml).unwrap();
-    let next = rotate(
-        &mut Command::new(BIN),
-        &["--config", config.to_str().unwrap()],
-    );
+    let next = rotate_config(&config);
     let successor = state
         .join("keys")
         .join(format!("{}.json", next.checksummed()));
@@ -446,17 +455,8 @@ from eth_account import Account
 ks = json.load(open(sys.argv[1]))
 print(ks["crypto"]["kdf"], ks["crypto"]["kdfparams"]["c"], Account.from_key(Account.decrypt(ks, "s3cret passphrase")).address)
 "#;
-    let out = Command::new(&python)
-        .args(["-c", open, successor.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(
-        String::from_utf8(out.stdout).unwrap().trim(),
+        run_python(&python, open, &successor),
         format!("pbkdf2 2000 {}", next.checksummed())
     );
     // A second rotation while one waits is refused, naming the successor.
@@ -480,10 +480,7 @@ print(ks["crypto"]["kdf"], ks["crypto"]["kdfparams"]["c"], Account.from_key(Acco
         config_text("http://127.0.0.1:9", ID, &plain, &state, ""),
     )
     .unwrap();
-    let next = rotate(
-        &mut Command::new(BIN),
-        &["--config", config.to_str().unwrap()],
-    );
+    let next = rotate_config(&config);
     let file = state
         .join("keys")
         .join(format!("{}.key", next.checksummed()));

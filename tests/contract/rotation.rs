@@ -12,6 +12,7 @@ use peaqos_protocol::Address;
 
 use crate::agent::{AgentProcess, Device, poll};
 use crate::double::{Double, Endpoint, Quirks};
+use crate::scenarios::reads_later;
 
 const BIN: &str = env!("CARGO_BIN_EXE_peaqos-agent");
 const ID: &str = "did:peaq:7070";
@@ -63,6 +64,14 @@ async fn started(hold: Option<&str>) -> (Double, Device, std::path::PathBuf, Age
     let mut agent = device.run(&config, &env);
     agent.wait_line(0, "state=active", WAIT).await;
     (double, device, config, agent)
+}
+
+/// The owner changes the controllers; the watcher's list changes with
+/// them, under its lock.
+fn set_controllers(double: &Double, watched: &Mutex<Vec<Address>>, list: Vec<Address>) {
+    let mut watched = watched.lock().unwrap();
+    double.set_controllers(ID, &list);
+    *watched = list;
 }
 
 /// Signatures the agent logged after log line `from`, by signer.
@@ -118,41 +127,19 @@ async fn two_controllers_rotation_never_leaves_active_and_the_old_key_is_silent_
     agent.wait_line(mark, "key rotation: prepared", WAIT).await;
     // Not a controller yet: checks take challenges but sign nothing with
     // the successor, and the old key keeps the record.
-    let reads = double.count(Endpoint::GetMachine);
-    poll(
-        "three more checks",
-        WAIT,
-        || (double.count(Endpoint::GetMachine) >= reads + 3).then_some(()),
-        || agent.log(),
-    )
-    .await;
+    reads_later(&double, &agent, 3).await;
     assert_eq!(signed_by(&agent, mark, next), 0, "{}", agent.log());
 
     // The owner adds the successor.
-    {
-        let mut list = controllers.lock().unwrap();
-        *list = vec![old, next];
-        double.set_controllers(ID, &list);
-    }
+    set_controllers(&double, &controllers, vec![old, next]);
     let promoted = agent.wait_line(mark, "key rotation: promoted", WAIT).await;
     agent
         .wait_line(promoted, "key rotation: retired", WAIT)
         .await;
     assert_eq!(signer(&double), Some(next));
     // ... and later removes the old key.
-    {
-        let mut list = controllers.lock().unwrap();
-        *list = vec![next];
-        double.set_controllers(ID, &list);
-    }
-    let reads = double.count(Endpoint::GetMachine);
-    poll(
-        "three more checks",
-        WAIT,
-        || (double.count(Endpoint::GetMachine) >= reads + 3).then_some(()),
-        || agent.log(),
-    )
-    .await;
+    set_controllers(&double, &controllers, vec![next]);
+    reads_later(&double, &agent, 3).await;
     agent.mark();
     let log = agent.stop().await;
     watching.store(false, std::sync::atomic::Ordering::SeqCst);
