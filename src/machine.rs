@@ -481,7 +481,11 @@ fn registrar(
         status,
         heartbeat,
         shared.pacing.clone(),
-        crate::registration::Rotation::new(spec.identity, &spec.state_dir, &shared.state_root),
+        crate::registration::Rotation::new(
+            spec.identity,
+            &spec.state_dir,
+            shared.state_root.clone(),
+        ),
     )
 }
 

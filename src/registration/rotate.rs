@@ -6,6 +6,7 @@
 //! retires the old key. Each step is durable before it is journalled.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use peaqos_logging::error_chain;
@@ -22,8 +23,10 @@ use crate::signer::Signer;
 pub struct Rotation {
     identity: IdentityConfig,
     state_dir: PathBuf,
-    state_root: PathBuf,
-    record: Option<Record>,
+    /// `[state] dir` (a token's refused PINs are recorded there).
+    state_root: Arc<Path>,
+    /// Boxed: most machines never rotate, and a gateway keeps a thousand.
+    record: Option<Box<Record>>,
     /// The record file's modification time and length when last read.
     seen: Option<(SystemTime, u64)>,
     /// The successor, opened.
@@ -33,11 +36,11 @@ pub struct Rotation {
 }
 
 impl Rotation {
-    pub fn new(identity: IdentityConfig, state_dir: &Path, state_root: &Path) -> Self {
+    pub fn new(identity: IdentityConfig, state_dir: &Path, state_root: Arc<Path>) -> Self {
         Self {
             identity,
             state_dir: state_dir.to_owned(),
-            state_root: state_root.to_owned(),
+            state_root,
             record: None,
             seen: None,
             next: None,
@@ -56,7 +59,7 @@ impl Rotation {
 
     fn save(&mut self, record: Record) -> Result<(), rotation::RotateError> {
         record.save(&self.keys())?;
-        self.record = Some(record);
+        self.record = Some(Box::new(record));
         self.seen = self.stamp();
         Ok(())
     }
@@ -81,7 +84,7 @@ impl Registrar {
         let stamp = self.rotation.stamp();
         if stamp != self.rotation.seen {
             self.rotation.seen = stamp;
-            self.rotation.record = Record::load(&self.rotation.keys());
+            self.rotation.record = Record::load(&self.rotation.keys()).map(Box::new);
             let want = self
                 .rotation
                 .record
@@ -172,7 +175,7 @@ impl Registrar {
         let old = self.key.address();
         rotation::journal(Step::Proven, old, next.address());
         hold(Step::Proven).await;
-        let mut record = self
+        let mut record = *self
             .rotation
             .record
             .clone()
@@ -204,7 +207,7 @@ impl Registrar {
 
     /// Retires the promoted-away key the record names.
     async fn retire_old(&mut self) {
-        let Some(mut record) = self.rotation.record.clone() else {
+        let Some(mut record) = self.rotation.record.as_deref().cloned() else {
             return;
         };
         let Some(old) = record.retiring.take() else {
