@@ -459,6 +459,17 @@ print(ks["crypto"]["kdf"], ks["crypto"]["kdfparams"]["c"], Account.from_key(Acco
         run_python(&python, open, &successor),
         format!("pbkdf2 2000 {}", next.checksummed())
     );
+    // check shows the waiting successor (its orchestrator line fails here:
+    // nothing listens).
+    let check = Command::new(BIN)
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let lines = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        lines.contains(&format!("nextControllerAddress {}", next.checksummed())),
+        "{lines}"
+    );
     // A second rotation while one waits is refused, naming the successor.
     let again = Command::new(BIN)
         .args(["key", "rotate", "--config", config.to_str().unwrap()])
