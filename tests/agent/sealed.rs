@@ -266,3 +266,61 @@ echo "--- end""#,
     assert!(line.contains("cannot unseal"), "{line}");
     assert!(line.contains("other-key"), "{line}");
 }
+
+/// Key rotation with a sealed key: the sandboxed agent cannot seal, so the
+/// successor is a 0600 plaintext file in the state directory's `keys/`,
+/// with a warning from `key rotate` and from `check`.
+#[test]
+fn a_sealed_keys_successor_is_plaintext_with_a_warning() {
+    let Some((unshare, _)) = tools("rotate_sealed") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_, plain) = write_key(dir.path(), "controller");
+    let cred = dir.path().join("controller.key.cred");
+    let config = dir.path().join("agent.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &config,
+        config_text("http://127.0.0.1:9", ID, Path::new("KEY"), &state, "")
+            .replace("\"KEY\"", "\"credential:controller-key\""),
+    )
+    .unwrap();
+    let out = in_namespace(
+        &unshare,
+        Some(&drop_in()),
+        r#"systemd-creds encrypt --name=controller-key --with-key=host "$2" "$3" || exit 9
+rm "$2"
+echo "--- rotate"; "$1" key rotate --config "$4"; echo "rc=$?"
+echo "--- check"; "$1" check --config "$4"; echo "rc=$?"
+echo "--- end""#,
+        &[Path::new(BIN), &plain, &cred, &config],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let all = text(&out);
+    let rotate = section(&stdout, "rotate");
+    assert!(rotate.ends_with("rc=0\n"), "{all}");
+    let next = rotate.lines().next().unwrap();
+    assert!(
+        all.contains("the current key is a sealed credential"),
+        "{all}"
+    );
+    let file = state.join("keys").join(format!("{next}.key"));
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (key, _) = peaqos_agent::key::load_path(&file, None).unwrap();
+    assert_eq!(key.address().checksummed(), next);
+    let check = section(&stdout, "check");
+    assert!(
+        check.lines().any(
+            |l| l.starts_with("WARN  key plaintext") && l.contains(&file.display().to_string())
+        ),
+        "{all}"
+    );
+    assert!(
+        check.contains(&format!("nextControllerAddress {next}")),
+        "{all}"
+    );
+}
