@@ -40,7 +40,7 @@ pub const HOLD_ENV: &str = "PEAQOS_AGENT_TEST_HOLD_AFTER";
 
 /// Where a key is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub enum Location {
     /// The key the configuration names.
     Configured,
