@@ -9,7 +9,6 @@ use clap::Parser;
 use peaqos_agent::cli::{Cli, Command, KeyCommand};
 use peaqos_agent::config::Config;
 use peaqos_agent::run::Agent;
-use peaqos_agent::signer::Signer;
 use peaqos_agent::{check, key, status};
 use tokio_util::sync::CancellationToken;
 
@@ -221,7 +220,10 @@ fn address(
             config.machines_dir.display()
         )));
     };
-    let signer = Signer::open(identity, Some(&config.state.dir)).map_err(open_failed)?;
+    // After a key rotation, the promoted key is the machine's.
+    let signer =
+        peaqos_agent::rotation::open_effective(identity, &config.state.dir, &config.state.dir)
+            .map_err(open_failed)?;
     println!("{}", signer.address().checksummed());
     Ok(ExitCode::SUCCESS)
 }

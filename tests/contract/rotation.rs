@@ -179,6 +179,15 @@ async fn two_controllers_rotation_never_leaves_active_and_the_old_key_is_silent_
         .await;
     again.wait_line(0, "state=active", WAIT).await;
     again.stop().await;
+    let address = Command::new(BIN)
+        .args(["address", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&address.stdout).trim(),
+        &*next.checksummed()
+    );
     let check = Command::new(BIN)
         .args(["check", "--config"])
         .arg(&config)
