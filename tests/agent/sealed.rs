@@ -89,6 +89,25 @@ fn drop_in() -> String {
     .unwrap()
 }
 
+/// `dir/agent.toml` with the key `credential:controller-key` and the
+/// state in `dir/state`.
+fn credential_config(dir: &Path) -> std::path::PathBuf {
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        config_text(
+            "http://127.0.0.1:9",
+            ID,
+            Path::new("KEY"),
+            &dir.join("state"),
+            "",
+        )
+        .replace("\"KEY\"", "\"credential:controller-key\""),
+    )
+    .unwrap();
+    config
+}
+
 #[test]
 fn keygen_sealed_writes_a_credential_that_unseals_to_the_printed_address() {
     let Some((unshare, _)) = tools("keygen_sealed") else {
@@ -176,19 +195,7 @@ fn check_and_address_read_a_key_the_unit_loads_sealed() {
     let (key, plain) = write_key(dir.path(), "controller");
     let cred = dir.path().join("controller.key.cred");
     let wrong = dir.path().join("wrong.cred");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        config_text(
-            "http://127.0.0.1:9",
-            ID,
-            Path::new("KEY"),
-            &dir.path().join("state"),
-            "",
-        )
-        .replace("\"KEY\"", "\"credential:controller-key\""),
-    )
-    .unwrap();
+    let config = credential_config(dir.path());
     // Sealed by systemd-creds itself (not by the agent's keygen), then the
     // plaintext removed, as the walkthrough does.
     let out = in_namespace(
@@ -278,14 +285,8 @@ fn a_sealed_keys_successor_is_plaintext_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     let (_, plain) = write_key(dir.path(), "controller");
     let cred = dir.path().join("controller.key.cred");
-    let config = dir.path().join("agent.toml");
+    let config = credential_config(dir.path());
     let state = dir.path().join("state");
-    std::fs::write(
-        &config,
-        config_text("http://127.0.0.1:9", ID, Path::new("KEY"), &state, "")
-            .replace("\"KEY\"", "\"credential:controller-key\""),
-    )
-    .unwrap();
     let out = in_namespace(
         &unshare,
         Some(&drop_in()),
