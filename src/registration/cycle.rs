@@ -277,7 +277,14 @@ impl Registrar {
                         "the record disappeared; registering again",
                     ));
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    // The current key is refused: a waiting successor signs
+                    // the next challenge.
+                    self.rotation.try_next = e.is(&ErrorCode::ProofInvalid)
+                        && !self.rotation.signed_by_next
+                        && self.rotation.next.is_some();
+                    return Err(e.into());
+                }
             }
         };
         // Without the record in hand no fields went with the proof; the
@@ -345,11 +352,15 @@ impl Registrar {
         let r = self.client.create_challenge(&self.identity).await?;
         let received = r.received;
         let challenge = self.observe(r);
+        let listed = |a: Address| challenge.controller_addresses.contains(&a);
+        // The successor signs once the challenge lists it, or once the
+        // current key's proof was refused; never both keys one challenge.
+        let try_next = std::mem::take(&mut self.rotation.try_next);
         let next = self
             .rotation
             .next
             .as_ref()
-            .filter(|n| challenge.controller_addresses.contains(&n.address()))
+            .filter(|n| listed(n.address()) || try_next)
             .cloned();
         if only_next && next.is_none() {
             tracing::debug!("the successor key is not a controller yet");
@@ -357,9 +368,16 @@ impl Registrar {
         }
         self.rotation.signed_by_next = next.is_some();
         let key = next.unwrap_or_else(|| self.key.clone());
+        // The policy vets the challenge as bound to a key of ours: the
+        // successor when listed, else the current key (a list that lags).
+        let vetted_for = if listed(key.address()) {
+            key.address()
+        } else {
+            self.key.address()
+        };
         let expected = Expected {
             identity: &self.identity,
-            ours: key.address(),
+            ours: vetted_for,
             host: &self.host,
             server_now: self.clock.server_now(),
             local_now: crate::clock::sane_now(),

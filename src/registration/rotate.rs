@@ -33,6 +33,10 @@ pub struct Rotation {
     pub(super) next: Option<Signer>,
     /// The challenge in flight was signed by the successor.
     pub(super) signed_by_next: bool,
+    /// The current key's last proof was refused (not a controller): the
+    /// next challenge is signed with the successor, even where its list
+    /// (which the contract lets name only some controllers) leaves it out.
+    pub(super) try_next: bool,
 }
 
 impl Rotation {
@@ -45,6 +49,7 @@ impl Rotation {
             seen: None,
             next: None,
             signed_by_next: false,
+            try_next: false,
         }
     }
 

@@ -372,3 +372,35 @@ async fn over_mqtt_rotate_key_then_reregister_after_a_one_step_replacement() {
     .await;
     agent.stop().await;
 }
+
+/// A server whose challenges list only some controllers (the contract
+/// promises at least one) and lag behind: after a one-step replacement
+/// they still name the old key. Its proof is refused, and the next
+/// challenge is signed with the successor, which the server accepts.
+#[tokio::test]
+async fn a_refused_proof_hands_the_next_challenge_to_the_successor() {
+    let (double, device, config, mut agent) = started(None).await;
+    let old = device.address();
+    let mark = agent.mark();
+    let next = rotate(&config);
+    agent.wait_line(mark, "key rotation: prepared", WAIT).await;
+    double.set_listed(Some(&[old]));
+    double.set_controllers(ID, &[next]);
+    let promoted = agent.wait_line(mark, "key rotation: promoted", WAIT).await;
+    assert!(reads_active(&double, &[next]));
+    // The old key signed once more (refused), then the successor.
+    let log = agent.log();
+    let signers: Vec<bool> = log
+        .lines()
+        .skip(mark)
+        .take(promoted - mark)
+        .filter(|l| l.contains("signed identity challenge"))
+        .map(|l| l.contains(&*next.checksummed()))
+        .collect();
+    assert_eq!(signers.last(), Some(&true), "{log}");
+    assert!(
+        signers.contains(&false),
+        "the old key was tried first: {log}"
+    );
+    agent.stop().await;
+}
