@@ -15,6 +15,7 @@ use crate::registration::challenge::{self, ChallengeRefusal, Expected};
 use crate::state;
 
 mod key;
+mod rotation;
 
 /// How long the broker check may take.
 const MQTT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -140,7 +141,14 @@ fn credential_lines(r: &mut Report, credentials: &[(String, std::path::PathBuf)]
 /// One machine's lines: its key, state directory, and what the
 /// orchestrator says about its identity and our key.
 async fn check_machine(r: &mut Report, config: &Config, identity: &IdentityConfig, state: &Path) {
-    let key = key::check_key(r, identity, &config.state.dir);
+    let record = rotation::record(state);
+    let key = match record.as_ref().filter(|rec| rec.current.is_some()) {
+        Some(rec) => rotation::check_promoted(r, identity, &config.state.dir, rec),
+        None => key::check_key(r, identity, &config.state.dir),
+    };
+    if let Some(rec) = &record {
+        rotation::check_steps(r, identity, rec);
+    }
     check_state_dir(r, state);
     check_orchestrator(r, config, identity, key).await;
 }

@@ -86,6 +86,9 @@ pub enum Command {
     /// controllers) and the MQTT broker; one line per check, non-zero exit
     /// status if any fails.
     Check(ConfigArg),
+    /// Manage the controller key over the machine's lifetime.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Ask the running agent for its status over MQTT and print it; on a
     /// gateway, list every machine, or show the one named.
     Status {
@@ -100,6 +103,26 @@ pub enum Command {
         /// How long to wait for the answer, e.g. "5s".
         #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
         timeout: std::time::Duration,
+    },
+}
+
+/// `peaqos-agent key ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Make a successor controller key under the same protection as the
+    /// current one (a file with the same mode, a keystore with the same
+    /// password, a new non-extractable key pair on the same token) in the
+    /// machine's state directory (keys/), and print its address. Works while
+    /// the agent runs: at its next check it starts watching for the
+    /// successor to become a controller, then proves with it, promotes it
+    /// and retires the old key (`[identity] retire_old_key`).
+    Rotate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// One machine of a gateway (its file's stem); default: the machine
+        /// agent.toml describes.
+        #[arg(long, value_name = "NAME")]
+        machine: Option<String>,
     },
 }
 

@@ -208,6 +208,68 @@ fn derive(
     Ok(out)
 }
 
+/// Encrypts `key` with `password` as a V3 keystore that uses the same KDF,
+/// work factors, cipher and MAC as `like` (a keystore that opens with the
+/// same password): fresh salt and IV, so the successor of a keystore key is
+/// held exactly as it was (key rotation). What eth-account and geth read.
+pub fn encrypt_like(like: &str, key: &SecretKey, password: &[u8]) -> Result<String, KeystoreError> {
+    let ks: Keystore =
+        serde_json::from_str(like).map_err(|e| KeystoreError::Format(e.to_string()))?;
+    let c = ks.crypto;
+    let mut params = c.kdfparams;
+    let salt_len = params
+        .get("salt")
+        .and_then(serde_json::Value::as_str)
+        .map_or(32, |s| (s.len() / 2).clamp(16, 64));
+    let mut salt = vec![0u8; salt_len];
+    let mut iv = [0u8; 16];
+    let mut id = [0u8; 16];
+    for buf in [salt.as_mut_slice(), &mut iv, &mut id] {
+        getrandom::fill(buf).map_err(|_| KeystoreError::Format("no random source".into()))?;
+    }
+    params["salt"] = serde_json::Value::String(hex(&salt));
+    let derived = derive(&c.kdf, params.clone(), password)?;
+    let mut secret = Zeroizing::new([0u8; 32]);
+    let plain = key.to_hex();
+    for (i, b) in secret.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&plain[2 * i..2 * i + 2], 16)
+            .map_err(|_| KeystoreError::Format("key".into()))?;
+    }
+    let mut cipher = ctr::Ctr128BE::<aes::Aes128>::new_from_slices(&derived[..16], &iv)
+        .map_err(|_| KeystoreError::Format("iv must be 16 bytes".into()))?;
+    cipher.apply_keystream(secret.as_mut());
+    let mut hasher = Keccak256::new();
+    hasher.update(&derived[16..32]);
+    hasher.update(secret.as_ref());
+    let mac = hasher.finalize();
+    // A v4 UUID, as eth-account writes one.
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    let id = hex(&id);
+    let json = serde_json::json!({
+        "address": key.address().checksummed().trim_start_matches("0x").to_ascii_lowercase(),
+        "crypto": {
+            "cipher": "aes-128-ctr",
+            "cipherparams": {"iv": hex(&iv)},
+            "ciphertext": hex(secret.as_ref()),
+            "kdf": c.kdf,
+            "kdfparams": params,
+            "mac": hex(&mac),
+        },
+        "id": format!("{}-{}-{}-{}-{}", &id[..8], &id[8..12], &id[12..16], &id[16..20], &id[20..]),
+        "version": 3,
+    });
+    Ok(json.to_string())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
 fn check_dklen(dklen: usize) -> Result<(), KeystoreError> {
     if dklen == 32 {
         Ok(())
@@ -245,6 +307,38 @@ mod tests {
             decrypt(&other, b"correct horse").unwrap_err(),
             KeystoreError::AddressMismatch
         );
+    }
+
+    #[test]
+    fn a_successor_keystore_opens_with_the_same_password_and_work_factors() {
+        let key = SecretKey::generate().unwrap();
+        for like in [PBKDF2, SCRYPT] {
+            let json = encrypt_like(like, &key, b"correct horse").unwrap();
+            assert_eq!(
+                decrypt(&json, b"correct horse").unwrap().address(),
+                key.address()
+            );
+            assert_eq!(
+                decrypt(&json, b"wrong").unwrap_err(),
+                KeystoreError::WrongPassword
+            );
+            let (a, b): (serde_json::Value, serde_json::Value) = (
+                serde_json::from_str(like).unwrap(),
+                serde_json::from_str(&json).unwrap(),
+            );
+            assert_eq!(a["crypto"]["kdf"], b["crypto"]["kdf"]);
+            for field in ["n", "r", "p", "c", "prf", "dklen"] {
+                assert_eq!(
+                    a["crypto"]["kdfparams"][field],
+                    b["crypto"]["kdfparams"][field]
+                );
+            }
+            assert_ne!(
+                a["crypto"]["kdfparams"]["salt"],
+                b["crypto"]["kdfparams"]["salt"]
+            );
+            assert!(!json.contains(key.to_hex().as_str()));
+        }
     }
 
     #[test]

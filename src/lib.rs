@@ -22,6 +22,7 @@ pub mod mqtt;
 pub mod pkcs11;
 pub mod registration;
 pub mod reload;
+pub mod rotation;
 pub mod run;
 pub mod sealed;
 pub mod secrets;

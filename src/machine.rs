@@ -348,8 +348,11 @@ impl Life {
                 let _permit = self.shared.opens.acquire().await.ok();
                 let identity = self.spec.identity.clone();
                 let state_root = self.shared.state_root.clone();
-                tokio::task::spawn_blocking(move || Signer::open(&identity, Some(&state_root)))
-                    .await
+                let state_dir = self.spec.state_dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::rotation::open_effective(&identity, &state_dir, &state_root)
+                })
+                .await
             };
             let error = match opened {
                 Ok(Ok(key)) => return Some(key),
@@ -365,7 +368,7 @@ impl Life {
                     KEY_CODE,
                     backoff.next_delay(None),
                 ),
-                OpenError::File(_) => (
+                OpenError::File(_) | OpenError::Rotated { .. } => (
                     AgentState::ConfigError,
                     CONFIG_CODE,
                     self.shared.renewal.slow_retry,
@@ -427,9 +430,7 @@ impl Life {
                 biased;
                 () = self.stop.cancelled() => return false,
                 () = &mut sleep => return true,
-                Some(Command::Reregister { reply }) = commands.recv() => {
-                    let _ = reply.send(Err(why.to_owned()));
-                }
+                Some(command) = commands.recv() => command.refuse(why.to_owned()),
             }
         }
     }
@@ -480,6 +481,11 @@ fn registrar(
         status,
         heartbeat,
         shared.pacing.clone(),
+        crate::registration::Rotation::new(
+            spec.identity,
+            &spec.state_dir,
+            shared.state_root.clone(),
+        ),
     )
 }
 
@@ -516,9 +522,7 @@ async fn refuse_commands(
         tokio::select! {
             () = stop.cancelled() => break,
             command = commands.recv() => match command {
-                Some(Command::Reregister { reply }) => {
-                    let _ = reply.send(Err(message.clone()));
-                }
+                Some(command) => command.refuse(message.clone()),
                 None => stop.cancelled().await,
             },
         }

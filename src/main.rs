@@ -6,10 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use peaqos_agent::cli::{Cli, Command};
+use peaqos_agent::cli::{Cli, Command, KeyCommand};
 use peaqos_agent::config::Config;
 use peaqos_agent::run::Agent;
-use peaqos_agent::signer::Signer;
 use peaqos_agent::{check, key, status};
 use tokio_util::sync::CancellationToken;
 
@@ -97,6 +96,9 @@ async fn dispatch(command: Command, hardened: std::io::Result<()>) -> Result<Exi
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Key(KeyCommand::Rotate { config, machine }) => {
+            key_rotate(&config.config, machine.as_deref())
         }
         Command::Status {
             config,
@@ -218,8 +220,63 @@ fn address(
             config.machines_dir.display()
         )));
     };
-    let signer = Signer::open(identity, Some(&config.state.dir)).map_err(open_failed)?;
+    // After a key rotation, the promoted key is the machine's.
+    let signer =
+        peaqos_agent::rotation::open_effective(identity, &config.state.dir, &config.state.dir)
+            .map_err(open_failed)?;
     println!("{}", signer.address().checksummed());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `key rotate`: a successor for the own machine's key, or for the named
+/// machine's; its address on stdout.
+fn key_rotate(path: &Path, machine: Option<&str>) -> Result<ExitCode, Failure> {
+    use peaqos_agent::config::{MachineSpec, machines};
+    let config = Config::load(path)
+        .with_context(|| format!("invalid configuration {}", path.display()))
+        .map_err(fail(EX_CONFIG, false))?;
+    let spec = match machine {
+        None => MachineSpec::own(&config).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} has no [identity]: name one of the machines in {} with --machine NAME",
+                path.display(),
+                config.machines_dir.display()
+            )
+        }),
+        Some(name) => machines::read_all(&config)
+            .map_err(anyhow::Error::new)
+            .and_then(|entries| {
+                let entry = entries
+                    .into_iter()
+                    .find(|e| e.name == name)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("no machine {name:?} in {}", config.machines_dir.display())
+                    })?;
+                entry.spec.map_err(anyhow::Error::new)
+            }),
+    }
+    .map_err(fail(EX_CONFIG, false))?;
+    let key =
+        peaqos_agent::rotation::open_effective(&spec.identity, &spec.state_dir, &config.state.dir)
+            .map_err(open_failed)?;
+    let (next, unsealed) =
+        peaqos_agent::rotation::prepare(&spec.identity, &spec.state_dir, key.address())
+            .context("key rotation failed")
+            .map_err(fail(1, false))?;
+    if unsealed {
+        eprintln!(
+            "warning: the current key is a sealed credential; the successor is a plaintext file \
+             (0600) in {} until you seal it (see docs/rotation.md)",
+            peaqos_agent::rotation::keys_dir(&spec.state_dir).display()
+        );
+    }
+    eprintln!(
+        "successor of {} prepared: make its address a controller of {} (the owner: \
+         set_machine_controller); the running agent picks it up at its next check",
+        key.address().checksummed(),
+        spec.identity.identity_ref
+    );
+    println!("{}", next.checksummed());
     Ok(ExitCode::SUCCESS)
 }
 

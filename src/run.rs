@@ -70,8 +70,12 @@ impl Agent {
         let own = match MachineSpec::own(&config) {
             Some(spec) => {
                 log_key_choice(&spec);
-                let key =
-                    Signer::open(&spec.identity, Some(&config.state.dir)).map_err(RunError::Key)?;
+                let key = crate::rotation::open_effective(
+                    &spec.identity,
+                    &spec.state_dir,
+                    &config.state.dir,
+                )
+                .map_err(RunError::Key)?;
                 Some((spec, key))
             }
             None => None,

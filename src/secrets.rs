@@ -102,6 +102,13 @@ pub fn sealed_name(path: &Path) -> Option<String> {
     sealed_name_in(unit_lines(), path)
 }
 
+/// Whether the unit loads credential `name` with
+/// `LoadCredentialEncrypted=` (under systemd it arrives decrypted, so the
+/// file alone does not say that it was sealed at rest).
+pub fn loaded_sealed(name: &str) -> bool {
+    unit_lines().iter().any(|c| c.encrypted && c.name == name)
+}
+
 fn sealed_name_in(lines: &[Credential], path: &Path) -> Option<String> {
     lines
         .iter()

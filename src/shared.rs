@@ -35,7 +35,7 @@ pub struct Shared {
     pub boot_id: String,
     /// `[state] dir`: where what the machines share is recorded (a PIN
     /// their token refused).
-    pub state_root: std::path::PathBuf,
+    pub state_root: Arc<std::path::Path>,
 }
 
 impl Shared {
@@ -48,7 +48,7 @@ impl Shared {
             heartbeats: Heartbeats::default(),
             opens: Arc::new(Semaphore::new(CONCURRENT_OPENS)),
             boot_id: boot_id(),
-            state_root: config.state.dir.clone(),
+            state_root: Arc::from(config.state.dir.as_path()),
         })
     }
 }

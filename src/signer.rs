@@ -28,6 +28,8 @@ pub enum Signer {
 pub enum OpenError {
     #[error("cannot load the controller key file")]
     File(#[source] KeyError),
+    #[error("the rotated key at {location} is not the one its record names ({expected})")]
+    Rotated { location: String, expected: String },
     #[cfg(feature = "pkcs11")]
     #[error("cannot use the controller key in the PKCS#11 token {uri}")]
     Token {
@@ -42,7 +44,7 @@ impl OpenError {
     /// to a configuration an operator must change.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::File(_) => false,
+            Self::File(_) | Self::Rotated { .. } => false,
             #[cfg(feature = "pkcs11")]
             Self::Token { source, .. } => source.is_transient(),
         }

@@ -111,6 +111,10 @@ pub struct StatusSnapshot {
     pub identity: String,
     /// Our controller address (EIP-55).
     pub controller_address: String,
+    /// A successor key's address while it waits to become a controller
+    /// (key rotation): what the owner makes a controller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_controller_address: Option<String>,
     /// The record's status as the orchestrator last reported it.
     pub record_status: Option<MachineStatus>,
     pub proof_verified_at: Option<Timestamp>,
@@ -139,6 +143,7 @@ impl StatusSnapshot {
             machine_id: None,
             identity,
             controller_address,
+            next_controller_address: None,
             record_status: None,
             proof_verified_at: None,
             proof_expires_at: None,
@@ -263,6 +268,21 @@ pub enum Command {
     Reregister {
         reply: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
+    /// Make a successor key (MQTT `command/rotate_key`); the answer is its
+    /// address.
+    RotateKey {
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
+}
+
+impl Command {
+    /// Answers the command with why it cannot run now.
+    pub fn refuse(self, why: String) {
+        match self {
+            Self::Reregister { reply } => drop(reply.send(Err(why))),
+            Self::RotateKey { reply } => drop(reply.send(Err(why))),
+        }
+    }
 }
 
 /// Renders a status payload (as published, possibly by another agent
@@ -270,11 +290,12 @@ pub enum Command {
 /// too, after the known ones, so that a newer agent's additions are seen.
 pub fn render_human(value: &serde_json::Value) -> String {
     use std::fmt::Write as _;
-    const FIELDS: [(&str, &str); 15] = [
+    const FIELDS: [(&str, &str); 16] = [
         ("state", "state"),
         ("machineId", "machine id"),
         ("identity", "identity"),
         ("controllerAddress", "controller"),
+        ("nextControllerAddress", "next controller"),
         ("recordStatus", "record status"),
         ("proofVerifiedAt", "proof verified"),
         ("proofExpiresAt", "proof expires"),

@@ -97,6 +97,22 @@ pub struct IdentityConfig {
     /// of the URI's `pin-source`.
     #[serde(default, deserialize_with = "non_empty_option")]
     pub key_pin_file: Option<String>,
+    /// What key rotation does with the old key once its successor is
+    /// promoted (`peaqos-agent key rotate`): destroy it (the default), or
+    /// keep it. Either way it never signs again.
+    #[serde(default)]
+    pub retire_old_key: RetireOldKey,
+}
+
+/// `[identity] retire_old_key`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetireOldKey {
+    /// Unlink an agent-written key file, destroy a token's key pair.
+    #[default]
+    Destroy,
+    /// Leave it where it is.
+    Keep,
 }
 
 /// Where the controller key is, as the configuration says.

@@ -153,7 +153,7 @@ impl<'de> Deserialize<'de> for Protocol {
 #[serde(deny_unknown_fields, default)]
 pub struct CommandsConfig {
     pub enabled: bool,
-    /// The commands accepted (only `"reregister"` exists). The agent
+    /// The commands accepted (`"reregister"`, `"rotate_key"`). The agent
     /// subscribes to exactly these command topics. Who may publish to them
     /// is the broker ACL's job: MQTT tells a subscriber nothing trustworthy
     /// about the sender, so the agent does not pretend to authenticate it.
@@ -187,12 +187,15 @@ impl Default for CommandsConfig {
 pub enum CommandName {
     /// Renew the identity proof now.
     Reregister,
+    /// Make a successor key (key rotation); the result names its address.
+    RotateKey,
 }
 
 impl CommandName {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Reregister => "reregister",
+            Self::RotateKey => "rotate_key",
         }
     }
 }

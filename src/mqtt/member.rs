@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::client::{Client, Message, PublishProps};
 use super::commands::{self, Decision, Gate, Outcome};
-use super::config::MqttConfig;
+use super::config::{CommandName, MqttConfig};
 use super::discovery::Discovery;
 use super::poison::Poison;
 use super::rate::TokenBucket;
@@ -356,13 +356,27 @@ impl Member {
         connected: bool,
         running: &mut tokio::task::JoinSet<Running>,
     ) {
-        let (reply_tx, reply_rx) = oneshot::channel();
+        // What the loop answers, as the result's message: a rotation's
+        // answer is the successor's address.
+        type Answer = Result<Result<Option<String>, String>, oneshot::error::RecvError>;
+        let (command, reply_rx): (
+            Command,
+            std::pin::Pin<Box<dyn Future<Output = Answer> + Send>>,
+        ) = match req.name {
+            CommandName::Reregister => {
+                let (tx, rx) = oneshot::channel::<Result<(), String>>();
+                let answer = async move { rx.await.map(|r| r.map(|()| None)) };
+                (Command::Reregister { reply: tx }, Box::pin(answer))
+            }
+            CommandName::RotateKey => {
+                let (tx, rx) = oneshot::channel::<Result<String, String>>();
+                let answer = async move { rx.await.map(|r| r.map(Some)) };
+                (Command::RotateKey { reply: tx }, Box::pin(answer))
+            }
+        };
         // The registration loop's queue is small and it may be busy: a full
         // queue is a rejection, never a wait.
-        if let Err(e) = self
-            .commands
-            .try_send(Command::Reregister { reply: reply_tx })
-        {
+        if let Err(e) = self.commands.try_send(command) {
             if let Some(gate) = self.gate.as_mut() {
                 gate.finished();
             }
@@ -379,7 +393,7 @@ impl Member {
         let key = self.key;
         running.spawn(async move {
             match tokio::time::timeout(timeout, reply_rx).await {
-                Ok(Ok(Ok(()))) => (key, req, Outcome::Ok, None),
+                Ok(Ok(Ok(message))) => (key, req, Outcome::Ok, message),
                 Ok(Ok(Err(message))) => (key, req, Outcome::Error, Some(message)),
                 Ok(Err(_)) => (
                     key,

@@ -120,6 +120,7 @@ impl Topics {
             .strip_prefix("/command/")?;
         match name {
             "reregister" => Some(CommandName::Reregister),
+            "rotate_key" => Some(CommandName::RotateKey),
             _ => None,
         }
     }

@@ -65,6 +65,26 @@ pub fn generate(uri: &Pkcs11Uri, pin_location: Option<&str>) -> Result<Address, 
     Ok(address)
 }
 
+/// Destroys the key pair the URI names (its private and public objects),
+/// for key rotation's retirement of a key the agent no longer signs with.
+/// A key already gone is not an error.
+pub fn destroy(uri: &Pkcs11Uri, pin_location: Option<&str>) -> Result<(), TokenError> {
+    let mut login = Login {
+        location: pin_location,
+        ..Login::default()
+    };
+    let connection = Connection::open(uri, &mut login, true)?;
+    for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+        for object in connection.find(class, uri)? {
+            connection
+                .session()
+                .destroy_object(object)
+                .map_err(device("destroy the retired key"))?;
+        }
+    }
+    Ok(())
+}
+
 /// What `check` reports about a key in a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenReport {

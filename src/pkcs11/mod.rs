@@ -20,7 +20,7 @@ mod token_key;
 #[cfg(feature = "pkcs11")]
 pub use error::TokenError;
 #[cfg(feature = "pkcs11")]
-pub use manage::{TokenReport, generate, inspect, test_signature};
+pub use manage::{TokenReport, destroy, generate, inspect, test_signature};
 #[cfg(feature = "pkcs11")]
 pub use session::{SECP256K1_PARAMS, decode_ec_point};
 #[cfg(feature = "pkcs11")]

@@ -125,6 +125,42 @@ impl Pkcs11Uri {
     }
 }
 
+impl Pkcs11Uri {
+    /// The URI of a new key pair beside this one on the same token (key
+    /// rotation's successor): the same token, module and PIN, the object
+    /// `id` (as given) and a label derived from this one's (`LABEL-next-ID`).
+    pub fn sibling(&self, id: &[u8]) -> Result<Self, UriError> {
+        let rest = &self.text[7..];
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut items: Vec<String> = path
+            .split(';')
+            .filter(|s| !s.is_empty() && !s.starts_with("object=") && !s.starts_with("id="))
+            .map(str::to_owned)
+            .collect();
+        let label = path
+            .split(';')
+            .find_map(|s| s.strip_prefix("object="))
+            .unwrap_or("controller");
+        let id_hex = hex(id);
+        items.push(format!("object={label}-next-{id_hex}"));
+        items.push(format!(
+            "id=%{}",
+            id_hex
+                .as_bytes()
+                .chunks(2)
+                .map(|p| std::str::from_utf8(p).unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join("%")
+        ));
+        let mut text = format!("pkcs11:{}", items.join(";"));
+        if !query.is_empty() {
+            text.push('?');
+            text.push_str(query);
+        }
+        text.parse()
+    }
+}
+
 /// Lowercase hex of an object id.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
@@ -355,5 +391,19 @@ mod tests {
             .parse::<Pkcs11Uri>()
             .unwrap_err();
         assert!(!format!("{err} {err:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_sibling_is_on_the_same_token_with_a_derived_label_and_the_new_id() {
+        let uri: Pkcs11Uri =
+            "pkcs11:token=robot;object=dock%207;id=%01?module-path=/m.so&pin-source=/p"
+                .parse()
+                .unwrap();
+        let sibling = uri.sibling(&[0xab, 0x01]).unwrap();
+        assert_eq!(sibling.token.as_deref(), Some("robot"));
+        assert_eq!(sibling.object.as_deref(), Some("dock 7-next-ab01"));
+        assert_eq!(sibling.id.as_deref(), Some(&[0xab, 0x01][..]));
+        assert_eq!(sibling.pin_source.as_deref(), Some("/p"));
+        assert_eq!(sibling.module_path, uri.module_path);
     }
 }

@@ -51,6 +51,7 @@ impl Registrar {
         // A token that went away shows in the status at the next check,
         // not only when a proof is next due.
         self.key.probe().await?;
+        self.rotation_poll().await;
         let mut just_proved = false;
         for _ in 0..MAX_STEPS {
             let Some(id) = self.state.machine_id.clone() else {
@@ -67,7 +68,7 @@ impl Registrar {
                 }
                 Err(e) if e.is(&ErrorCode::NotActivated) || e.is(&ErrorCode::ProofExpired) => {
                     tracing::info!(machine_id = %id, error_code = %e.code(), "record needs a fresh proof");
-                    self.prove(&id, AgentState::Activating, None).await?;
+                    self.prove(&id, AgentState::Activating, None, false).await?;
                     return Ok(Settled::Active);
                 }
                 Err(e) => return Err(e.into()),
@@ -82,17 +83,25 @@ impl Registrar {
                 MachineStatus::Blocked => Ok(Settled::Blocked),
                 MachineStatus::Archived => Ok(Settled::Archived),
                 MachineStatus::Draft | MachineStatus::Degraded => {
-                    self.prove(&id, AgentState::Activating, Some(&machine))
+                    self.prove(&id, AgentState::Activating, Some(&machine), false)
                         .await?;
                     Ok(Settled::Active)
                 }
                 MachineStatus::Active => {
                     let due = self.until_renewal().is_some_and(|d| d.is_zero());
                     if (force_renew && !just_proved) || due {
-                        self.prove(&id, AgentState::Renewing, Some(&machine))
+                        self.prove(&id, AgentState::Renewing, Some(&machine), false)
                             .await?;
-                    } else if !self.fields_pushed {
-                        self.push_fields(&id, &machine).await?;
+                    } else {
+                        // A successor waits: a challenge at each check
+                        // says whether it is a controller yet.
+                        if self.rotation.next.is_some() {
+                            self.prove(&id, AgentState::Active, Some(&machine), true)
+                                .await?;
+                        }
+                        if !self.fields_pushed {
+                            self.push_fields(&id, &machine).await?;
+                        }
                     }
                     Ok(Settled::Active)
                 }
@@ -124,7 +133,9 @@ impl Registrar {
         };
         let mut retried = false;
         let created = loop {
-            let (proof, expires_at) = self.fresh_proof().await?;
+            let Some((proof, expires_at)) = self.fresh_proof(false).await? else {
+                unreachable!("any controller key signs a registration")
+            };
             request.identity_proof = Some(proof);
             match self.client.create_machine(&request).await {
                 Ok(r) => break self.observe(r),
@@ -143,6 +154,9 @@ impl Registrar {
         tracing::info!(machine_id = %created.id, "machine record created");
         self.fields_pushed = true;
         self.remember_record(&created, true)?;
+        if self.rotation.signed_by_next {
+            self.promote().await?;
+        }
         // The new record holds a proof verified a moment ago: activating
         // reuses it.
         self.publish(AgentState::Activating, |s| {
@@ -187,7 +201,7 @@ impl Registrar {
             Err(e) if e.is(&ErrorCode::NotActivated) || e.is(&ErrorCode::ProofExpired) => None,
             Err(e) => return Err(e.into()),
         };
-        self.prove(&id, AgentState::Activating, needs_proof.as_ref())
+        self.prove(&id, AgentState::Activating, needs_proof.as_ref(), false)
             .await
     }
 
@@ -225,14 +239,19 @@ impl Registrar {
 
     /// Fresh challenge, then `PATCH {identityProof, status: active}` (plus
     /// config fields that differ). One immediate retry when the challenge
-    /// expires before it arrives.
+    /// expires before it arrives. With `only_next`, only when the challenge
+    /// lists the successor key among the controllers (else nothing is
+    /// signed and the record is left as it is).
     async fn prove(
         &mut self,
         id: &str,
         state: AgentState,
         record: Option<&Machine>,
+        only_next: bool,
     ) -> Result<(), Failure> {
-        self.publish(state, |s| s.next_attempt_at = None);
+        if !only_next {
+            self.publish(state, |s| s.next_attempt_at = None);
+        }
         let mut update = match record {
             Some(m) if !self.fields_pushed => field_changes(&self.machine, m),
             _ => UpdateMachineRequest::default(),
@@ -240,7 +259,9 @@ impl Registrar {
         update.status = Some(MachineStatus::Active);
         let mut retried = false;
         let machine = loop {
-            let (proof, expires_at) = self.fresh_proof().await?;
+            let Some((proof, expires_at)) = self.fresh_proof(only_next).await? else {
+                return Ok(());
+            };
             update.identity_proof = Some(proof);
             match self.client.update_machine(id, &update).await {
                 Ok(r) => break self.observe(r),
@@ -256,7 +277,14 @@ impl Registrar {
                         "the record disappeared; registering again",
                     ));
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    // The current key is refused: a waiting successor signs
+                    // the next challenge.
+                    self.rotation.try_next = e.is(&ErrorCode::ProofInvalid)
+                        && !self.rotation.signed_by_next
+                        && self.rotation.next.is_some();
+                    return Err(e.into());
+                }
             }
         };
         // Without the record in hand no fields went with the proof; the
@@ -269,6 +297,9 @@ impl Registrar {
             state = %state,
             "identity proof accepted"
         );
+        if self.rotation.signed_by_next && machine.status == MachineStatus::Active {
+            self.promote().await?;
+        }
         if machine.status == MachineStatus::Active {
             Ok(())
         } else {
@@ -310,14 +341,43 @@ impl Registrar {
     }
 
     /// Asks for a challenge, vets it under the signing policy and signs
-    /// it. Returns the proof and the challenge's expiry (server time).
-    async fn fresh_proof(&mut self) -> Result<(MachineIdentityProofInput, Timestamp), Failure> {
+    /// it: with the successor key when the challenge lists it among the
+    /// controllers, else with the key. Returns the proof and the
+    /// challenge's expiry (server time); `None` with `only_next` when the
+    /// successor is not listed (nothing signed).
+    async fn fresh_proof(
+        &mut self,
+        only_next: bool,
+    ) -> Result<Option<(MachineIdentityProofInput, Timestamp)>, Failure> {
         let r = self.client.create_challenge(&self.identity).await?;
         let received = r.received;
         let challenge = self.observe(r);
+        let listed = |a: Address| challenge.controller_addresses.contains(&a);
+        // The successor signs once the challenge lists it, or once the
+        // current key's proof was refused; never both keys one challenge.
+        let try_next = std::mem::take(&mut self.rotation.try_next);
+        let next = self
+            .rotation
+            .next
+            .as_ref()
+            .filter(|n| listed(n.address()) || try_next)
+            .cloned();
+        if only_next && next.is_none() {
+            tracing::debug!("the successor key is not a controller yet");
+            return Ok(None);
+        }
+        self.rotation.signed_by_next = next.is_some();
+        let key = next.unwrap_or_else(|| self.key.clone());
+        // The policy vets the challenge as bound to a key of ours: the
+        // successor when listed, else the current key (a list that lags).
+        let vetted_for = if listed(key.address()) {
+            key.address()
+        } else {
+            self.key.address()
+        };
         let expected = Expected {
             identity: &self.identity,
-            ours: self.key.address(),
+            ours: vetted_for,
             host: &self.host,
             server_now: self.clock.server_now(),
             local_now: crate::clock::sane_now(),
@@ -331,7 +391,7 @@ impl Registrar {
                         .observe_precise(issued_at, received.at, received.local);
                 }
                 let text = challenge.message.as_bytes();
-                let signature = self.key.sign_personal(text).await?;
+                let signature = key.sign_personal(text).await?;
                 // One record per signature, so that what the key signed can
                 // be audited on the machine (the text itself only at debug).
                 tracing::info!(
@@ -340,6 +400,7 @@ impl Registrar {
                     text_sha256 = %sha256_hex(text),
                     identity = %self.identity,
                     policy = %self.policy.policy,
+                    signer = %key.address().checksummed(),
                     "signed identity challenge"
                 );
                 tracing::debug!(
@@ -347,13 +408,13 @@ impl Registrar {
                     text = %challenge.message,
                     "signed challenge text"
                 );
-                Ok((
+                Ok(Some((
                     MachineIdentityProofInput {
                         challenge_id: challenge.challenge_id,
                         signature: signature.to_hex(),
                     },
                     challenge.expires_at,
-                ))
+                )))
             }
             Err(ChallengeRefusal::NotController { controllers }) => {
                 let list: Vec<String> = controllers.iter().map(Address::checksummed).collect();

@@ -22,6 +22,7 @@ mod cycle;
 mod failure;
 pub mod policy;
 mod probe;
+mod rotate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +45,7 @@ use failure::{Failure, FailureKind};
 pub use policy::{field_changes, renewal_point};
 pub use probe::Readiness;
 use probe::{Probe, Prober};
+pub use rotate::Rotation;
 
 /// How many cycles may talk to the orchestrator at once, across all the
 /// machines of one agent: registration of many is fast, and a gateway's
@@ -94,6 +96,8 @@ pub struct Registrar {
     /// Cheap readiness probes that may end a backoff early.
     prober: Prober,
     pacing: Pacing,
+    /// Key rotation: the successor, and the record of its steps.
+    rotation: Box<Rotation>,
 }
 
 /// How a cycle ended well.
@@ -119,6 +123,7 @@ impl Registrar {
         status: watch::Sender<StatusSnapshot>,
         heartbeat: Heartbeat,
         pacing: Pacing,
+        rotation: Rotation,
     ) -> Self {
         let canonical = identity.canonical();
         let orchestrator = client.base().to_owned();
@@ -167,6 +172,7 @@ impl Registrar {
             heartbeat,
             prober,
             pacing,
+            rotation: Box::new(rotation),
         };
         let (id, proof) = (me.state.machine_id.clone(), me.state.proof.clone());
         me.publish(AgentState::Starting, |s| {
@@ -251,12 +257,19 @@ impl Registrar {
                         next_probe = self.prober.next(Instant::now(), deadline);
                     }
                     cmd = commands.recv(), if commands_open => match cmd {
+                        Some(Command::RotateKey { reply }) => {
+                            tracing::info!("key rotation requested");
+                            let _ = reply.send(self.prepare_rotation().await);
+                        }
                         Some(Command::Reregister { reply }) => {
                             tracing::info!("renewal requested");
                             replies.push(reply);
                             // Take every queued request; one renewal answers all.
-                            while let Ok(Command::Reregister { reply }) = commands.try_recv() {
-                                replies.push(reply);
+                            while let Ok(queued) = commands.try_recv() {
+                                match queued {
+                                    Command::Reregister { reply } => replies.push(reply),
+                                    other @ Command::RotateKey { .. } => other.refuse("busy: a renewal is starting".to_owned()),
+                                }
                             }
                             force_renew = true;
                             break;

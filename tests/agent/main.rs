@@ -18,4 +18,5 @@ mod gateway_mqtt;
 mod pkcs11;
 #[cfg(feature = "pkcs11")]
 mod pkcs11_pin;
+mod rotation;
 mod sealed;

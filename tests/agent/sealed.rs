@@ -89,6 +89,25 @@ fn drop_in() -> String {
     .unwrap()
 }
 
+/// `dir/agent.toml` with the key `credential:controller-key` and the
+/// state in `dir/state`.
+fn credential_config(dir: &Path) -> std::path::PathBuf {
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        config_text(
+            "http://127.0.0.1:9",
+            ID,
+            Path::new("KEY"),
+            &dir.join("state"),
+            "",
+        )
+        .replace("\"KEY\"", "\"credential:controller-key\""),
+    )
+    .unwrap();
+    config
+}
+
 #[test]
 fn keygen_sealed_writes_a_credential_that_unseals_to_the_printed_address() {
     let Some((unshare, _)) = tools("keygen_sealed") else {
@@ -176,19 +195,7 @@ fn check_and_address_read_a_key_the_unit_loads_sealed() {
     let (key, plain) = write_key(dir.path(), "controller");
     let cred = dir.path().join("controller.key.cred");
     let wrong = dir.path().join("wrong.cred");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        config_text(
-            "http://127.0.0.1:9",
-            ID,
-            Path::new("KEY"),
-            &dir.path().join("state"),
-            "",
-        )
-        .replace("\"KEY\"", "\"credential:controller-key\""),
-    )
-    .unwrap();
+    let config = credential_config(dir.path());
     // Sealed by systemd-creds itself (not by the agent's keygen), then the
     // plaintext removed, as the walkthrough does.
     let out = in_namespace(
@@ -265,4 +272,56 @@ echo "--- end""#,
         .unwrap_or_else(|| panic!("no failure: {all}"));
     assert!(line.contains("cannot unseal"), "{line}");
     assert!(line.contains("other-key"), "{line}");
+}
+
+/// Key rotation with a sealed key: the sandboxed agent cannot seal, so the
+/// successor is a 0600 plaintext file in the state directory's `keys/`,
+/// with a warning from `key rotate` and from `check`.
+#[test]
+fn a_sealed_keys_successor_is_plaintext_with_a_warning() {
+    let Some((unshare, _)) = tools("rotate_sealed") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_, plain) = write_key(dir.path(), "controller");
+    let cred = dir.path().join("controller.key.cred");
+    let config = credential_config(dir.path());
+    let state = dir.path().join("state");
+    let out = in_namespace(
+        &unshare,
+        Some(&drop_in()),
+        r#"systemd-creds encrypt --name=controller-key --with-key=host "$2" "$3" || exit 9
+rm "$2"
+echo "--- rotate"; "$1" key rotate --config "$4"; echo "rc=$?"
+echo "--- check"; "$1" check --config "$4"; echo "rc=$?"
+echo "--- end""#,
+        &[Path::new(BIN), &plain, &cred, &config],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let all = text(&out);
+    let rotate = section(&stdout, "rotate");
+    assert!(rotate.ends_with("rc=0\n"), "{all}");
+    let next = rotate.lines().next().unwrap();
+    assert!(
+        all.contains("the current key is a sealed credential"),
+        "{all}"
+    );
+    let file = state.join("keys").join(format!("{next}.key"));
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (key, _) = peaqos_agent::key::load_path(&file, None).unwrap();
+    assert_eq!(key.address().checksummed(), next);
+    let check = section(&stdout, "check");
+    assert!(
+        check.lines().any(
+            |l| l.starts_with("WARN  key plaintext") && l.contains(&file.display().to_string())
+        ),
+        "{all}"
+    );
+    assert!(
+        check.contains(&format!("nextControllerAddress {next}")),
+        "{all}"
+    );
 }

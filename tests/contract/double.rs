@@ -148,6 +148,9 @@ struct Store {
     machines: BTreeMap<String, Record>,
     next: u64,
     proofs_accepted: usize,
+    /// What challenges list as controllers instead of the controllers
+    /// (a listing that lags: the contract only promises at least one).
+    listed: Option<Vec<Address>>,
 }
 
 #[derive(Debug)]
@@ -250,6 +253,11 @@ impl Double {
 
     /// Going down closes every open connection; while down, new ones are
     /// accepted and closed unanswered.
+    /// Challenges list `listed` as the controllers (`None`: the real ones).
+    pub(crate) fn set_listed(&self, listed: Option<&[Address]>) {
+        self.shared.store().listed = listed.map(<[Address]>::to_vec);
+    }
+
     pub(crate) fn set_down(&self, down: bool) {
         self.shared.down.store(down, Ordering::SeqCst);
         if down {
@@ -507,7 +515,7 @@ async fn create_challenge(State(s): State<Arc<Shared>>, body: axum::body::Bytes)
         "message": message,
         "expiresAt": wire_time(expires_at),
         "verificationMethod": "eip191",
-        "controllerAddresses": controllers.iter().map(Address::checksummed).collect::<Vec<_>>(),
+        "controllerAddresses": store.listed.as_ref().unwrap_or(&controllers).iter().map(Address::checksummed).collect::<Vec<_>>(),
     });
     if q.extra_fields {
         value["issuedAt"] = wire_time(now).into();

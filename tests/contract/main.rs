@@ -18,6 +18,7 @@ mod agent;
 mod clock;
 mod double;
 mod gateway;
+mod rotation;
 mod scenarios;
 #[cfg(feature = "tls")]
 mod tls;

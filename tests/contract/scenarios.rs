@@ -55,7 +55,7 @@ async fn until_active(
 
 /// Waits until the agent has read the record `n` more times: time passing
 /// for the agent, counted in its own steps rather than slept through.
-async fn reads_later(double: &Double, agent: &AgentProcess, n: usize) {
+pub(crate) async fn reads_later(double: &Double, agent: &AgentProcess, n: usize) {
     let from = double.count(Endpoint::GetMachine);
     poll(
         &format!("{n} more reads of the record"),
