@@ -35,6 +35,19 @@ const KEY_CODE: &str = "KEY_UNAVAILABLE";
 /// Commands queue this deep; more are refused by the sender (MQTT), never
 /// buffered without bound.
 const COMMAND_QUEUE: usize = 8;
+
+/// Whether a machine gets a command queue: only when something can send to
+/// it. A queue with its first block is about 900 bytes, which a gateway of
+/// a thousand machines without MQTT commands would keep for nothing
+/// (docs/performance.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commands {
+    /// MQTT commands are on, or the library's caller asks for the queue
+    /// (`Agent::commands`, the first machine's).
+    Queue,
+    /// Nothing sends commands to this machine.
+    None,
+}
 /// How long stopping one machine waits for its loop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -49,8 +62,8 @@ pub struct Prepared {
     what: What,
     status_tx: watch::Sender<StatusSnapshot>,
     status: watch::Receiver<StatusSnapshot>,
-    commands_tx: mpsc::Sender<Command>,
-    commands_rx: mpsc::Receiver<Command>,
+    commands_tx: Option<mpsc::Sender<Command>>,
+    commands_rx: Option<mpsc::Receiver<Command>>,
 }
 
 #[derive(Debug)]
@@ -74,7 +87,8 @@ pub struct Machine {
     pub text: Option<String>,
     pub source: PathBuf,
     pub status: watch::Receiver<StatusSnapshot>,
-    pub commands: mpsc::Sender<Command>,
+    /// Its command queue, when it has one (see [`Commands`]).
+    pub commands: Option<mpsc::Sender<Command>>,
     /// Whether it runs a loop (a bad file's machine does not).
     pub runs: bool,
     stop: CancellationToken,
@@ -85,7 +99,7 @@ pub struct Machine {
 impl Prepared {
     /// The agent's own machine, from `agent.toml`, with its key opened
     /// already (a key that cannot be opened stops the agent, as it always
-    /// did for a robot).
+    /// did for a robot). It always has a command queue.
     pub fn own(spec: MachineSpec, key: Signer, boot_id: &str) -> Self {
         let snapshot = StatusSnapshot::new(
             spec.identity.identity_ref.canonical(),
@@ -102,12 +116,13 @@ impl Prepared {
                 spec: Box::new(spec),
                 key: Some(key),
             },
+            Commands::Queue,
         )
     }
 
     /// A machine file as read: a machine whose key its task opens, or one
     /// that shows why its file cannot be used.
-    pub fn from_entry(entry: MachineEntry, boot_id: &str) -> Self {
+    pub fn from_entry(entry: MachineEntry, boot_id: &str, commands: Commands) -> Self {
         let MachineEntry {
             name,
             path,
@@ -131,6 +146,7 @@ impl Prepared {
                         spec: Box::new(spec),
                         key: None,
                     },
+                    commands,
                 )
             }
             Err(e) => {
@@ -143,7 +159,15 @@ impl Prepared {
                     message: message.clone(),
                     at: Timestamp::now(),
                 });
-                Self::new(name, None, text, path, snapshot, What::Invalid(message))
+                Self::new(
+                    name,
+                    None,
+                    text,
+                    path,
+                    snapshot,
+                    What::Invalid(message),
+                    commands,
+                )
             }
         }
     }
@@ -155,9 +179,16 @@ impl Prepared {
         source: PathBuf,
         snapshot: StatusSnapshot,
         what: What,
+        commands: Commands,
     ) -> Self {
         let (status_tx, status) = watch::channel(snapshot);
-        let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (commands_tx, commands_rx) = match commands {
+            Commands::Queue => {
+                let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+                (Some(tx), Some(rx))
+            }
+            Commands::None => (None, None),
+        };
         Self {
             name,
             topic_prefix,
@@ -188,7 +219,8 @@ impl Prepared {
         self.status.clone()
     }
 
-    pub fn commands(&self) -> mpsc::Sender<Command> {
+    /// Its command queue's sender, when it has one.
+    pub fn commands(&self) -> Option<mpsc::Sender<Command>> {
         self.commands_tx.clone()
     }
 
@@ -289,33 +321,38 @@ struct Life {
 impl Life {
     // Boxed, `self` and the start: an async fn's arguments stay in its
     // future for its whole life, and what starting takes (the machine's
-    // whole configuration, the wait, opening the key) is not needed once
-    // the loop runs. A gateway keeps a thousand of these tasks
-    // (docs/performance.md).
+    // whole configuration, opening the key) is not needed once the loop
+    // runs. The start is allocated only when the machine's turn has come:
+    // a gateway that boots with a thousand machines would otherwise hold a
+    // thousand of them through the spread of its starts, and the heap
+    // stays as large as that peak (docs/performance.md).
     async fn run(
         self: Box<Self>,
         key: Option<Signer>,
         delay: Duration,
-        mut commands: mpsc::Receiver<Command>,
+        mut commands: Option<mpsc::Receiver<Command>>,
     ) {
-        let Some((registrar, stop)) = Box::pin(self.start(key, delay, &mut commands)).await else {
+        if !self
+            .wait(delay, &mut commands, "the machine is starting")
+            .await
+        {
+            self.stopping();
+            return;
+        }
+        let start = Box::pin(unbox(self).start(key, &mut commands));
+        let Some((registrar, stop)) = start.await else {
             return;
         };
         registrar.run(commands, stop).await;
     }
 
-    /// Waits its turn and opens its key (until it opens): the loop, ready
-    /// to run, or `None` when the machine is stopped first.
+    /// Opens its key (until it opens): the loop, ready to run, or `None`
+    /// when the machine is stopped first.
     async fn start(
         self,
         key: Option<Signer>,
-        delay: Duration,
-        commands: &mut mpsc::Receiver<Command>,
+        commands: &mut Option<mpsc::Receiver<Command>>,
     ) -> Option<(Registrar, CancellationToken)> {
-        if !self.wait(delay, commands, "the machine is starting").await {
-            self.stopping();
-            return None;
-        }
         let key = if let Some(key) = key {
             key
         } else if let Some(key) = self.open_key(commands).await {
@@ -337,7 +374,7 @@ impl Life {
     /// Opens the key on a blocking thread (a keystore's scrypt, a token's
     /// login), retrying as the loop retries until it opens or the machine
     /// stops.
-    async fn open_key(&self, commands: &mut mpsc::Receiver<Command>) -> Option<Signer> {
+    async fn open_key(&self, commands: &mut Option<mpsc::Receiver<Command>>) -> Option<Signer> {
         let mut backoff = Backoff::new(
             self.shared.renewal.backoff_initial,
             self.shared.renewal.backoff_max,
@@ -417,7 +454,7 @@ impl Life {
     async fn wait(
         &self,
         duration: Duration,
-        commands: &mut mpsc::Receiver<Command>,
+        commands: &mut Option<mpsc::Receiver<Command>>,
         why: &str,
     ) -> bool {
         if duration.is_zero() {
@@ -430,7 +467,7 @@ impl Life {
                 biased;
                 () = self.stop.cancelled() => return false,
                 () = &mut sleep => return true,
-                Some(command) = commands.recv() => command.refuse(why.to_owned()),
+                Some(command) = next_command(commands) => command.refuse(why.to_owned()),
             }
         }
     }
@@ -443,6 +480,14 @@ impl Life {
             s.timestamp = Timestamp::now();
         });
     }
+}
+
+/// Moves a machine's `Life` out of its box and frees the box now: moving
+/// out of a `Box` in place frees it only when the box's variable goes out
+/// of scope, which for an async fn's argument is the end of the task.
+#[allow(clippy::boxed_local)]
+fn unbox(life: Box<Life>) -> Life {
+    *life
 }
 
 /// The machine's registration loop, over its opened key and loaded state.
@@ -514,18 +559,29 @@ pub fn log_key_choice(spec: &MachineSpec) {
 async fn refuse_commands(
     message: String,
     status: watch::Sender<StatusSnapshot>,
-    mut commands: mpsc::Receiver<Command>,
+    mut commands: Option<mpsc::Receiver<Command>>,
     stop: CancellationToken,
 ) {
     tracing::error!(state = %AgentState::ConfigError, error_code = CONFIG_CODE, "{message}");
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
-            command = commands.recv() => match command {
+            command = next_command(&mut commands) => match command {
                 Some(command) => command.refuse(message.clone()),
                 None => stop.cancelled().await,
             },
         }
     }
     drop(status);
+}
+
+/// The next command of a machine's queue; `None` once its senders are gone
+/// or when it has no queue.
+pub(crate) async fn next_command(
+    commands: &mut Option<mpsc::Receiver<Command>>,
+) -> Option<Command> {
+    match commands {
+        Some(queue) => queue.recv().await,
+        None => None,
+    }
 }

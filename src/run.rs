@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::ClientBuildError;
 use crate::config::{Config, ConfigError, MachineEntry, MachineSpec, machines};
-use crate::machine::{Machine, Prepared, log_key_choice};
+use crate::machine::{Commands, Machine, Prepared, log_key_choice};
 use crate::mqtt::{self, MachinePort, Membership, MqttError};
 use crate::reload;
 use crate::shared::{Shared, start_delay};
@@ -96,7 +96,14 @@ impl Agent {
             prepared.push(Prepared::own(spec, key, &shared.boot_id));
         }
         for entry in machines::read_all(&config).map_err(RunError::Machines)? {
-            prepared.push(Prepared::from_entry(entry, &shared.boot_id));
+            // The first machine has a queue whatever the configuration:
+            // `Agent::commands` hands it out.
+            let commands = if prepared.is_empty() {
+                Commands::Queue
+            } else {
+                commands_of(&config)
+            };
+            prepared.push(Prepared::from_entry(entry, &shared.boot_id, commands));
         }
         let (reload_tx, reload_rx) = mpsc::unbounded_channel();
         Ok(Self {
@@ -116,7 +123,9 @@ impl Agent {
 
     /// Sends commands (such as `Reregister`) to the first machine's loop.
     pub fn commands(&self) -> mpsc::Sender<Command> {
-        self.machines[0].commands()
+        self.machines[0]
+            .commands()
+            .expect("the first machine always has a command queue")
     }
 
     /// Watches the status of the machine named `name` (a file's stem, or
@@ -218,6 +227,16 @@ impl Agent {
 /// Runs the agent with `config` until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     Agent::new(config)?.run(shutdown).await
+}
+
+/// Whether the machines of a gateway's directory get a command queue: only
+/// MQTT commands send to them.
+fn commands_of(config: &Config) -> Commands {
+    if config.mqtt.enabled && config.mqtt.commands.enabled {
+        Commands::Queue
+    } else {
+        Commands::None
+    }
 }
 
 fn port(machine: &Prepared) -> MachinePort {
@@ -332,7 +351,7 @@ impl Host {
                 peaqos_logging::error_chain(e)
             );
         }
-        let machine = Prepared::from_entry(entry, &self.shared.boot_id);
+        let machine = Prepared::from_entry(entry, &self.shared.boot_id, commands_of(&self.config));
         let _ = self.members.send(Membership::Add(port(&machine)));
         self.start(machine, delay);
     }

@@ -211,20 +211,18 @@ const SUMMARY_NAMES: usize = 3;
 /// The one-line summary of a gateway's machines for systemd's `STATUS=`,
 /// e.g. `40 machines: 39 active, 1 not_controller (dock-7)`: a count per
 /// state, `active` first, and the names of those that need a look.
-pub fn summary_line<'a>(
-    machines: impl IntoIterator<Item = (&'a str, &'a StatusSnapshot)>,
-) -> String {
+pub fn summary_line<'a>(machines: impl IntoIterator<Item = (&'a str, AgentState)>) -> String {
     use std::fmt::Write as _;
     let mut by_state: Vec<(AgentState, Vec<&str>)> = Vec::new();
     let mut total = 0;
-    for (name, status) in machines {
+    for (name, machine_state) in machines {
         total += 1;
         match by_state
             .iter_mut()
-            .find(|(state, _)| *state == status.state)
+            .find(|(state, _)| *state == machine_state)
         {
             Some((_, names)) => names.push(name),
-            None => by_state.push((status.state, vec![name])),
+            None => by_state.push((machine_state, vec![name])),
         }
     }
     // `active` first, then the others in the order of the enum.
@@ -513,20 +511,20 @@ mod tests {
         for i in 0..39 {
             all.push((format!("m{i}"), status(AgentState::Active)));
         }
-        let line = summary_line(all.iter().map(|(n, s)| (n.as_str(), s)));
+        let line = summary_line(all.iter().map(|(n, s)| (n.as_str(), s.state)));
         assert_eq!(line, "40 machines: 39 active, 1 not_controller (dock-7)");
         let mut few = vec![("a".to_owned(), status(AgentState::Backoff))];
         for name in ["b", "c", "d", "e"] {
             few.push((name.to_owned(), status(AgentState::ConfigError)));
         }
         few.push(("f".to_owned(), status(AgentState::Registering)));
-        let line = summary_line(few.iter().map(|(n, s)| (n.as_str(), s)));
+        let line = summary_line(few.iter().map(|(n, s)| (n.as_str(), s.state)));
         assert_eq!(
             line,
             "6 machines: 1 registering, 1 backoff (a), 4 config_error (b, c, d, +1 more)"
         );
         let one = status(AgentState::Active);
-        assert_eq!(summary_line([("x", &one)]), "1 machine: 1 active");
+        assert_eq!(summary_line([("x", one.state)]), "1 machine: 1 active");
         assert_eq!(summary_line(std::iter::empty()), "0 machines");
     }
 

@@ -74,13 +74,14 @@ impl Roster {
     fn line(&self) -> String {
         match (&self.machines[..], self.robot) {
             ([(_, one)], true) => status_line(&one.borrow()),
-            (machines, _) => {
-                let snapshots: Vec<(&str, StatusSnapshot)> = machines
+            // Only the states: a gateway's line is made every few hundred
+            // milliseconds while its machines start, and copying a
+            // thousand snapshots each time churned the heap.
+            (machines, _) => crate::status::summary_line(
+                machines
                     .iter()
-                    .map(|(name, status)| (name.as_str(), status.borrow().clone()))
-                    .collect();
-                crate::status::summary_line(snapshots.iter().map(|(n, s)| (*n, s)))
-            }
+                    .map(|(name, status)| (name.as_str(), status.borrow().state)),
+            ),
         }
     }
 }

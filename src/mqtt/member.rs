@@ -75,7 +75,7 @@ pub(crate) struct Member {
     pub(crate) is_gateway: bool,
     pub(crate) status: watch::Receiver<StatusSnapshot>,
     pub(crate) status_open: bool,
-    commands: mpsc::Sender<Command>,
+    commands: Option<mpsc::Sender<Command>>,
     pub(crate) command_topics: Vec<String>,
     gate: Option<Gate>,
     result_timeout: Duration,
@@ -124,7 +124,7 @@ pub(crate) struct Parts {
     pub(crate) discovery: Option<Discovery>,
     pub(crate) is_gateway: bool,
     pub(crate) status: watch::Receiver<StatusSnapshot>,
-    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) commands: Option<mpsc::Sender<Command>>,
 }
 
 impl Member {
@@ -376,7 +376,11 @@ impl Member {
         };
         // The registration loop's queue is small and it may be busy: a full
         // queue is a rejection, never a wait.
-        if let Err(e) = self.commands.try_send(command) {
+        let sent = match &self.commands {
+            Some(queue) => queue.try_send(command),
+            None => Err(mpsc::error::TrySendError::Closed(command)),
+        };
+        if let Err(e) = sent {
             if let Some(gate) = self.gate.as_mut() {
                 gate.finished();
             }

@@ -100,7 +100,9 @@ pub struct MachinePort {
     /// named as the gateway.
     pub topic_prefix: Option<String>,
     pub status: watch::Receiver<StatusSnapshot>,
-    pub commands: mpsc::Sender<Command>,
+    /// Its registration loop's command queue; `None` when it has none (MQTT
+    /// commands off), and a command is then refused as unavailable.
+    pub commands: Option<mpsc::Sender<Command>>,
 }
 
 /// A change in the machines the interface serves. A changed machine file
@@ -176,7 +178,7 @@ pub fn spawn(
         name: machine_name.to_owned(),
         topic_prefix: config.topic_prefix.clone(),
         status,
-        commands,
+        commands: Some(commands),
     }));
     Ok(handle)
 }

@@ -482,13 +482,17 @@ fn check_payload(trimmed: &str) -> Result<(), ChallengeRefusal> {
 /// characters, the soft hyphen, tag characters), line and paragraph
 /// separators (Zl, Zp), private use (Co), and unassigned code points (Cn).
 /// Any of them can make a text read differently from what it says.
+///
+/// The categories are ICU's compiled data (`icu_properties`), which the
+/// `url` crate links anyway for international domain names: a table of
+/// our own would add some 41 KB to the executable (docs/performance.md).
 fn printable(c: char) -> bool {
-    use unicode_properties::{GeneralCategory as G, UnicodeGeneralCategory};
+    use icu_properties::{CodePointMapData, props::GeneralCategory as G};
     if matches!(c, '\n' | '\r' | '\t') {
         return true;
     }
     !matches!(
-        c.general_category(),
+        CodePointMapData::<G>::new().get(c),
         G::Control
             | G::Format
             | G::LineSeparator

@@ -185,10 +185,15 @@ impl Registrar {
 
     /// Runs until `shutdown`. In-flight requests are abandoned at shutdown;
     /// the state file is only ever replaced whole, so nothing is corrupted.
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+    /// `commands` is the machine's command queue, when it has one.
+    pub async fn run(
+        mut self,
+        mut commands: Option<mpsc::Receiver<Command>>,
+        shutdown: CancellationToken,
+    ) {
         let mut replies: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
         let mut force_renew = false;
-        let mut commands_open = true;
+        let mut commands_open = commands.is_some();
         // Without a watchdog nobody reads the heartbeat: no need to wake.
         let beat_every = crate::systemd::beat_interval().unwrap_or(Duration::MAX);
         let heartbeat = self.heartbeat.clone();
@@ -256,7 +261,7 @@ impl Registrar {
                         tracing::debug!("probe: the orchestrator is still unavailable");
                         next_probe = self.prober.next(Instant::now(), deadline);
                     }
-                    cmd = commands.recv(), if commands_open => match cmd {
+                    cmd = crate::machine::next_command(&mut commands), if commands_open => match cmd {
                         Some(Command::RotateKey { reply }) => {
                             tracing::info!("key rotation requested");
                             let _ = reply.send(self.prepare_rotation().await);
@@ -265,7 +270,9 @@ impl Registrar {
                             tracing::info!("renewal requested");
                             replies.push(reply);
                             // Take every queued request; one renewal answers all.
-                            while let Ok(queued) = commands.try_recv() {
+                            while let Some(Ok(queued)) =
+                                commands.as_mut().map(mpsc::Receiver::try_recv)
+                            {
                                 match queued {
                                     Command::Reregister { reply } => replies.push(reply),
                                     other @ Command::RotateKey { .. } => other.refuse("busy: a renewal is starting".to_owned()),
@@ -300,13 +307,23 @@ impl Registrar {
     ) -> Option<Result<Settled, Failure>> {
         let heartbeat = self.heartbeat.clone();
         let cycles = self.pacing.cycles.clone();
+        // The turn first, then the cycle: loops waiting for their turn (a
+        // gateway's start) hold no cycle yet.
+        let permit = loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return None,
+                // Never closed: the permit is always granted in turn.
+                permit = cycles.acquire() => break permit.ok(),
+                () = tokio::time::sleep(beat_every) => heartbeat.beat(),
+            }
+        };
         // Boxed: a cycle's requests (reqwest, serde) make its future several
         // KiB, and a gateway keeps a thousand loops that spend nearly all
         // their time asleep between cycles. On the heap only while it runs,
         // it is not part of every idle loop's task (docs/performance.md).
-        let mut cycle = Box::pin(async {
-            // Never closed: the permit is always granted in turn.
-            let _permit = cycles.acquire().await.ok();
+        let mut cycle = Box::pin(async move {
+            let _permit = permit;
             self.cycle(force_renew).await
         });
         loop {

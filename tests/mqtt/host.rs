@@ -115,7 +115,7 @@ impl Host {
                 name: name.to_owned(),
                 topic_prefix: topic_prefix.map(str::to_owned),
                 status: status_rx,
-                commands: cmd_tx,
+                commands: Some(cmd_tx),
             }))
             .unwrap();
         self.machines.insert(
