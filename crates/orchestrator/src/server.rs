@@ -106,9 +106,13 @@ impl Server {
             on_ready,
         } = self;
         config.check()?;
-        let store = store::open(&config.database_url, &config.pool_settings())
-            .await
-            .map_err(Error::Store)?;
+        let store = store::open_cached(
+            &config.database_url,
+            &config.pool_settings(),
+            config.pg_row_cache_entries(),
+        )
+        .await
+        .map_err(Error::Store)?;
         let source: Arc<dyn ControllerSource> = match (&config.mcr_api_url, &config.registry_file) {
             (Some(url), _) => Arc::new(McrHttpSource::new(url, config.mcr_timeout)?),
             (None, Some(path)) => Arc::new(RegistrySource::open(path)?),

@@ -18,6 +18,8 @@
 pub mod error;
 mod pending;
 mod pg_audit;
+pub mod pg_cached;
+pub mod pg_changes;
 pub mod pg_pool;
 pub mod postgres;
 pub mod row_cache;
@@ -36,6 +38,7 @@ use peaqos_protocol::{IdentityRef, MachineIdentityProof, MachineStatus, Timestam
 use crate::audit::{AuditEvent, AuditQuery, NewEvent};
 
 pub use error::StoreError;
+pub use pg_cached::CachedPostgresStore;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -97,8 +100,27 @@ impl Default for PoolSettings {
 
 /// Opens the database `url` names, applying the embedded migrations.
 pub async fn open(url: &str, settings: &PoolSettings) -> Result<Arc<dyn Store>, StoreError> {
+    open_cached(url, settings, 0).await
+}
+
+/// Like [`open`], and on PostgreSQL keeps up to `pg_rows` machine records
+/// in memory ([`CachedPostgresStore`]; 0: none). Only for servers whose
+/// every replica writes the audit trail: the cache learns of other
+/// replicas' changes from it. (SQLite always keeps its own.)
+pub async fn open_cached(
+    url: &str,
+    settings: &PoolSettings,
+    pg_rows: usize,
+) -> Result<Arc<dyn Store>, StoreError> {
     match Backend::of(url) {
-        Some(Backend::Postgres) => Ok(Arc::new(PostgresStore::open(url, settings).await?)),
+        Some(Backend::Postgres) => {
+            let store = PostgresStore::open(url, settings).await?;
+            if pg_rows == 0 {
+                Ok(Arc::new(store))
+            } else {
+                Ok(Arc::new(CachedPostgresStore::new(store, pg_rows)))
+            }
+        }
         Some(Backend::Sqlite) => Ok(Arc::new(SqliteStore::open_with(url, settings).await?)),
         None => Err(StoreError::UnsupportedUrl),
     }
