@@ -106,13 +106,7 @@ impl Server {
             on_ready,
         } = self;
         config.check()?;
-        let store = store::open_cached(
-            &config.database_url,
-            &config.pool_settings(),
-            config.pg_row_cache_entries(),
-        )
-        .await
-        .map_err(Error::Store)?;
+        let store = open_store(&config).await.map_err(Error::Store)?;
         let source: Arc<dyn ControllerSource> = match (&config.mcr_api_url, &config.registry_file) {
             (Some(url), _) => Arc::new(McrHttpSource::new(url, config.mcr_timeout)?),
             (None, Some(path)) => Arc::new(RegistrySource::open(path)?),
@@ -207,6 +201,16 @@ impl Server {
 }
 
 /// The connection limits, and the event streams' within them.
+/// The database, with PostgreSQL's row cache when the configuration keeps one.
+async fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, StoreError> {
+    store::open_cached(
+        &config.database_url,
+        &config.pool_settings(),
+        config.pg_row_cache_entries(),
+    )
+    .await
+}
+
 fn limits(config: &Config) -> (serve::Limits, StreamLimits) {
     let limits = serve::Limits {
         header_timeout: config.header_timeout,
