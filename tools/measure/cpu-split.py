@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where the CPU goes while the load generator runs: every second, the cores
 used by its server threads (named `server`), its client threads (`loadgen`)
-and the PostgreSQL backends whose application_name is APP, printed with the
-Unix time so that each line can be matched with the scenario running then.
+and the PostgreSQL backends whose application_name is APP, and the load
+generator's resident memory, printed with the Unix time so that each line can be matched with the scenario running then.
 
     target/release/examples/loadgen ... \
         --database-url 'postgres://postgres@127.0.0.1:5432/test?application_name=loadgen-cpu' &
@@ -49,6 +49,17 @@ def threads(pid):
     return out
 
 
+def rss_mib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def backends(url, app):
     sql = f"SELECT pid FROM pg_stat_activity WHERE application_name = '{app}'"
     try:
@@ -65,7 +76,7 @@ def main():
     seen = {}  # backend pid -> last CPU seconds (backends come and go)
     last = threads(pid)
     last_t = time.monotonic()
-    print("unix_time server_cores client_cores postgres_cores", flush=True)
+    print("unix_time server_cores client_cores postgres_cores rss_mib", flush=True)
     while True:
         time.sleep(1)
         now = threads(pid)
@@ -80,7 +91,8 @@ def main():
         dt = t - last_t
         server = (now.get("server", 0) - last.get("server", 0)) / dt
         client = (now.get("client", 0) - last.get("client", 0)) / dt
-        print(f"{time.time():.0f} {server:.2f} {client:.2f} {pg / dt:.2f}", flush=True)
+        print(f"{time.time():.0f} {server:.2f} {client:.2f} {pg / dt:.2f} {rss_mib(pid):.0f}",
+              flush=True)
         last, last_t = now, t
 
 

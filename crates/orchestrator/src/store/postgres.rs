@@ -1,8 +1,9 @@
 //! The fleet store: PostgreSQL, shared by any number of orchestrator
 //! replicas, with migrations compiled into the binary.
 //!
-//! Nothing is cached in this process: another replica may write any row at
-//! any time. Every rule that spans requests is decided by the database in
+//! Nothing is cached here: another replica may write any row at any time
+//! (`pg_cached` keeps machine records in front of this store, told of other
+//! replicas' changes by the audit log). Every rule that spans requests is decided by the database in
 //! one statement: a challenge is consumed by a `DELETE` inside the statement
 //! that writes the machine (if the write fails, the statement and with it
 //! the consumption is undone), one live machine per identity is a unique
