@@ -58,10 +58,12 @@ impl CachedPostgresStore {
             feed: Mutex::new(Some(feed)),
         }
     }
+}
 
-    /// The PostgreSQL store underneath.
-    pub fn inner(&self) -> &PostgresStore {
-        &self.store
+impl Drop for CachedPostgresStore {
+    /// A store dropped without [`Store::close`] still stops its feed.
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 
