@@ -19,10 +19,10 @@
 //! transaction takes a lock that every notifying transaction holds until it
 //! has committed (one database-wide queue in commit order), so machine
 //! writes would commit one at a time, WAL flush included; measured with
-//! `pgbench` in docs/performance.md, 64 writers committed 0.27 as many
-//! transactions a second with it. A `NOTIFY` after the commit is cheap but
-//! is lost when the writer dies in between, and a lost notification leaves
-//! a stale row for good. The log costs the writes nothing, loses nothing,
+//! `pgbench` in docs/performance.md, 64 writers committed about a quarter
+//! as many transactions a second with it. A `NOTIFY` after the commit is
+//! cheap but is lost when the writer dies in between, and a lost
+//! notification leaves a stale row for good. The log costs the writes nothing, loses nothing,
 //! and this read is one index range scan per replica every [`INTERVAL`].
 
 use std::sync::{Arc, Mutex, PoisonError};
