@@ -116,10 +116,16 @@ pub async fn open_cached(
         Some(Backend::Postgres) => {
             let store = PostgresStore::open(url, settings).await?;
             if pg_rows == 0 {
-                Ok(Arc::new(store))
-            } else {
-                Ok(Arc::new(CachedPostgresStore::new(store, pg_rows)))
+                return Ok(Arc::new(store));
             }
+            // The feed reads the log on a connection of its own, so that
+            // requests holding every pooled connection cannot delay it.
+            let feed = PoolSettings {
+                max_connections: 1,
+                ..*settings
+            };
+            let feed = PostgresStore::open(url, &feed).await?;
+            Ok(Arc::new(CachedPostgresStore::new(store, feed, pg_rows)))
         }
         Some(Backend::Sqlite) => Ok(Arc::new(SqliteStore::open_with(url, settings).await?)),
         None => Err(StoreError::UnsupportedUrl),

@@ -39,13 +39,14 @@ pub struct CachedPostgresStore {
 
 impl CachedPostgresStore {
     /// Keeps up to `capacity` records of `store`, and starts following the
-    /// audit log (on the current runtime) until [`Store::close`].
-    pub fn new(store: PostgresStore, capacity: usize) -> Self {
+    /// audit log through `feed` (the same database, on connections of its
+    /// own) on the current runtime until [`Store::close`].
+    pub fn new(store: PostgresStore, feed: PostgresStore, capacity: usize) -> Self {
         let rows = Arc::new(RowCache::with_capacity(capacity));
         let freshness = Arc::new(Freshness::default());
         let stop = CancellationToken::new();
         let feed = tokio::spawn(pg_changes::follow(
-            store.clone(),
+            feed,
             Arc::clone(&rows),
             Arc::clone(&freshness),
             stop.clone(),

@@ -67,12 +67,23 @@ impl Freshness {
     }
 }
 
-/// Follows the log until `stop`; see the module documentation.
+/// Follows the log until `stop`, then closes `store` (the feed's own
+/// connection); see the module documentation.
 pub async fn follow(
     store: PostgresStore,
     rows: Arc<RowCache>,
     freshness: Arc<Freshness>,
     stop: CancellationToken,
+) {
+    follow_until(&store, &rows, &freshness, &stop).await;
+    store.close().await;
+}
+
+async fn follow_until(
+    store: &PostgresStore,
+    rows: &RowCache,
+    freshness: &Freshness,
+    stop: &CancellationToken,
 ) {
     let mut after = loop {
         match store.audit_head().await {
@@ -97,7 +108,7 @@ pub async fn follow(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(INTERVAL) => {}
         }
-        match catch_up(&store, &rows, &mut after).await {
+        match catch_up(store, rows, &mut after).await {
             Ok(sent) => {
                 freshness.synced(sent);
                 if failing {
