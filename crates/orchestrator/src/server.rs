@@ -110,9 +110,7 @@ impl Server {
             on_ready,
         } = self;
         config.check()?;
-        let store = store::open(&config.database_url, &config.pool_settings())
-            .await
-            .map_err(Error::Store)?;
+        let store = open_store(&config).await.map_err(Error::Store)?;
         let challenge_key = shared_challenge_key(&*store).await?;
         let source: Arc<dyn ControllerSource> = match (&config.mcr_api_url, &config.registry_file) {
             (Some(url), _) => Arc::new(McrHttpSource::new(url, config.mcr_timeout)?),
@@ -223,6 +221,16 @@ async fn shared_challenge_key(store: &dyn store::Store) -> Result<ChallengeKey, 
     let offered = ChallengeKey::random_bytes().map_err(Error::Random)?;
     let stored = store.challenge_key(offered).await.map_err(Error::Store)?;
     Ok(ChallengeKey::from_bytes(stored))
+}
+
+/// The database, with PostgreSQL's row cache when the configuration keeps one.
+async fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, StoreError> {
+    store::open_cached(
+        &config.database_url,
+        &config.pool_settings(),
+        config.pg_row_cache_entries(),
+    )
+    .await
 }
 
 /// The connection limits, and the event streams' within them.

@@ -128,6 +128,10 @@ struct Args {
     /// Worker threads of the load generator (default: one per core).
     #[arg(long)]
     client_threads: Option<usize>,
+    /// Machine records each in-process PostgreSQL server keeps in memory
+    /// (`PEAQOS_PG_ROW_CACHE`; 0: none, the figures before the cache).
+    #[arg(long)]
+    pg_row_cache: Option<u32>,
     /// Log filter of the in-process servers.
     #[arg(long, default_value = "warn")]
     log: String,
@@ -180,6 +184,7 @@ fn main() -> anyhow::Result<()> {
                 threads: args.server_threads,
                 log: &args.log,
                 audit_trail,
+                pg_row_cache: args.pg_row_cache,
             })
         };
         let addrs = servers(&database_url, true)?;

@@ -172,6 +172,8 @@ pub(crate) struct ServerSetup<'a> {
     pub(crate) log: &'a str,
     /// `false`: the baseline of the audit trail's cost.
     pub(crate) audit_trail: bool,
+    /// `PEAQOS_PG_ROW_CACHE` (`None`: the default).
+    pub(crate) pg_row_cache: Option<u32>,
 }
 
 /// Starts `replicas` servers in this process, each on its own runtime and
@@ -195,6 +197,7 @@ pub(crate) fn start_servers(setup: &ServerSetup<'_>) -> anyhow::Result<Vec<Socke
             challenge_burst: u32::MAX,
             max_pending_challenges: 1_000_000,
             audit_trail: setup.audit_trail,
+            pg_row_cache: setup.pg_row_cache.unwrap_or(Config::default().pg_row_cache),
             ..Config::default()
         };
         addrs.push(start_one(config, setup.threads)?);

@@ -226,6 +226,11 @@ settings! {
     /// transaction. Off only to measure what the trail costs.
     audit_trail: bool as Flag = true,
         env "PEAQOS_AUDIT_TRAIL", file "audit_trail";
+    /// PostgreSQL: machine records each replica keeps in memory for reads
+    /// (0: none). Kept only with the audit trail on, which tells a replica
+    /// what the others changed.
+    pg_row_cache: u32 as Num<u32> = 131_072,
+        env "PEAQOS_PG_ROW_CACHE", file "pg_row_cache";
     /// Audit events older than this are deleted, in batches; unset keeps
     /// them all.
     audit_retention: Option<Duration> as Option<Secs> = None,
@@ -268,6 +273,16 @@ impl Config {
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
             statement_timeout: self.db_statement_timeout,
+        }
+    }
+
+    /// Machine records a PostgreSQL store keeps in memory: none without
+    /// the audit trail, the feed of other replicas' changes.
+    pub fn pg_row_cache_entries(&self) -> usize {
+        if self.audit_trail {
+            self.pg_row_cache as usize
+        } else {
+            0
         }
     }
 

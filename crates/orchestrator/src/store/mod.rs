@@ -17,6 +17,8 @@
 
 pub mod error;
 mod pg_audit;
+pub mod pg_cached;
+pub mod pg_changes;
 pub mod pg_pool;
 pub mod postgres;
 pub mod row_cache;
@@ -35,6 +37,7 @@ use peaqos_protocol::{IdentityRef, MachineIdentityProof, MachineStatus, Timestam
 use crate::audit::{AuditEvent, AuditQuery, NewEvent};
 
 pub use error::StoreError;
+pub use pg_cached::CachedPostgresStore;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -96,8 +99,33 @@ impl Default for PoolSettings {
 
 /// Opens the database `url` names, applying the embedded migrations.
 pub async fn open(url: &str, settings: &PoolSettings) -> Result<Arc<dyn Store>, StoreError> {
+    open_cached(url, settings, 0).await
+}
+
+/// Like [`open`], and on PostgreSQL keeps up to `pg_rows` machine records
+/// in memory ([`CachedPostgresStore`]; 0: none). Only for servers whose
+/// every replica writes the audit trail: the cache learns of other
+/// replicas' changes from it. (SQLite always keeps its own.)
+pub async fn open_cached(
+    url: &str,
+    settings: &PoolSettings,
+    pg_rows: usize,
+) -> Result<Arc<dyn Store>, StoreError> {
     match Backend::of(url) {
-        Some(Backend::Postgres) => Ok(Arc::new(PostgresStore::open(url, settings).await?)),
+        Some(Backend::Postgres) => {
+            let store = PostgresStore::open(url, settings).await?;
+            if pg_rows == 0 {
+                return Ok(Arc::new(store));
+            }
+            // The feed reads the log on a connection of its own, so that
+            // requests holding every pooled connection cannot delay it.
+            let feed = PoolSettings {
+                max_connections: 1,
+                ..*settings
+            };
+            let feed = PostgresStore::open(url, &feed).await?;
+            Ok(Arc::new(CachedPostgresStore::new(store, feed, pg_rows)))
+        }
         Some(Backend::Sqlite) => Ok(Arc::new(SqliteStore::open_with(url, settings).await?)),
         None => Err(StoreError::UnsupportedUrl),
     }

@@ -1,12 +1,14 @@
 //! The fleet store: PostgreSQL, shared by any number of orchestrator
 //! replicas, with migrations compiled into the binary.
 //!
-//! Nothing is cached in this process: another replica may write any row at
-//! any time. Every rule that spans requests is decided by the database in
-//! one statement: a challenge is redeemed by an `INSERT` of its id into
-//! `redeemed_challenges` inside the statement that writes the machine (if
-//! the write fails, the statement and with it the redemption is undone; a
-//! second redemption conflicts on the key), one live machine per identity is a unique
+//! Nothing is cached here: another replica may write any row at any time
+//! (`pg_cached` keeps machine records in front of this store, told of other
+//! replicas' changes by the audit log). Every rule that spans requests is
+//! decided by the database in one statement: a challenge is redeemed by an
+//! `INSERT` of its id into `redeemed_challenges` inside the statement that
+//! writes the machine (if the write fails, the statement and with it the
+//! redemption is undone; a second redemption conflicts on the key), one live
+//! machine per identity is a unique
 //! partial index. Single statements also keep round trips down: a
 //! registration's write is one round trip, not a `BEGIN`/`COMMIT` dance.
 //!

@@ -1,13 +1,17 @@
-//! Recently read machine records, kept in memory by a store that is the only
-//! writer of its database (the SQLite store, which holds an exclusive lock
-//! on its file).
+//! Recently read machine records, kept in memory.
 //!
-//! Every write the store commits replaces or drops the record here, so a
-//! cached record is never older than the database. A read that raced with a
-//! write does not fill the cache: each read notes the write generation
-//! before it queries, and its row is cached only if no write was committed
-//! meanwhile. A store shared by several processes (PostgreSQL replicas) must
-//! not use this cache.
+//! The SQLite store is the only writer of its database (it holds an
+//! exclusive lock on its file): every write it commits replaces or drops the
+//! record here, so a cached record is never older than the database. A
+//! PostgreSQL replica shares its database with other writers: it also drops
+//! the records that the audit log says another replica changed, and serves
+//! them only while that log has been read recently (`pg_cached`).
+//!
+//! A read that raced with a write or a drop does not fill the cache: each
+//! read notes the generation before it queries, and its row is cached only
+//! if nothing was written or dropped meanwhile. A write of several writers
+//! does the same with [`RowCache::written_since`], so that a slower write
+//! never overwrites a newer version.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -30,16 +34,33 @@ struct Inner {
 }
 
 /// See the module documentation.
-#[derive(Debug, Default)]
-pub struct RowCache(Mutex<Inner>);
+#[derive(Debug)]
+pub struct RowCache {
+    inner: Mutex<Inner>,
+    capacity: usize,
+}
+
+impl Default for RowCache {
+    fn default() -> Self {
+        Self::with_capacity(CAPACITY)
+    }
+}
 
 /// The write generation a read started at.
 #[derive(Debug, Clone, Copy)]
 pub struct Ticket(u64);
 
 impl RowCache {
+    /// A cache of at most `capacity` records (at least one).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            inner: Mutex::default(),
+            capacity: capacity.max(1),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The cached record, or a ticket to present with the row read instead.
@@ -62,7 +83,7 @@ impl RowCache {
     pub fn fill(&self, ticket: Ticket, record: &MachineRecord) {
         let mut inner = self.lock();
         if inner.generation == ticket.0 {
-            insert(&mut inner, record.clone());
+            insert_bounded(&mut inner, record.clone(), self.capacity);
         }
     }
 
@@ -70,7 +91,40 @@ impl RowCache {
     pub fn written(&self, record: &MachineRecord) {
         let mut inner = self.lock();
         inner.generation += 1;
-        insert(&mut inner, record.clone());
+        insert_bounded(&mut inner, record.clone(), self.capacity);
+    }
+
+    /// After a committed write of `record` that began at `ticket`, in a
+    /// store with concurrent writers: cached only if nothing was written or
+    /// dropped since, for otherwise a newer version may already have been
+    /// seen (a later commit, here or at another replica) and this one would
+    /// replace it. Dropped then, so that the next read asks the database.
+    pub fn written_since(&self, ticket: Ticket, record: &MachineRecord) {
+        let mut inner = self.lock();
+        let unchanged = inner.generation == ticket.0;
+        inner.generation += 1;
+        if unchanged {
+            insert_bounded(&mut inner, record.clone(), self.capacity);
+        } else {
+            inner.records.remove(&record.id);
+        }
+    }
+
+    /// Drops every id of `ids` (changed elsewhere), in one step.
+    pub fn invalidate_all<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        for id in ids {
+            inner.records.remove(id);
+        }
+    }
+
+    /// Drops every record.
+    pub fn clear(&self) {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.records.clear();
+        inner.order.clear();
     }
 
     /// After a committed write that changed `id` in a way not worth
@@ -80,10 +134,6 @@ impl RowCache {
         inner.generation += 1;
         inner.records.remove(id);
     }
-}
-
-fn insert(inner: &mut Inner, record: MachineRecord) {
-    insert_bounded(inner, record, CAPACITY);
 }
 
 fn insert_bounded(inner: &mut Inner, record: MachineRecord, capacity: usize) {
@@ -172,5 +222,29 @@ mod tests {
         let ticket = cache.get("m").unwrap_err();
         cache.fill(ticket, &record("m", "read"));
         assert_eq!(cache.get("m").unwrap().display_name, "read");
+
+        // A drop of another id (a change at another replica) also refuses
+        // the fill: it may have been this id's change, applied before.
+        let ticket = cache.get("n").unwrap_err();
+        cache.invalidate_all(["x"]);
+        cache.fill(ticket, &record("n", "old"));
+        assert!(cache.get("n").is_err());
+    }
+
+    #[test]
+    fn a_slower_write_never_replaces_a_newer_version() {
+        let cache = RowCache::default();
+        // Two writes of one record begin; the second commits and is cached
+        // first; the first, older, arrives last and must not replace it.
+        let (first, second) = (cache.ticket(), cache.ticket());
+        cache.written_since(second, &record("m", "v2"));
+        cache.written_since(first, &record("m", "v1"));
+        assert!(cache.get("m").is_err(), "dropped, to be read again");
+        // Alone, a write is cached: a client reads what it wrote.
+        let t = cache.ticket();
+        cache.written_since(t, &record("m", "v3"));
+        assert_eq!(cache.get("m").unwrap().display_name, "v3");
+        cache.clear();
+        assert!(cache.get("m").is_err());
     }
 }

@@ -25,6 +25,7 @@ mod lifetime;
 mod mcr;
 mod outage;
 mod replicas;
+mod row_cache;
 mod schema;
 mod sdk;
 mod streams;

@@ -14,6 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use peaqos_orchestrator::store::pg_changes::FRESH_FOR;
+
 use crate::pg::PgSchema;
 use crate::support::{TIMEOUT, TestServer, expect_error, expect_item, key, machine_body};
 
@@ -141,6 +143,7 @@ async fn a_database_outage_answers_503_and_the_server_recovers_by_itself() {
     }
 
     proxy.cut();
+    until_not_from_memory(&s, &path, "cut").await;
     // Pooled connections now fail on use, new ones are refused: either way
     // a quick 503, never a 500 or a hang.
     for _ in 0..8 {
@@ -191,6 +194,20 @@ async fn a_database_outage_answers_503_and_the_server_recovers_by_itself() {
     );
 }
 
+/// Reads `path` until the record no longer comes from memory: one this
+/// replica read or wrote may be served from its row cache for up to
+/// `FRESH_FOR` after the database stopped answering, never longer.
+async fn until_not_from_memory(s: &TestServer, path: &str, what: &str) {
+    let lost = Instant::now();
+    while s.get(path).await.status() == 200 {
+        assert!(
+            lost.elapsed() < FRESH_FOR + Duration::from_secs(1),
+            "{what}: still read from memory past the bound"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Statements run as the superuser of the test database.
 async fn admin(schema: &PgSchema, statements: &[String]) {
     use sqlx::Executor as _;
@@ -206,6 +223,7 @@ async fn admin(schema: &PgSchema, statements: &[String]) {
 /// and `Retry-After` (never `500`), and `/ready` says not ready. (Issuing a
 /// challenge needs none: `tests/http/outage.rs`'s outage test.)
 async fn expect_refused_use(s: &TestServer, path: &str, what: &str) {
+    until_not_from_memory(s, path, what).await;
     for _ in 0..3 {
         for r in [
             s.get(path).await,

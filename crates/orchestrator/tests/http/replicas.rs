@@ -21,15 +21,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_peaqos-orchestrator");
 const IDENTITIES: usize = 40;
 
 /// One orchestrator process on a port it chose itself.
-struct Replica {
-    base: String,
-    client: reqwest::Client,
+pub(crate) struct Replica {
+    pub(crate) base: String,
+    pub(crate) client: reqwest::Client,
     _child: Child,
     _stdout: BufReader<ChildStdout>,
 }
 
 impl Replica {
-    async fn start(database_url: &str, registry: &std::path::Path) -> Self {
+    pub(crate) async fn start(database_url: &str, registry: &std::path::Path) -> Self {
         let mut child = tokio::process::Command::new(BIN)
             .env_clear()
             .env("PEAQOS_LISTEN_ADDR", "127.0.0.1:0")
@@ -81,15 +81,15 @@ impl Replica {
         request.send().await.unwrap()
     }
 
-    async fn get(&self, path: &str) -> reqwest::Response {
+    pub(crate) async fn get(&self, path: &str) -> reqwest::Response {
         self.send(reqwest::Method::GET, path, None).await
     }
 
-    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
         self.send(reqwest::Method::POST, path, Some(body)).await
     }
 
-    async fn patch(&self, path: &str, body: &Value) -> reqwest::Response {
+    pub(crate) async fn patch(&self, path: &str, body: &Value) -> reqwest::Response {
         self.send(reqwest::Method::PATCH, path, Some(body)).await
     }
 
@@ -103,7 +103,7 @@ impl Replica {
         expect_item(r, 201).await
     }
 
-    async fn proof(&self, identity: &str, key: &Key) -> Value {
+    pub(crate) async fn proof(&self, identity: &str, key: &Key) -> Value {
         let c = self.challenge(identity).await;
         json!({ "challengeId": c.challenge_id, "signature": sign(key, &c.message) })
     }
