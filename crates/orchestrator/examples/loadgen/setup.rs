@@ -195,7 +195,6 @@ pub(crate) fn start_servers(setup: &ServerSetup<'_>) -> anyhow::Result<Vec<Socke
             // Every simulated agent comes from 127.0.0.1.
             challenge_rate_per_minute: u32::MAX,
             challenge_burst: u32::MAX,
-            max_pending_challenges: 1_000_000,
             audit_trail: setup.audit_trail,
             pg_row_cache: setup.pg_row_cache.unwrap_or(Config::default().pg_row_cache),
             ..Config::default()
