@@ -22,8 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::pg_changes::{self, Freshness};
 use super::row_cache::RowCache;
 use super::{
-    Backend, ChallengeInsert, ChallengeRecord, CloseFuture, Consume, MachineRecord, PageKey,
-    PostgresStore, Store, StoreFuture,
+    Backend, CloseFuture, Consume, MachineRecord, PageKey, PostgresStore, Store, StoreFuture,
 };
 use crate::audit::{AuditEvent, AuditQuery, NewEvent};
 
@@ -92,20 +91,12 @@ impl Store for CachedPostgresStore {
         })
     }
 
-    fn insert_challenge<'a>(
-        &'a self,
-        challenge: &'a ChallengeRecord,
-        max_pending: u64,
-    ) -> StoreFuture<'a, ChallengeInsert> {
-        self.store.insert_challenge(challenge, max_pending)
+    fn challenge_key(&self, offered: [u8; 32]) -> StoreFuture<'_, [u8; 32]> {
+        self.store.challenge_key(offered)
     }
 
-    fn get_challenge<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<ChallengeRecord>> {
-        self.store.get_challenge(id)
-    }
-
-    fn delete_expired_challenges(&self, now: Timestamp) -> StoreFuture<'_, u64> {
-        self.store.delete_expired_challenges(now)
+    fn delete_expired_redemptions(&self, before: Timestamp) -> StoreFuture<'_, u64> {
+        self.store.delete_expired_redemptions(before)
     }
 
     fn insert_machine<'a>(
