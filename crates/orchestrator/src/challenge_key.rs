@@ -24,13 +24,19 @@ use crate::store::ChallengeRecord;
 use crate::verify::ProofError;
 
 /// Layout of the token after `chl_`, as bytes before base32: version,
-/// random part, issued at and expires at (unix ms, big-endian), identity
-/// tag, MAC.
+/// random part, issued at (unix ms, 48 bits, big-endian), validity (ms,
+/// 32 bits), identity tag, MAC. Kept short on purpose: the id is a word of
+/// the signed message, and careful agents refuse to sign a base64-like word
+/// of more than 88 characters (an embedded payload: ours does, with its
+/// default challenge policy); `chl_` and 51 bytes of base32 make 86.
 const VERSION: u8 = 1;
 const RANDOM: usize = 16;
+const ISSUED: usize = 1 + RANDOM;
+const VALIDITY: usize = ISSUED + 6;
+const TAGGED: usize = VALIDITY + 4;
 const TAG: usize = 8;
 const MAC: usize = 16;
-const BODY: usize = 1 + RANDOM + 8 + 8 + TAG;
+const BODY: usize = TAGGED + TAG;
 const TOKEN: usize = BODY + MAC;
 
 /// Length of the key (bytes).
@@ -73,9 +79,20 @@ impl ChallengeKey {
         let mut token = [0u8; TOKEN];
         token[0] = VERSION;
         token[1..=RANDOM].copy_from_slice(&random);
-        token[1 + RANDOM..9 + RANDOM].copy_from_slice(&issued_at.unix_millis().to_be_bytes());
-        token[9 + RANDOM..17 + RANDOM].copy_from_slice(&expires_at.unix_millis().to_be_bytes());
-        token[17 + RANDOM..BODY].copy_from_slice(&self.tag(identity));
+        // 48 bits of milliseconds last until the year 10889; a validity
+        // past 49 days (the configuration allows an hour) is cut there, and
+        // the record below is built from what the id says, so the message
+        // and the id always agree.
+        token[ISSUED..VALIDITY].copy_from_slice(&issued_at.unix_millis().to_be_bytes()[2..]);
+        let validity = u32::try_from(
+            expires_at
+                .unix_millis()
+                .saturating_sub(issued_at.unix_millis())
+                .max(0),
+        )
+        .unwrap_or(u32::MAX);
+        token[VALIDITY..TAGGED].copy_from_slice(&validity.to_be_bytes());
+        token[TAGGED..BODY].copy_from_slice(&self.tag(identity));
         let mac = self.mac(orchestrator, &token[..BODY]);
         token[BODY..].copy_from_slice(&mac);
         let id = ids::with_prefix_bytes(ids::CHALLENGE_PREFIX, &token);
@@ -85,7 +102,7 @@ impl ChallengeKey {
             id,
             &random,
             issued_at,
-            expires_at,
+            expires(issued_at, validity),
         ))
     }
 
@@ -110,15 +127,16 @@ impl ChallengeKey {
         if !bool::from(mac.ct_eq(&token[BODY..])) {
             return Err(ProofError::UnknownChallenge);
         }
-        if !bool::from(self.tag(identity).ct_eq(&token[17 + RANDOM..BODY])) {
+        if !bool::from(self.tag(identity).ct_eq(&token[TAGGED..BODY])) {
             return Err(ProofError::ForeignChallenge);
         }
-        let millis = |at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&token[at..at + 8]);
-            Timestamp::from_unix_millis(i64::from_be_bytes(b)).ok_or(ProofError::UnknownChallenge)
-        };
-        let (issued_at, expires_at) = (millis(1 + RANDOM)?, millis(9 + RANDOM)?);
+        let mut issued = [0u8; 8];
+        issued[2..].copy_from_slice(&token[ISSUED..VALIDITY]);
+        let issued_at = Timestamp::from_unix_millis(i64::from_be_bytes(issued))
+            .ok_or(ProofError::UnknownChallenge)?;
+        let mut validity = [0u8; 4];
+        validity.copy_from_slice(&token[VALIDITY..TAGGED]);
+        let expires_at = expires(issued_at, u32::from_be_bytes(validity));
         let mut random = [0u8; RANDOM];
         random.copy_from_slice(&token[1..=RANDOM]);
         Ok(record(
@@ -156,6 +174,11 @@ impl ChallengeKey {
         out.copy_from_slice(&digest[..TAG]);
         out
     }
+}
+
+/// The expiry an id's validity gives.
+fn expires(issued_at: Timestamp, validity_ms: u32) -> Timestamp {
+    issued_at.saturating_add(std::time::Duration::from_millis(u64::from(validity_ms)))
 }
 
 /// The challenge with its message. The message's nonce is a hash of the
@@ -210,6 +233,9 @@ mod tests {
         let one = id("did:peaq:1");
         let c = key.issue("orch", &one, ts(1_000), ts(301_000)).unwrap();
         assert!(c.id.starts_with("chl_") && c.id.is_ascii(), "{}", c.id);
+        // A word of the signed message: agents refuse base64-like words
+        // over 88 characters (the agent's encoded-payload rule).
+        assert!(c.id.len() <= 88, "{} is {} characters", c.id, c.id.len());
         assert_eq!(key.open("orch", &c.id, &one).unwrap(), c);
         let parsed = ChallengeMessage::parse(&c.message).unwrap();
         assert_eq!(parsed.challenge_id, c.id);
