@@ -46,7 +46,7 @@ const INITIAL: Duration = Duration::from_secs(1);
 /// `renewal.backoff_max`'s default.
 const CEILING_MAX: Duration = Duration::from_mins(5);
 /// `backoff::MAX_RETRY_AFTER`.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+const MAX_RETRY_AFTER: Duration = Duration::from_hours(1);
 /// `backoff::RETRY_AFTER_JITTER`.
 const RETRY_AFTER_JITTER: Duration = Duration::from_secs(1);
 
@@ -184,6 +184,60 @@ fn ms(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
+/// One agent of the burst: back at `arrival`, then attempts until done,
+/// failed, or past `deadline`.
+async fn one_agent(
+    addr: SocketAddr,
+    agent: Seeded,
+    key: Arc<SecretKey>,
+    open: Arc<Semaphore>,
+    arrival: Instant,
+    deadline: Instant,
+    rule: RetryRule,
+) -> AgentOutcome {
+    tokio::time::sleep_until(arrival.into()).await;
+    let mut rng = 0x9E37_79B9_7F4A_7C15 ^ (agent.id.wrapping_mul(0x2545_F491_4F6C_DD1D));
+    let mut ceiling = INITIAL;
+    let mut outcome = AgentOutcome::default();
+    loop {
+        let result = {
+            let _permit = open.acquire().await;
+            attempt(addr, &key, &agent).await
+        };
+        match result {
+            Attempt::Done(took) => {
+                outcome.finished = Some(Instant::now());
+                outcome.total = Some(arrival.elapsed());
+                outcome.attempt = Some(took);
+                return outcome;
+            }
+            Attempt::Fail(e) => {
+                outcome.error = Some(e);
+                return outcome;
+            }
+            Attempt::Retry {
+                error,
+                status,
+                retry_after,
+            } => {
+                outcome.retries += 1;
+                outcome.causes.count(status);
+                outcome.error.get_or_insert(error);
+                let wait = delay(rule, ceiling, retry_after, fraction(&mut rng));
+                if let Some(r) = retry_after {
+                    outcome.asked.push(ms(r));
+                    outcome.waited.push(ms(wait));
+                }
+                ceiling = (ceiling * 2).min(CEILING_MAX);
+                if Instant::now() + wait > deadline {
+                    return outcome;
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
 pub(crate) async fn run(
     addrs: &[SocketAddr],
     agents: &[Seeded],
@@ -204,49 +258,7 @@ pub(crate) async fn run(
             Arc::clone(key),
             Arc::clone(&open),
         );
-        tasks.spawn(async move {
-            tokio::time::sleep_until(arrival.into()).await;
-            let mut rng = 0x9E37_79B9_7F4A_7C15 ^ (agent.id.wrapping_mul(0x2545_F491_4F6C_DD1D));
-            let mut ceiling = INITIAL;
-            let mut outcome = AgentOutcome::default();
-            loop {
-                let result = {
-                    let _permit = open.acquire().await;
-                    attempt(addr, &key, &agent).await
-                };
-                match result {
-                    Attempt::Done(took) => {
-                        outcome.finished = Some(Instant::now());
-                        outcome.total = Some(arrival.elapsed());
-                        outcome.attempt = Some(took);
-                        return outcome;
-                    }
-                    Attempt::Fail(e) => {
-                        outcome.error = Some(e);
-                        return outcome;
-                    }
-                    Attempt::Retry {
-                        error,
-                        status,
-                        retry_after,
-                    } => {
-                        outcome.retries += 1;
-                        outcome.causes.count(status);
-                        outcome.error.get_or_insert(error);
-                        let wait = delay(rule, ceiling, retry_after, fraction(&mut rng));
-                        if let Some(r) = retry_after {
-                            outcome.asked.push(ms(r));
-                            outcome.waited.push(ms(wait));
-                        }
-                        ceiling = (ceiling * 2).min(CEILING_MAX);
-                        if Instant::now() + wait > deadline {
-                            return outcome;
-                        }
-                        tokio::time::sleep(wait).await;
-                    }
-                }
-            }
-        });
+        tasks.spawn(one_agent(addr, agent, key, open, arrival, deadline, rule));
     }
     let mut totals = Vec::new();
     let mut attempts = Vec::new();
