@@ -9,9 +9,9 @@
 //! die there as `503`, after holding a connection's worth of memory and
 //! the client's patience for seconds. A client told "come back in n
 //! seconds" early costs nothing meanwhile; and telling each rejected
-//! client a later second than the last (at twice the rate the store is
-//! measured to complete writes: [`OVERBOOK`]) spreads their return instead
-//! of sending the herd back all at once.
+//! client a later second than the last (at the rate the store is measured
+//! to complete writes) spreads their return instead of sending the herd
+//! back all at once.
 //!
 //! The queue is bounded in time, not in count: a request queues only if
 //! the writes ahead of it will be done within [`MAX_QUEUE_WAIT`] at the
@@ -50,17 +50,6 @@ const INITIAL_RATE: f64 = 500.0;
 
 /// Length of a window over which the completion rate is measured.
 const RATE_WINDOW: Duration = Duration::from_millis(500);
-
-/// Refused clients are booked this many times faster than the measured
-/// rate. Why: a cold server refuses a herd's first wave before it has
-/// measured anything, so that wave is booked at [`INITIAL_RATE`]; booked
-/// at the estimate, a 10,000-agent herd then came back at exactly 500/s
-/// while the machine was 29 % busy (docs/performance.md, the write path
-/// at fleet scale). A client back too early costs one refused request and
-/// is booked again at the rate measured by then (the queue absorbs up to
-/// [`MAX_QUEUE_WAIT`] of surplus first); a client back too late costs
-/// the store idle time, which nothing gives back.
-const OVERBOOK: f64 = 2.0;
 
 /// The longest `Retry-After` given: past it, a client is better off
 /// trying again than trusting an estimate that far ahead.
@@ -196,8 +185,7 @@ impl Admission {
     }
 
     /// Books the refused request a place after the queue and after every
-    /// request refused before it, one per 1/(rate × [`OVERBOOK`]); answers
-    /// how long from now.
+    /// request refused before it, one per 1/rate; answers how long from now.
     fn book(&self) -> Busy {
         let now = Instant::now();
         let queued = self.waiting.load(Ordering::Acquire);
@@ -205,9 +193,8 @@ impl Admission {
         let mut s = self.lock();
         #[allow(clippy::cast_precision_loss)]
         let queue_done = now + Duration::from_secs_f64(queued as f64 / rate);
-        let at = (s.booked_until.max(queue_done)
-            + Duration::from_secs_f64(1.0 / (rate * OVERBOOK)))
-        .min(now + MAX_RETRY_AFTER);
+        let at = (s.booked_until.max(queue_done) + Duration::from_secs_f64(1.0 / rate))
+            .min(now + MAX_RETRY_AFTER);
         s.booked_until = at;
         Busy {
             retry_after: at.duration_since(now),
@@ -247,13 +234,12 @@ mod tests {
         }
         let first = a.enter().await.unwrap_err();
         let second = a.enter().await.unwrap_err();
-        // After the queue (2,000 at 500/s: four seconds), then one more slot
-        // each, booked at twice the rate.
+        // After the queue (2,000 at 500/s: four seconds), then one more slot each.
         assert!(first.retry_after >= Duration::from_secs(4), "{first:?}");
         assert!(second.retry_after > first.retry_after, "{second:?}");
         assert_eq!(
             second.retry_after.checked_sub(first.retry_after).unwrap(),
-            Duration::from_secs_f64(1.0 / (500.0 * OVERBOOK))
+            Duration::from_secs_f64(1.0 / 500.0)
         );
         drop(held);
         for q in queued {
