@@ -122,6 +122,11 @@ struct Args {
     /// Seconds after which agents still trying count as failed.
     #[arg(long, default_value_t = 120)]
     burst_deadline: u64,
+    /// How a refused agent of the burst picks its wait: `agent` (the
+    /// agent's rule) or `longer` (its rule before: the longer of the
+    /// jittered backoff and `Retry-After`).
+    #[arg(long, value_enum, default_value = "agent")]
+    retry_rule: burst::RetryRule,
     /// Worker threads of each in-process server (default: one per core).
     #[arg(long)]
     server_threads: Option<usize>,
@@ -330,6 +335,7 @@ async fn drive(
                     spread: Duration::from_secs(args.burst_spread),
                     deadline: Duration::from_secs(args.burst_deadline),
                     max_open: max_open_connections(),
+                    rule: args.retry_rule,
                 };
                 let before = cost::Snapshot::take(database_url).await?;
                 let r = burst::run(addrs, agents, &key, &plan).await;

@@ -41,6 +41,29 @@ pub(crate) fn burst_progress(r: &burst::Report) {
         r.causes.connection,
         r.failed
     );
+    if !r.asked.is_empty() {
+        let total = |v: &[u32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / 1e3;
+        eprintln!(
+            "burst waits after a Retry-After ({}): asked p50 {} ms, p99 {} ms; waited p50 {} ms, \
+             p99 {} ms; longer than asked by p50 {} ms, p99 {} ms, max {} ms; \
+             {:.0} agent-s waited, {:.0} of them past the time asked",
+            r.asked.len(),
+            pct(&r.asked, 500),
+            pct(&r.asked, 990),
+            pct(&r.waited, 500),
+            pct(&r.waited, 990),
+            pct(&r.overshoot, 500),
+            pct(&r.overshoot, 990),
+            r.overshoot.last().copied().unwrap_or(0),
+            total(&r.waited),
+            total(&r.overshoot),
+        );
+    }
+}
+
+/// The `per_mille`th of sorted milliseconds.
+fn pct(sorted: &[u32], per_mille: usize) -> u32 {
+    sorted[(sorted.len() - 1) * per_mille / 1000]
 }
 
 /// CPU and WAL per re-proof: the capacity model's inputs.
@@ -56,6 +79,19 @@ pub(crate) fn burst_cost(r: &burst::Report, spent: &crate::cost::Snapshot) {
             .wal
             .map(|b| format!(", WAL {:.0} bytes", b as f64 / n))
             .unwrap_or_default()
+    );
+    // How busy the machine was: CPU spent by everything measured over the
+    // cores' time during the burst (the rest is idle, or other work).
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    let cpu = spent.server_cpu + spent.client_cpu + spent.postgres_cpu;
+    eprintln!(
+        "burst CPU: {cpu:.1} s of {:.1} s of {cores} cores' time ({:.0} % busy; \
+         server {:.1} s, load generator {:.1} s, PostgreSQL {:.1} s)",
+        r.wall.as_secs_f64() * cores,
+        100.0 * cpu / (r.wall.as_secs_f64() * cores).max(1e-9),
+        spent.server_cpu,
+        spent.client_cpu,
+        spent.postgres_cpu,
     );
 }
 
