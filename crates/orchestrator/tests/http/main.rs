@@ -21,6 +21,7 @@ mod console;
 mod contract;
 mod deploy;
 mod docs;
+mod exactly_once;
 mod lifetime;
 mod mcr;
 mod outage;

@@ -24,6 +24,7 @@ const IDENTITIES: usize = 40;
 pub(crate) struct Replica {
     pub(crate) base: String,
     pub(crate) client: reqwest::Client,
+    pid: u32,
     _child: Child,
     _stdout: BufReader<ChildStdout>,
 }
@@ -44,6 +45,7 @@ impl Replica {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
+        let pid = child.id().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         // The binary prints where it listens once it is ready.
         let base = tokio::time::timeout(TIMEOUT, async {
@@ -63,9 +65,17 @@ impl Replica {
         Self {
             base,
             client: reqwest::Client::builder().timeout(TIMEOUT).build().unwrap(),
+            pid,
             _child: child,
             _stdout: stdout,
         }
+    }
+
+    /// SIGKILL: no shutdown, no flush; the kernel cuts its connections,
+    /// to clients and to the database, wherever they were.
+    pub(crate) fn kill9(&self) {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(self.pid).unwrap()).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
     }
 
     async fn send(
