@@ -119,9 +119,11 @@ struct Args {
     /// Seconds over which the burst's agents come back.
     #[arg(long, default_value_t = 10)]
     burst_spread: u64,
-    /// Seconds after which agents still trying count as failed.
-    #[arg(long, default_value_t = 120)]
-    burst_deadline: u64,
+    /// Seconds after which agents still trying count as failed (default:
+    /// 120, and 12 more per 1,000 agents past 10,000, so that a herd
+    /// several times larger is not cut off at the time of a smaller one).
+    #[arg(long)]
+    burst_deadline: Option<u64>,
     /// How a refused agent of the burst picks its wait: `agent` (the
     /// agent's rule) or `longer` (its rule before: the longer of the
     /// jittered backoff and `Retry-After`).
@@ -146,6 +148,16 @@ struct Args {
     /// Print the registry file the scenarios need, then exit.
     #[arg(long)]
     print_registry: bool,
+}
+
+impl Args {
+    fn burst_deadline(&self) -> Duration {
+        let agents = u64::try_from(self.burst_agents).unwrap_or(u64::MAX);
+        Duration::from_secs(
+            self.burst_deadline
+                .unwrap_or_else(|| 120 + agents.saturating_sub(10_000) * 12 / 1_000),
+        )
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -333,7 +345,7 @@ async fn drive(
                 let agents = &seeded[..args.burst_agents];
                 let plan = burst::Plan {
                     spread: Duration::from_secs(args.burst_spread),
-                    deadline: Duration::from_secs(args.burst_deadline),
+                    deadline: args.burst_deadline(),
                     max_open: max_open_connections(),
                     rule: args.retry_rule,
                 };
@@ -342,7 +354,7 @@ async fn drive(
                 let spent = before.until(cost::Snapshot::take(database_url).await?);
                 report::burst_progress(&r);
                 report::burst_cost(&r, &spent);
-                burst = Some((r, plan));
+                burst = Some((r, plan, spent));
             }
         }
     }

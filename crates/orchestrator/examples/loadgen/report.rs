@@ -104,7 +104,7 @@ pub(crate) struct Run<'a> {
     pub(crate) warmup: u64,
     pub(crate) outcomes: &'a [Outcome],
     pub(crate) walk: &'a Walk,
-    pub(crate) burst: Option<&'a (burst::Report, burst::Plan)>,
+    pub(crate) burst: Option<&'a (burst::Report, burst::Plan, crate::cost::Snapshot)>,
 }
 
 pub(crate) fn print(run: &Run<'_>) {
@@ -158,7 +158,7 @@ pub(crate) fn print(run: &Run<'_>) {
         ms(w.last_tenth),
         w.last_tenth.as_secs_f64() / w.first_tenth.as_secs_f64().max(1e-9)
     );
-    if let Some((r, plan)) = run.burst {
+    if let Some((r, plan, spent)) = run.burst {
         let fits = r.failed == 0 && r.wall <= Duration::from_mins(1);
         println!(
             "\nPower-cut burst: {} agents back within {} s, each on its own connection \
@@ -186,7 +186,39 @@ pub(crate) fn print(run: &Run<'_>) {
         if let Some(e) = &r.first_error {
             println!("\nfirst error: {e}");
         }
+        cost_table(r, spent);
     }
+}
+
+/// The capacity model's inputs (docs/performance.md), per agent done:
+/// retried attempts are included, so these are upper bounds of one
+/// re-proof's cost.
+fn cost_table(r: &burst::Report, spent: &crate::cost::Snapshot) {
+    let n = r.done.max(1) as f64;
+    let us = |seconds: f64| format!("{:.0} µs", seconds / n * 1e6);
+    println!(
+        "\nCost per re-proof ({} done, retries included; CPU from /proc, PostgreSQL's \
+         is every `postgres` process on this machine, WAL from `pg_current_wal_lsn()` \
+         before and after the burst, whole cluster):\n",
+        r.done
+    );
+    println!("| server CPU | load generator CPU | PostgreSQL CPU | WAL per re-proof | WAL in all |");
+    println!("|---:|---:|---:|---:|---:|");
+    let (wal, wal_total) = spent.wal.map_or_else(
+        || ("n/a".to_owned(), "n/a".to_owned()),
+        |b| {
+            (
+                format!("{:.0} bytes", b as f64 / n),
+                format!("{:.1} MB", b as f64 / 1e6),
+            )
+        },
+    );
+    println!(
+        "| {} | {} | {} | {wal} | {wal_total} |",
+        us(spent.server_cpu),
+        us(spent.client_cpu),
+        us(spent.postgres_cpu),
+    );
 }
 
 /// Registrations with the audit trail against the baseline without it,
