@@ -202,7 +202,9 @@ fn cost_table(r: &burst::Report, spent: &crate::cost::Snapshot) {
          before and after the burst, whole cluster):\n",
         r.done
     );
-    println!("| server CPU | load generator CPU | PostgreSQL CPU | WAL per re-proof | WAL in all |");
+    println!(
+        "| server CPU | load generator CPU | PostgreSQL CPU | WAL per re-proof | WAL in all |"
+    );
     println!("|---:|---:|---:|---:|---:|");
     let (wal, wal_total) = spent.wal.map_or_else(
         || ("n/a".to_owned(), "n/a".to_owned()),
