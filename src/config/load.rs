@@ -242,54 +242,72 @@ impl Config {
 
 /// Parses already-read files (main file first) into `T`, merged in order,
 /// and runs `check` on the result; every error names file, line, column
-/// and key. Returns the value and the files' paths.
+/// and key. Returns the value and the files' paths. Only the call to
+/// `T::deserialize` depends on `T`: the rest is in functions of their own,
+/// so that the config and the machine files share one copy of it.
 pub(super) fn parse<T: serde::de::DeserializeOwned>(
     files: Vec<(PathBuf, String)>,
     check: impl FnOnce(&T) -> Result<(), CheckError>,
 ) -> Result<(T, Vec<PathBuf>), ConfigError> {
-    let mut base = 0;
-    let sources = Sources(
-        files
-            .into_iter()
-            .map(|(path, text)| {
-                let file = SourceFile { path, text, base };
-                // One byte of gap keeps an end-of-file span inside its file.
-                base += file.text.len() + 1;
-                file
-            })
-            .collect(),
-    );
-
-    let mut merged: Option<Spanned<DeTable<'_>>> = None;
-    for file in &sources.0 {
-        let table = DeTable::parse(&file.text).map_err(|e| ConfigError::Syntax {
-            location: sources.locate(file.base + e.span().map_or(0, |s| s.start)),
-            message: e.message().to_owned(),
-        })?;
-        let table = shift_table(table, file.base);
-        merged = Some(match merged {
-            None => table,
-            Some(mut into) => {
-                merge(into.get_mut(), table.into_inner());
-                into
-            }
-        });
-    }
-    let merged = merged.unwrap_or_else(|| Spanned::new(0..0, DeTable::default()));
+    let sources = Sources::new(files);
+    let merged = sources.merge()?;
     let root_start = merged.span().start;
-    let mut paths = Paths::default();
-    paths.values.push((merged.span(), ".".to_owned()));
-    paths.index(merged.get_ref(), "");
-    let deserializer = toml::de::Deserializer::from(merged);
-    let value = T::deserialize(deserializer).map_err(|e| {
+    let paths = Paths::of(&merged);
+    let value = T::deserialize(toml::de::Deserializer::from(merged))
+        .map_err(|e| sources.invalid(&paths, &e, root_start))?;
+    if let Err(e) = check(&value) {
+        return Err(sources.check_failed(&paths, e, root_start));
+    }
+    Ok((value, sources.0.into_iter().map(|f| f.path).collect()))
+}
+
+impl Sources {
+    fn new(files: Vec<(PathBuf, String)>) -> Self {
+        let mut base = 0;
+        Self(
+            files
+                .into_iter()
+                .map(|(path, text)| {
+                    let file = SourceFile { path, text, base };
+                    // One byte of gap keeps an end-of-file span inside its file.
+                    base += file.text.len() + 1;
+                    file
+                })
+                .collect(),
+        )
+    }
+
+    /// The files' tables, merged in order, their spans in the virtual
+    /// concatenation.
+    fn merge(&self) -> Result<Spanned<DeTable<'_>>, ConfigError> {
+        let mut merged: Option<Spanned<DeTable<'_>>> = None;
+        for file in &self.0 {
+            let table = DeTable::parse(&file.text).map_err(|e| ConfigError::Syntax {
+                location: self.locate(file.base + e.span().map_or(0, |s| s.start)),
+                message: e.message().to_owned(),
+            })?;
+            let table = shift_table(table, file.base);
+            merged = Some(match merged {
+                None => table,
+                Some(mut into) => {
+                    merge(into.get_mut(), table.into_inner());
+                    into
+                }
+            });
+        }
+        Ok(merged.unwrap_or_else(|| Spanned::new(0..0, DeTable::default())))
+    }
+
+    fn invalid(&self, paths: &Paths, e: &toml::de::Error, root_start: usize) -> ConfigError {
         let span = e.span().unwrap_or(root_start..root_start);
         ConfigError::Invalid {
-            location: sources.locate(span.start),
+            location: self.locate(span.start),
             key: paths.at(&span).to_owned(),
             message: e.message().to_owned(),
         }
-    })?;
-    if let Err(e) = check(&value) {
+    }
+
+    fn check_failed(&self, paths: &Paths, e: CheckError, root_start: usize) -> ConfigError {
         // A missing key is reported at its table.
         let offset = paths
             .keys
@@ -301,13 +319,12 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(
             })
             .copied()
             .unwrap_or(root_start);
-        return Err(ConfigError::Invalid {
-            location: sources.locate(offset),
+        ConfigError::Invalid {
+            location: self.locate(offset),
             key: e.key,
             message: e.message,
-        });
+        }
     }
-    Ok((value, sources.0.into_iter().map(|f| f.path).collect()))
 }
 
 /// A rule across keys that the configuration breaks.
@@ -359,6 +376,13 @@ struct Paths {
 }
 
 impl Paths {
+    fn of(root: &Spanned<DeTable<'_>>) -> Self {
+        let mut paths = Self::default();
+        paths.values.push((root.span(), ".".to_owned()));
+        paths.index(root.get_ref(), "");
+        paths
+    }
+
     fn index(&mut self, table: &DeTable<'_>, prefix: &str) {
         for (key, value) in table {
             let path = if prefix.is_empty() {
@@ -490,9 +514,7 @@ runtime_profile = "ros2"
     /// with) tracks for the same error.
     fn both<T: serde::de::DeserializeOwned>(text: &str) -> (String, String) {
         let table = DeTable::parse(text).unwrap();
-        let mut paths = Paths::default();
-        paths.values.push((table.span(), ".".to_owned()));
-        paths.index(table.get_ref(), "");
+        let paths = Paths::of(&table);
         let theirs = match serde_path_to_error::deserialize::<_, T>(toml::de::Deserializer::from(
             table.clone(),
         )) {
