@@ -392,17 +392,17 @@ impl Paths {
             };
             self.keys.insert(path.clone(), key.span().start);
             self.key_spans.push((key.span(), path.clone()));
-            self.value(value, path);
+            self.value(value, &path);
         }
     }
 
-    fn value(&mut self, value: &Spanned<DeValue<'_>>, path: String) {
-        self.values.push((value.span(), path.clone()));
+    fn value(&mut self, value: &Spanned<DeValue<'_>>, path: &str) {
+        self.values.push((value.span(), path.to_owned()));
         match value.get_ref() {
-            DeValue::Table(inner) => self.index(inner, &path),
+            DeValue::Table(inner) => self.index(inner, path),
             DeValue::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
-                    self.value(item, format!("{path}[{i}]"));
+                    self.value(item, &format!("{path}[{i}]"));
                 }
             }
             _ => {}
@@ -494,21 +494,6 @@ mod tests {
     use super::*;
     use crate::config::MachineFile;
 
-    const BASE: &str = r#"
-[identity]
-ref = "did:peaq:4242"
-key_file = "/etc/peaqos-agent/controller.key"
-
-[orchestrator]
-url = "http://127.0.0.1:8080"
-
-[machine]
-display_name = "robot 7"
-owner_id = "owner-1"
-machine_type = "robot"
-runtime_profile = "ros2"
-"#;
-
     /// The key `parse` names for `text`'s error, beside the path that
     /// serde_path_to_error (which `parse` used to wrap the deserializer
     /// with) tracks for the same error.
@@ -530,43 +515,46 @@ runtime_profile = "ros2"
 
     #[test]
     fn keys_are_named_as_serde_path_to_error_names_them() {
+        // The config tests' file, its labels left out so that cases can
+        // set them.
+        let base = crate::config::tests::MAIN.replace("labels = { site = \"berlin\" }\n", "");
         let with = |table: &str, line: &str| {
-            BASE.replace(&format!("[{table}]\n"), &format!("[{table}]\n{line}\n"))
+            base.replace(&format!("[{table}]\n"), &format!("[{table}]\n{line}\n"))
         };
         let cases = [
-            format!("colour = 1\n{BASE}"),
+            format!("colour = 1\n{base}"),
             with("machine", "colour = \"red\""),
             with("machine", "capabilities = [\"a\", 2]"),
             with("machine", "labels = { site = 3 }"),
             with("machine", "skill_keys = \"one\""),
-            BASE.replace("display_name = \"robot 7\"\n", ""),
-            BASE.replace("display_name = \"robot 7\"", "display_name = \"\""),
-            BASE.replace("url = \"http://127.0.0.1:8080\"", "url = 5"),
-            BASE.replace("[orchestrator]\nurl = \"http://127.0.0.1:8080\"\n", ""),
+            base.replace("display_name = \"robot 7\"\n", ""),
+            base.replace("display_name = \"robot 7\"", "display_name = \"\""),
+            base.replace("url = \"http://127.0.0.1:8080\"", "url = 5"),
+            base.replace("[orchestrator]\nurl = \"http://127.0.0.1:8080\"\n", ""),
             with("identity", "retire_old_key = \"shred\""),
             with("identity", "key = \"not a uri\""),
-            BASE.replace("ref = \"did:peaq:4242\"", "ref = \"nobody\""),
-            format!("{BASE}[renewal]\ncheck_interval = \"soon\"\n"),
-            format!("{BASE}[mqtt]\nprotocol = \"7\"\n"),
-            format!("{BASE}[mqtt]\nkeep_alive = true\n"),
-            format!("{BASE}[mqtt.commands]\nallow = [\"reregister\", \"reboot\"]\n"),
-            format!("{BASE}[mqtt.commands]\nburst = -1\n"),
-            format!("{BASE}[mqtt.home_assistant]\nnode = \"x\"\n"),
-            format!("mqtt.commands.enabled = \"yes\"\n{BASE}"),
-            format!("mqtt = {{ enabled = \"x\" }}\n{BASE}"),
-            format!("{BASE}[gateway]\nmachines_dir = \"\"\n"),
-            format!("{BASE}[log]\nlevel = [1]\n"),
-            format!("{BASE}[[state]]\ndir = \"x\"\n"),
-            format!("{BASE}[[state]]\ndir = \"x\"\n[[state]]\ndir = 1\n"),
-            format!("{BASE}[mqtt.commands]\nallow = [\"reregister\"]\nsurprise = 1\n"),
-            BASE.replace("display_name = \"robot 7\"\n", "")
+            base.replace("ref = \"peaqos:machine:4242\"", "ref = \"nobody\""),
+            format!("{base}[renewal]\ncheck_interval = \"soon\"\n"),
+            format!("{base}[mqtt]\nprotocol = \"7\"\n"),
+            format!("{base}[mqtt]\nkeep_alive = true\n"),
+            format!("{base}[mqtt.commands]\nallow = [\"reregister\", \"reboot\"]\n"),
+            format!("{base}[mqtt.commands]\nburst = -1\n"),
+            format!("{base}[mqtt.home_assistant]\nnode = \"x\"\n"),
+            format!("mqtt.commands.enabled = \"yes\"\n{base}"),
+            format!("mqtt = {{ enabled = \"x\" }}\n{base}"),
+            format!("{base}[gateway]\nmachines_dir = \"\"\n"),
+            format!("{base}[log]\nlevel = [1]\n"),
+            format!("{base}[[state]]\ndir = \"x\"\n"),
+            format!("{base}[[state]]\ndir = \"x\"\n[[state]]\ndir = 1\n"),
+            format!("{base}[mqtt.commands]\nallow = [\"reregister\"]\nsurprise = 1\n"),
+            base.replace("display_name = \"robot 7\"\n", "")
                 .replace("[machine]\n", "[machine.labels]\nsite = \"b\"\n[machine]\n"),
-            BASE.replace("display_name = \"robot 7\"\n", "")
+            base.replace("display_name = \"robot 7\"\n", "")
                 .replace("[machine]\n", "[machine]\nlabels.site = \"b\"\n"),
-            BASE.replace("[machine]\n", "[machine]\nlabels.site.deeper = \"b\"\n"),
+            base.replace("[machine]\n", "[machine]\nlabels.site.deeper = \"b\"\n"),
             format!(
                 "{}[machine.labels]\nsite = \"b\"\n",
-                &BASE[..BASE.find("[machine]").unwrap()]
+                &base[..base.find("[machine]").unwrap()]
             ),
         ];
         for text in &cases {
@@ -574,14 +562,14 @@ runtime_profile = "ros2"
             assert_eq!(ours, theirs, "{text}");
         }
         let file = |extra: &str| {
-            format!("{BASE}{extra}")
+            format!("{base}{extra}")
                 .replace("[orchestrator]\nurl = \"http://127.0.0.1:8080\"\n", "")
         };
         for text in [
             file("[mqtt]\ntopic_prefix = 7\n"),
             file("[mqtt]\nurl = \"mqtt://b\"\n"),
             file("[renewal]\n"),
-            BASE.replace("[orchestrator]\nurl = \"http://127.0.0.1:8080\"\n", "")
+            base.replace("[orchestrator]\nurl = \"http://127.0.0.1:8080\"\n", "")
                 .replace("[identity]\n", "[identity]\nref2 = 1\n"),
         ] {
             let (ours, theirs) = both::<MachineFile>(&text);
