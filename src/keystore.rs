@@ -96,8 +96,8 @@ fn hex_decode(text: &str) -> Option<Vec<u8>> {
 
 /// Decrypts a keystore with `password`.
 pub fn decrypt(json: &str, password: &[u8]) -> Result<SecretKey, KeystoreError> {
-    let ks: Keystore =
-        serde_json::from_str(json).map_err(|e| KeystoreError::Format(e.to_string()))?;
+    let ks: Keystore = serde_json::from_slice(json.as_bytes())
+        .map_err(|e| KeystoreError::Format(e.to_string()))?;
     if ks.version != 3 {
         return Err(KeystoreError::Unsupported(format!(
             "version {} (only 3)",
@@ -213,8 +213,8 @@ fn derive(
 /// same password): fresh salt and IV, so the successor of a keystore key is
 /// held exactly as it was (key rotation). What eth-account and geth read.
 pub fn encrypt_like(like: &str, key: &SecretKey, password: &[u8]) -> Result<String, KeystoreError> {
-    let ks: Keystore =
-        serde_json::from_str(like).map_err(|e| KeystoreError::Format(e.to_string()))?;
+    let ks: Keystore = serde_json::from_slice(like.as_bytes())
+        .map_err(|e| KeystoreError::Format(e.to_string()))?;
     let c = ks.crypto;
     let mut params = c.kdfparams;
     let salt_len = params

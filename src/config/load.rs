@@ -242,71 +242,89 @@ impl Config {
 
 /// Parses already-read files (main file first) into `T`, merged in order,
 /// and runs `check` on the result; every error names file, line, column
-/// and key. Returns the value and the files' paths.
+/// and key. Returns the value and the files' paths. Only the call to
+/// `T::deserialize` depends on `T`: the rest is in functions of their own,
+/// so that the config and the machine files share one copy of it.
 pub(super) fn parse<T: serde::de::DeserializeOwned>(
     files: Vec<(PathBuf, String)>,
     check: impl FnOnce(&T) -> Result<(), CheckError>,
 ) -> Result<(T, Vec<PathBuf>), ConfigError> {
-    let mut base = 0;
-    let sources = Sources(
-        files
-            .into_iter()
-            .map(|(path, text)| {
-                let file = SourceFile { path, text, base };
-                // One byte of gap keeps an end-of-file span inside its file.
-                base += file.text.len() + 1;
-                file
-            })
-            .collect(),
-    );
-
-    let mut merged: Option<Spanned<DeTable<'_>>> = None;
-    for file in &sources.0 {
-        let table = DeTable::parse(&file.text).map_err(|e| ConfigError::Syntax {
-            location: sources.locate(file.base + e.span().map_or(0, |s| s.start)),
-            message: e.message().to_owned(),
-        })?;
-        let table = shift_table(table, file.base);
-        merged = Some(match merged {
-            None => table,
-            Some(mut into) => {
-                merge(into.get_mut(), table.into_inner());
-                into
-            }
-        });
-    }
-    let merged = merged.unwrap_or_else(|| Spanned::new(0..0, DeTable::default()));
+    let sources = Sources::new(files);
+    let merged = sources.merge()?;
     let root_start = merged.span().start;
-    let mut key_offsets = BTreeMap::new();
-    index_keys(merged.get_ref(), "", &mut key_offsets);
-    let deserializer = toml::de::Deserializer::from(merged);
-    let value: T = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let key = e.path().to_string();
-        let inner = e.into_inner();
-        ConfigError::Invalid {
-            location: sources.locate(inner.span().map_or(root_start, |s| s.start)),
-            key,
-            message: inner.message().to_owned(),
-        }
-    })?;
+    let paths = Paths::of(&merged);
+    let value = T::deserialize(toml::de::Deserializer::from(merged))
+        .map_err(|e| sources.invalid(&paths, &e, root_start))?;
     if let Err(e) = check(&value) {
+        return Err(sources.check_failed(&paths, e, root_start));
+    }
+    Ok((value, sources.0.into_iter().map(|f| f.path).collect()))
+}
+
+impl Sources {
+    fn new(files: Vec<(PathBuf, String)>) -> Self {
+        let mut base = 0;
+        Self(
+            files
+                .into_iter()
+                .map(|(path, text)| {
+                    let file = SourceFile { path, text, base };
+                    // One byte of gap keeps an end-of-file span inside its file.
+                    base += file.text.len() + 1;
+                    file
+                })
+                .collect(),
+        )
+    }
+
+    /// The files' tables, merged in order, their spans in the virtual
+    /// concatenation.
+    fn merge(&self) -> Result<Spanned<DeTable<'_>>, ConfigError> {
+        let mut merged: Option<Spanned<DeTable<'_>>> = None;
+        for file in &self.0 {
+            let table = DeTable::parse(&file.text).map_err(|e| ConfigError::Syntax {
+                location: self.locate(file.base + e.span().map_or(0, |s| s.start)),
+                message: e.message().to_owned(),
+            })?;
+            let table = shift_table(table, file.base);
+            merged = Some(match merged {
+                None => table,
+                Some(mut into) => {
+                    merge(into.get_mut(), table.into_inner());
+                    into
+                }
+            });
+        }
+        Ok(merged.unwrap_or_else(|| Spanned::new(0..0, DeTable::default())))
+    }
+
+    fn invalid(&self, paths: &Paths, e: &toml::de::Error, root_start: usize) -> ConfigError {
+        let span = e.span().unwrap_or(root_start..root_start);
+        ConfigError::Invalid {
+            location: self.locate(span.start),
+            key: paths.at(&span).to_owned(),
+            message: e.message().to_owned(),
+        }
+    }
+
+    fn check_failed(&self, paths: &Paths, e: CheckError, root_start: usize) -> ConfigError {
         // A missing key is reported at its table.
-        let offset = key_offsets
+        let offset = paths
+            .keys
             .get(&e.key)
             .or_else(|| {
                 e.key
                     .rsplit_once('.')
-                    .and_then(|(table, _)| key_offsets.get(table))
+                    .and_then(|(table, _)| paths.keys.get(table))
             })
             .copied()
             .unwrap_or(root_start);
-        return Err(ConfigError::Invalid {
-            location: sources.locate(offset),
+        ConfigError::Invalid {
+            location: self.locate(offset),
             key: e.key,
             message: e.message,
-        });
+        }
     }
-    Ok((value, sources.0.into_iter().map(|f| f.path).collect()))
 }
 
 /// A rule across keys that the configuration breaks.
@@ -340,18 +358,77 @@ pub(super) fn use_unit_credentials(
     found
 }
 
-/// Dotted key path -> offset of the key, for reporting [`CheckError`]s.
-fn index_keys(table: &DeTable<'_>, prefix: &str, out: &mut BTreeMap<String, usize>) {
-    for (key, value) in table {
-        let path = if prefix.is_empty() {
-            key.get_ref().to_string()
-        } else {
-            format!("{prefix}.{}", key.get_ref())
-        };
-        if let DeValue::Table(inner) = value.get_ref() {
-            index_keys(inner, &path, out);
+/// Where the keys and values of the merged tables are, by their dotted
+/// path (`orchestrator.url`, `machine.capabilities[0]`, `.` for the root).
+/// toml's errors carry the span of the key or value they are about; the
+/// path is looked up from it here, rather than tracked through every
+/// `Deserialize` call (serde_path_to_error wraps each field's
+/// deserializer, which made the config's serde code about 100 KB larger).
+#[derive(Default)]
+struct Paths {
+    /// Dotted key path -> offset of the key, for reporting [`CheckError`]s.
+    keys: BTreeMap<String, usize>,
+    key_spans: Vec<(Range<usize>, String)>,
+    /// Outer values before the values inside them: of two with the same
+    /// span (an array of tables and its first table), the inner one is
+    /// what an error is about.
+    values: Vec<(Range<usize>, String)>,
+}
+
+impl Paths {
+    fn of(root: &Spanned<DeTable<'_>>) -> Self {
+        let mut paths = Self::default();
+        paths.values.push((root.span(), ".".to_owned()));
+        paths.index(root.get_ref(), "");
+        paths
+    }
+
+    fn index(&mut self, table: &DeTable<'_>, prefix: &str) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.get_ref().to_string()
+            } else {
+                format!("{prefix}.{}", key.get_ref())
+            };
+            self.keys.insert(path.clone(), key.span().start);
+            self.key_spans.push((key.span(), path.clone()));
+            self.value(value, &path);
         }
-        out.insert(path, key.span().start);
+    }
+
+    fn value(&mut self, value: &Spanned<DeValue<'_>>, path: &str) {
+        self.values.push((value.span(), path.to_owned()));
+        match value.get_ref() {
+            DeValue::Table(inner) => self.index(inner, path),
+            DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    self.value(item, &format!("{path}[{i}]"));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The path of what an error's span covers: a key (an unknown field),
+    /// a value (a bad one, or a table missing a field), else the innermost
+    /// value around it.
+    fn at(&self, span: &Range<usize>) -> &str {
+        fn exact<'a>(
+            spans: &'a [(Range<usize>, String)],
+            span: &Range<usize>,
+        ) -> Option<&'a String> {
+            spans.iter().rev().find(|(s, _)| s == span).map(|(_, p)| p)
+        }
+        exact(&self.key_spans, span)
+            .or_else(|| exact(&self.values, span))
+            .or_else(|| {
+                self.values
+                    .iter()
+                    .filter(|(s, _)| s.start <= span.start && span.end <= s.end)
+                    .min_by_key(|(s, _)| s.len())
+                    .map(|(_, p)| p)
+            })
+            .map_or(".", String::as_str)
     }
 }
 
@@ -408,6 +485,95 @@ fn merge<'i>(into: &mut DeTable<'i>, from: DeTable<'i>) {
                 into.remove(key.get_ref().as_ref());
                 into.insert(key, new);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MachineFile;
+
+    /// The key `parse` names for `text`'s error, beside the path that
+    /// serde_path_to_error (which `parse` used to wrap the deserializer
+    /// with) tracks for the same error.
+    fn both<T: serde::de::DeserializeOwned>(text: &str) -> (String, String) {
+        let table = DeTable::parse(text).unwrap();
+        let paths = Paths::of(&table);
+        let theirs = match serde_path_to_error::deserialize::<_, T>(toml::de::Deserializer::from(
+            table.clone(),
+        )) {
+            Ok(_) => panic!("{text} was accepted"),
+            Err(e) => e.path().to_string(),
+        };
+        let Err(e) = T::deserialize(toml::de::Deserializer::from(table)) else {
+            unreachable!("refused above")
+        };
+        let span = e.span().expect("toml's errors have spans");
+        (paths.at(&span).to_owned(), theirs)
+    }
+
+    #[test]
+    fn keys_are_named_as_serde_path_to_error_names_them() {
+        // The config tests' file, its labels left out so that cases can
+        // set them.
+        let base = crate::config::tests::MAIN.replace("labels = { site = \"berlin\" }\n", "");
+        let with = |table: &str, line: &str| {
+            base.replace(&format!("[{table}]\n"), &format!("[{table}]\n{line}\n"))
+        };
+        let cases = [
+            format!("colour = 1\n{base}"),
+            with("machine", "colour = \"red\""),
+            with("machine", "capabilities = [\"a\", 2]"),
+            with("machine", "labels = { site = 3 }"),
+            with("machine", "skill_keys = \"one\""),
+            base.replace("display_name = \"robot 7\"\n", ""),
+            base.replace("display_name = \"robot 7\"", "display_name = \"\""),
+            base.replace("url = \"http://127.0.0.1:8080\"", "url = 5"),
+            base.replace("[orchestrator]\nurl = \"http://127.0.0.1:8080\"\n", ""),
+            with("identity", "retire_old_key = \"shred\""),
+            with("identity", "key = \"not a uri\""),
+            base.replace("ref = \"peaqos:machine:4242\"", "ref = \"nobody\""),
+            format!("{base}[renewal]\ncheck_interval = \"soon\"\n"),
+            format!("{base}[mqtt]\nprotocol = \"7\"\n"),
+            format!("{base}[mqtt]\nkeep_alive = true\n"),
+            format!("{base}[mqtt.commands]\nallow = [\"reregister\", \"reboot\"]\n"),
+            format!("{base}[mqtt.commands]\nburst = -1\n"),
+            format!("{base}[mqtt.home_assistant]\nnode = \"x\"\n"),
+            format!("mqtt.commands.enabled = \"yes\"\n{base}"),
+            format!("mqtt = {{ enabled = \"x\" }}\n{base}"),
+            format!("{base}[gateway]\nmachines_dir = \"\"\n"),
+            format!("{base}[log]\nlevel = [1]\n"),
+            format!("{base}[[state]]\ndir = \"x\"\n"),
+            format!("{base}[[state]]\ndir = \"x\"\n[[state]]\ndir = 1\n"),
+            format!("{base}[mqtt.commands]\nallow = [\"reregister\"]\nsurprise = 1\n"),
+            base.replace("display_name = \"robot 7\"\n", "")
+                .replace("[machine]\n", "[machine.labels]\nsite = \"b\"\n[machine]\n"),
+            base.replace("display_name = \"robot 7\"\n", "")
+                .replace("[machine]\n", "[machine]\nlabels.site = \"b\"\n"),
+            base.replace("[machine]\n", "[machine]\nlabels.site.deeper = \"b\"\n"),
+            format!(
+                "{}[machine.labels]\nsite = \"b\"\n",
+                &base[..base.find("[machine]").unwrap()]
+            ),
+        ];
+        for text in &cases {
+            let (ours, theirs) = both::<Config>(text);
+            assert_eq!(ours, theirs, "{text}");
+        }
+        let file = |extra: &str| {
+            format!("{base}{extra}")
+                .replace("[orchestrator]\nurl = \"http://127.0.0.1:8080\"\n", "")
+        };
+        for text in [
+            file("[mqtt]\ntopic_prefix = 7\n"),
+            file("[mqtt]\nurl = \"mqtt://b\"\n"),
+            file("[renewal]\n"),
+            base.replace("[orchestrator]\nurl = \"http://127.0.0.1:8080\"\n", "")
+                .replace("[identity]\n", "[identity]\nref2 = 1\n"),
+        ] {
+            let (ours, theirs) = both::<MachineFile>(&text);
+            assert_eq!(ours, theirs, "{text}");
         }
     }
 }

@@ -2,7 +2,7 @@ use std::path::Path;
 
 use super::*;
 
-const MAIN: &str = r#"
+pub(super) const MAIN: &str = r#"
 [identity]
 ref = "peaqos:machine:4242"
 key_file = "/etc/peaqos-agent/controller.key"

@@ -432,7 +432,8 @@ fn check_payload(trimmed: &str) -> Result<(), ChallengeRefusal> {
              not readable text",
         ));
     }
-    if let Ok(json) = serde_json::from_str::<serde_json::Value>(trimmed) {
+    // From bytes, as the agent's other JSON: one copy of the parser.
+    if let Ok(json) = serde_json::from_slice::<serde_json::Value>(trimmed.as_bytes()) {
         if let Some(map) = json.as_object()
             && ["types", "domain", "primaryType", "message"]
                 .iter()
