@@ -155,6 +155,19 @@ impl Admission {
         }
     }
 
+    /// Refuses now, with a booking as [`enter`](Self::enter) would give,
+    /// when a write arriving now would be refused (the queue is full);
+    /// takes no slot and queues nothing. For the step before a write (a
+    /// challenge): refused there, a client has not yet signed, sent its
+    /// write or had its signature recovered, work that a refusal of the
+    /// write itself throws away.
+    pub fn room(&self) -> Result<(), Busy> {
+        if self.waiting.load(Ordering::Acquire) >= self.queue_bound() {
+            return Err(self.book());
+        }
+        Ok(())
+    }
+
     /// Requests queued now (for metrics and tests).
     pub fn queued(&self) -> usize {
         self.waiting.load(Ordering::Acquire)
@@ -344,6 +357,43 @@ mod tests {
         for q in queued {
             q.await.unwrap().unwrap();
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_is_refused_exactly_when_a_write_would_be_and_shares_its_bookings() {
+        let a = std::sync::Arc::new(Admission::new(1, Duration::from_secs(3)));
+        let held = a.enter().await.unwrap();
+        assert_eq!(a.room(), Ok(()), "the slot is taken, the queue empty");
+        // The initial 500/s: 1,500 may queue in three seconds.
+        let bound = a.queue_bound();
+        let mut queued = Vec::new();
+        let mut queue = |n: usize| {
+            for _ in 0..n {
+                let a = std::sync::Arc::clone(&a);
+                queued.push(tokio::spawn(async move { a.enter().await.map(|_| ()) }));
+            }
+        };
+        queue(bound - 1);
+        while a.queued() < bound - 1 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(a.room(), Ok(()), "one place left");
+        queue(1);
+        while a.queued() < bound {
+            tokio::task::yield_now().await;
+        }
+        // Full: refused with the booking a write gets (after the queue, one
+        // slot at 500/s), and the next write is booked after it.
+        let refused = a.room().unwrap_err();
+        assert_eq!(refused.retry_after, Duration::from_millis(3002));
+        assert_eq!(a.queued(), bound, "room() queues nothing");
+        let write = a.enter().await.unwrap_err();
+        assert_eq!(write.retry_after, Duration::from_millis(3004));
+        drop(held);
+        for q in queued {
+            q.await.unwrap().unwrap();
+        }
+        assert_eq!(a.room(), Ok(()));
     }
 
     #[tokio::test(start_paused = true)]

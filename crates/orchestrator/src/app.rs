@@ -55,3 +55,41 @@ impl App {
         self.clock.timestamp()
     }
 }
+
+/// An app for the crate's own tests: an in-memory SQLite store, only
+/// address-form identities resolving (`did:peaq:0x...`, each its own
+/// controller), one challenge a minute per client address, a manual clock.
+#[cfg(test)]
+pub(crate) async fn test_app(admission: Admission) -> Arc<App> {
+    use std::time::Duration;
+
+    use crate::clock::ManualClock;
+    use crate::controllers::ControllerCache;
+    use crate::controllers::address::NoSource;
+
+    let clock = Arc::new(ManualClock::default());
+    let metrics = Arc::new(Metrics::new());
+    let cache = ControllerCache::new(
+        Arc::new(NoSource),
+        Duration::from_secs(1),
+        clock.clone(),
+        Arc::clone(&metrics),
+    );
+    Arc::new(App {
+        config: Config::default(),
+        store: Arc::new(
+            crate::store::SqliteStore::open("sqlite::memory:")
+                .await
+                .unwrap(),
+        ),
+        resolver: Arc::new(Resolver::new(cache)),
+        limiter: RateLimiter::new(1, 1, clock.clone()),
+        challenge_key: ChallengeKey::from_bytes([7; 32]),
+        admission,
+        clock,
+        metrics,
+        api_keys: None,
+        events: Arc::new(EventHub::default()),
+        console: ConsoleState::default(),
+    })
+}

@@ -316,15 +316,7 @@ mod tests {
     use peaqos_protocol::Timestamp;
 
     use super::*;
-    use crate::app::App;
-    use crate::clock::ManualClock;
-    use crate::config::Config;
-    use crate::controllers::address::NoSource;
-    use crate::controllers::{ControllerCache, Resolver};
-    use crate::metrics::Metrics;
-    use crate::rate_limit::RateLimiter;
-    use crate::store::SqliteStore;
-    use crate::stream::{CAPACITY, EventHub};
+    use crate::stream::CAPACITY;
 
     fn event(id: i64) -> AuditEvent {
         AuditEvent {
@@ -339,27 +331,11 @@ mod tests {
     }
 
     async fn app() -> AppState {
-        let clock = Arc::new(ManualClock::default());
-        let metrics = Arc::new(Metrics::new());
-        let cache = ControllerCache::new(
-            Arc::new(NoSource),
-            Duration::from_secs(1),
-            clock.clone(),
-            Arc::clone(&metrics),
-        );
-        Arc::new(App {
-            config: Config::default(),
-            store: Arc::new(SqliteStore::open("sqlite::memory:").await.unwrap()),
-            resolver: Arc::new(Resolver::new(cache)),
-            limiter: RateLimiter::new(1, 1, clock.clone()),
-            challenge_key: crate::challenge_key::ChallengeKey::from_bytes([7; 32]),
-            admission: crate::admission::Admission::new(1, crate::admission::MAX_QUEUE_WAIT),
-            clock,
-            metrics,
-            api_keys: None,
-            events: Arc::new(EventHub::default()),
-            console: crate::console::ConsoleState::default(),
-        })
+        crate::app::test_app(crate::admission::Admission::new(
+            1,
+            crate::admission::MAX_QUEUE_WAIT,
+        ))
+        .await
     }
 
     fn subscriber(app: &AppState) -> Subscriber {

@@ -1,7 +1,8 @@
 //! Issuing challenges: single use, expiring, bound to one identity, naming
 //! its current controllers. Rate limited per client address. Issuing one
 //! writes nothing (`crate::challenge_key`): single use is decided when it
-//! is redeemed.
+//! is redeemed. Refused, like a write, while the write queue is full
+//! (`crate::admission`).
 
 use std::net::IpAddr;
 
@@ -22,6 +23,11 @@ impl App {
             self.metrics.rate_limited.inc();
             return Err(ServiceError::RateLimited { retry_after: wait });
         }
+        // A challenge is the first step of a write: while writes are being
+        // turned away, the client is told now, with the booking its write
+        // would get, before it signs and sends a write that would be
+        // refused anyway (in a herd, one refused write per agent or more).
+        self.admission.room().map_err(|busy| self.refused(busy))?;
         let controllers = self.controllers(&identity).await?;
         if !controllers.is_active() {
             return Err(Refusal::NotActivated { identity }.into());
@@ -46,5 +52,55 @@ impl App {
             verification_method: ProofMethod::Eip191,
             controller_addresses: controllers.controllers().to_vec(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use peaqos_protocol::IdentityRef;
+
+    use crate::admission::Admission;
+    use crate::service::ServiceError;
+
+    /// While a write would be refused, so is a challenge, with a booking
+    /// (`429` and `Retry-After`), before the client signs anything; once
+    /// the queue drains, challenges are issued again.
+    #[tokio::test]
+    async fn a_challenge_is_refused_with_a_booking_while_writes_would_be() {
+        let app = crate::app::test_app(Admission::new(1, Duration::from_secs(3))).await;
+        // After the store is open (its pool's timeouts run on this clock):
+        // the queue below waits without a clock running out under it.
+        tokio::time::pause();
+        let identity: IdentityRef = "did:peaq:0x00000000000000000000000000000000000000aa"
+            .parse()
+            .unwrap();
+        let client = |n: u8| IpAddr::V4(Ipv4Addr::new(10, 0, 0, n));
+        let held = app.admission.enter().await.unwrap();
+        let mut queued = Vec::new();
+        while app.admission.room().is_ok() {
+            let writer = Arc::clone(&app);
+            queued.push(tokio::spawn(async move {
+                writer.admission.enter().await.map(|_| ())
+            }));
+            while app.admission.queued() < queued.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        match app.issue_challenge(client(1), identity.clone()).await {
+            Err(ServiceError::Busy(busy)) => {
+                assert!(busy.retry_after >= Duration::from_secs(3), "{busy:?}");
+            }
+            other => panic!("expected a refusal with a booking, got {other:?}"),
+        }
+        drop(held);
+        for q in queued {
+            q.await.unwrap().unwrap();
+        }
+        let challenge = app.issue_challenge(client(2), identity.clone()).await;
+        assert_eq!(challenge.unwrap().identity_ref, identity);
     }
 }

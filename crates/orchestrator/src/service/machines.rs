@@ -37,10 +37,16 @@ fn write_refused(e: StoreError) -> ServiceError {
 impl App {
     /// A slot for a write, or `Busy` with the time to come back.
     async fn admit(&self) -> Result<crate::admission::Admitted<'_>, ServiceError> {
-        self.admission.enter().await.map_err(|busy| {
-            self.metrics.rate_limited.inc();
-            busy.into()
-        })
+        self.admission
+            .enter()
+            .await
+            .map_err(|busy| self.refused(busy))
+    }
+
+    /// A refusal by the admission, counted.
+    pub(super) fn refused(&self, busy: crate::admission::Busy) -> ServiceError {
+        self.metrics.rate_limited.inc();
+        busy.into()
     }
 
     /// The machine as responses carry it now.
