@@ -2,8 +2,10 @@
 //! the binary.
 //!
 //! Writes go through a single connection, so SQLite never has to arbitrate
-//! between writers of this process (no `SQLITE_BUSY` under load); reads use a
-//! small pool of their own, which WAL lets run beside the writer. An
+//! between writers of this process (no `SQLITE_BUSY` under load); the
+//! machine writes go through one task on it, which commits those that
+//! arrive together in one transaction (`sqlite_writer`: group commit). Reads
+//! use a small pool of their own, which WAL lets run beside the writer. An
 //! in-memory database (`sqlite::memory:`, for tests) lives as long as its one
 //! connection, so it gets exactly one, never closed.
 //!
