@@ -494,6 +494,7 @@ mod tests {
         }
     }
 
+    #[allow(clippy::unnecessary_wraps, reason = "the store methods take an Option")]
     fn redeem(id: &str) -> Option<Consume<'_>> {
         Some(Consume {
             challenge_id: id,
@@ -503,14 +504,12 @@ mod tests {
     }
 
     type Outcome = Result<String, StoreError>;
+    type Pending = std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
     /// Runs `writes` concurrently and makes them one batch: the writer is
     /// kept from its connection until every write is queued. Asserts that
     /// they committed together, once.
-    async fn in_one_batch(
-        store: &SqliteStore,
-        writes: Vec<std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>>,
-    ) -> Vec<Outcome> {
+    async fn in_one_batch(store: &SqliteStore, writes: Vec<Pending>) -> Vec<Outcome> {
         assert!(writes.len() <= crate::store::sqlite_writer::MAX_BATCH);
         let held = store.writer.acquire().await.unwrap();
         let before = store.writes.commits();
@@ -519,7 +518,8 @@ mod tests {
         // The writer takes what it finds and then waits for the connection;
         // what arrives meanwhile joins that batch.
         // (None finishes before the connection is free, unless it failed.)
-        while store.writes.sent() < sent && !tasks.iter().any(|t| t.is_finished()) {
+        while store.writes.sent() < sent && !tasks.iter().any(tokio::task::JoinHandle::is_finished)
+        {
             tokio::task::yield_now().await;
         }
         drop(held);
@@ -549,15 +549,14 @@ mod tests {
                 let store = Arc::clone(&store);
                 let mut m = m.clone();
                 m.display_name = format!("writer {i}");
-                let write: std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>> =
-                    Box::pin(async move {
-                        let e = event(EventType::Updated, "mach_a");
-                        match store.update_machine(&m, redeem("chl_one"), Some(&e)).await {
-                            Ok(true) => Ok(m.display_name),
-                            Ok(false) => panic!("the machine is there"),
-                            Err(e) => Err(e),
-                        }
-                    });
+                let write: Pending = Box::pin(async move {
+                    let e = event(EventType::Updated, "mach_a");
+                    match store.update_machine(&m, redeem("chl_one"), Some(&e)).await {
+                        Ok(true) => Ok(m.display_name),
+                        Ok(false) => panic!("the machine is there"),
+                        Err(e) => Err(e),
+                    }
+                });
                 write
             })
             .collect();
@@ -607,7 +606,6 @@ mod tests {
             .await
             .unwrap();
         let head = store.audit_head().await.unwrap();
-        type Pending = std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>;
         let mut writes: Vec<Pending> = Vec::new();
         // Writes that succeed: updates of mach_1..mach_7, each with its own
         // challenge, a create and an archive of mach_8, all with events.
