@@ -360,6 +360,35 @@ async fn apply(
     }
 }
 
+type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
+/// Binds a machine's mutable fields, status to proof, in that order.
+fn bind_fields<'q>(query: Query<'q>, m: &'q MachineRecord) -> Query<'q> {
+    query
+        .bind(m.status.as_str())
+        .bind(&m.display_name)
+        .bind(&m.owner_id)
+        .bind(&m.machine_type)
+        .bind(&m.runtime_profile)
+        .bind(to_json(&m.capabilities))
+        .bind(to_json(&m.labels))
+        .bind(to_json(&m.policy_ids))
+        .bind(to_json(&m.skill_keys))
+        .bind(m.proof.as_ref().map(proof_json))
+}
+
+/// The challenge's id, expiry and now, as a write's condition binds them:
+/// without a challenge it holds (expiry 1 > now 0, and no id is NULL).
+fn condition(redeem: Option<&Redeem>) -> (Option<&str>, i64, i64) {
+    redeem.map_or((None, 1, 0), |r| {
+        (
+            Some(r.challenge_id.as_str()),
+            r.expires_at.unix_millis(),
+            r.now.unix_millis(),
+        )
+    })
+}
+
 /// The machine's row, inserted only if the challenge (if any) is still
 /// redeemable. Refused: the challenge is gone, or the identity is live.
 async fn insert(
@@ -367,16 +396,9 @@ async fn insert(
     m: &MachineRecord,
     redeem: Option<&Redeem>,
 ) -> Result<Result<(), StoreError>, Abort> {
-    // `?15`..`?17` are the challenge's id, expiry and now; without one the
-    // condition holds (expiry 1 > now 0, and no id is NULL).
-    let (challenge, expires, now) = redeem.map_or((None, 1, 0), |r| {
-        (
-            Some(r.challenge_id.as_str()),
-            r.expires_at.unix_millis(),
-            r.now.unix_millis(),
-        )
-    });
-    let inserted = sqlx::query(
+    // `?15`..`?17`: the challenge's id, expiry and now (`condition`).
+    let (challenge, expires, now) = condition(redeem);
+    let query = sqlx::query(
         "INSERT INTO machines (id, identity_ref, status, display_name, owner_id, \
          machine_type, runtime_profile, capabilities, labels, policy_ids, skill_keys, \
          proof, created_at, updated_at) \
@@ -385,24 +407,15 @@ async fn insert(
          AND NOT EXISTS (SELECT 1 FROM redeemed_challenges WHERE id = ?15)",
     )
     .bind(&m.id)
-    .bind(m.identity.canonical())
-    .bind(m.status.as_str())
-    .bind(&m.display_name)
-    .bind(&m.owner_id)
-    .bind(&m.machine_type)
-    .bind(&m.runtime_profile)
-    .bind(to_json(&m.capabilities))
-    .bind(to_json(&m.labels))
-    .bind(to_json(&m.policy_ids))
-    .bind(to_json(&m.skill_keys))
-    .bind(m.proof.as_ref().map(proof_json))
-    .bind(m.created_at.unix_millis())
-    .bind(m.updated_at.unix_millis())
-    .bind(challenge)
-    .bind(expires)
-    .bind(now)
-    .execute(&mut *conn)
-    .await;
+    .bind(m.identity.canonical());
+    let inserted = bind_fields(query, m)
+        .bind(m.created_at.unix_millis())
+        .bind(m.updated_at.unix_millis())
+        .bind(challenge)
+        .bind(expires)
+        .bind(now)
+        .execute(&mut *conn)
+        .await;
     match inserted {
         Ok(done) if done.rows_affected() == 1 => Ok(Ok(())),
         Ok(_) => Ok(Err(StoreError::ChallengeGone)),
@@ -430,37 +443,22 @@ async fn update(
     m: &MachineRecord,
     redeem: Option<&Redeem>,
 ) -> Result<Result<bool, StoreError>, Abort> {
-    let (challenge, expires, now) = redeem.map_or((None, 1, 0), |r| {
-        (
-            Some(r.challenge_id.as_str()),
-            r.expires_at.unix_millis(),
-            r.now.unix_millis(),
-        )
-    });
-    let done = sqlx::query(
+    let (challenge, expires, now) = condition(redeem);
+    let query = sqlx::query(
         "UPDATE machines SET status = ?1, display_name = ?2, owner_id = ?3, \
          machine_type = ?4, runtime_profile = ?5, capabilities = ?6, labels = ?7, \
          policy_ids = ?8, skill_keys = ?9, proof = ?10, updated_at = ?11 \
          WHERE id = ?12 AND status <> 'archived' AND ?14 > ?15 \
          AND NOT EXISTS (SELECT 1 FROM redeemed_challenges WHERE id = ?13)",
-    )
-    .bind(m.status.as_str())
-    .bind(&m.display_name)
-    .bind(&m.owner_id)
-    .bind(&m.machine_type)
-    .bind(&m.runtime_profile)
-    .bind(to_json(&m.capabilities))
-    .bind(to_json(&m.labels))
-    .bind(to_json(&m.policy_ids))
-    .bind(to_json(&m.skill_keys))
-    .bind(m.proof.as_ref().map(proof_json))
-    .bind(m.updated_at.unix_millis())
-    .bind(&m.id)
-    .bind(challenge)
-    .bind(expires)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
+    );
+    let done = bind_fields(query, m)
+        .bind(m.updated_at.unix_millis())
+        .bind(&m.id)
+        .bind(challenge)
+        .bind(expires)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
     if done.rows_affected() == 1 {
         return Ok(Ok(true));
     }
