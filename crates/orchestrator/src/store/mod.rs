@@ -25,6 +25,7 @@ pub mod row_cache;
 mod rows;
 pub mod sqlite;
 mod sqlite_audit;
+mod sqlite_writer;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -2,8 +2,10 @@
 //! the binary.
 //!
 //! Writes go through a single connection, so SQLite never has to arbitrate
-//! between writers of this process (no `SQLITE_BUSY` under load); reads use a
-//! small pool of their own, which WAL lets run beside the writer. An
+//! between writers of this process (no `SQLITE_BUSY` under load); the
+//! machine writes go through one task on it, which commits those that
+//! arrive together in one transaction (`sqlite_writer`: group commit). Reads
+//! use a small pool of their own, which WAL lets run beside the writer. An
 //! in-memory database (`sqlite::memory:`, for tests) lives as long as its one
 //! connection, so it gets exactly one, never closed.
 //!
@@ -19,16 +21,16 @@ use peaqos_protocol::{IdentityRef, Timestamp};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, Transaction};
 
 use super::row_cache::RowCache;
-use super::rows::{machine_columns, machine_from_row, proof_json, to_json};
+use super::rows::{machine_columns, machine_from_row};
 use super::sqlite_audit;
+use super::sqlite_writer::{Done, Redeem, Write, Writer};
 use super::{
     Backend, CloseFuture, Consume, MachineRecord, PageKey, PoolSettings, Store, StoreError,
     StoreFuture, StoredStatus,
 };
-use crate::audit::{self, AuditEvent, AuditQuery, EventType, NewEvent};
+use crate::audit::{AuditEvent, AuditQuery, NewEvent};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
@@ -41,6 +43,8 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     rows: Arc<RowCache>,
+    /// Machine writes, committed in batches (`sqlite_writer`).
+    writes: Arc<Writer>,
     /// Held open (and locked) for as long as the store lives.
     _lock: Option<Arc<std::fs::File>>,
 }
@@ -118,10 +122,12 @@ impl SqliteStore {
                 .connect_with(options)
                 .await?;
             MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
+            let rows = Arc::default();
             return Ok(Self {
+                writes: Arc::new(Writer::spawn(pool.clone(), Arc::clone(&rows))),
                 writer: pool.clone(),
                 reader: pool,
-                rows: Arc::default(),
+                rows,
                 _lock: None,
             });
         }
@@ -149,10 +155,12 @@ impl SqliteStore {
             .max_connections(READERS)
             .connect_with(options)
             .await?;
+        let rows = Arc::default();
         Ok(Self {
+            writes: Arc::new(Writer::spawn(writer.clone(), Arc::clone(&rows))),
             writer,
             reader,
-            rows: Arc::default(),
+            rows,
             _lock: Some(Arc::new(lock)),
         })
     }
@@ -164,25 +172,19 @@ impl SqliteStore {
     }
 }
 
-async fn consume(
-    tx: &mut Transaction<'static, Sqlite>,
-    consume: Option<Consume<'_>>,
-) -> Result<(), StoreError> {
-    let Some(c) = consume else { return Ok(()) };
-    let done = sqlx::query(
-        "INSERT INTO redeemed_challenges (id, expires_at) SELECT ?1, ?2 WHERE ?2 > ?3 \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(c.challenge_id)
-    .bind(c.expires_at.unix_millis())
-    .bind(c.now.unix_millis())
-    .execute(&mut **tx)
-    .await?;
-    if done.rows_affected() == 1 {
-        Ok(())
-    } else {
-        Err(StoreError::ChallengeGone)
+fn redeem(c: Consume<'_>) -> Redeem {
+    Redeem {
+        challenge_id: c.challenge_id.to_owned(),
+        expires_at: c.expires_at,
+        now: c.now,
     }
+}
+
+/// The writer answered a write with another kind's outcome: a bug here.
+fn unexpected(done: Done) -> StoreError {
+    StoreError::Database(sqlx::Error::Protocol(format!(
+        "the writer answered {done:?} to another kind of write"
+    )))
 }
 
 impl Store for SqliteStore {
@@ -234,51 +236,15 @@ impl Store for SqliteStore {
         event: Option<&'a NewEvent>,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-            consume(&mut tx, consume_challenge).await?;
-            let inserted = sqlx::query(
-                "INSERT INTO machines (id, identity_ref, status, display_name, owner_id, \
-                 machine_type, runtime_profile, capabilities, labels, policy_ids, skill_keys, \
-                 proof, created_at, updated_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&m.id)
-            .bind(m.identity.canonical())
-            .bind(m.status.as_str())
-            .bind(&m.display_name)
-            .bind(&m.owner_id)
-            .bind(&m.machine_type)
-            .bind(&m.runtime_profile)
-            .bind(to_json(&m.capabilities))
-            .bind(to_json(&m.labels))
-            .bind(to_json(&m.policy_ids))
-            .bind(to_json(&m.skill_keys))
-            .bind(m.proof.as_ref().map(proof_json))
-            .bind(m.created_at.unix_millis())
-            .bind(m.updated_at.unix_millis())
-            .execute(&mut *tx)
-            .await;
-            match inserted {
-                Ok(_) => {}
-                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                    let existing: Option<String> = sqlx::query_scalar(
-                        "SELECT id FROM machines WHERE identity_ref = ? AND status <> 'archived'",
-                    )
-                    .bind(m.identity.canonical())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    return Err(StoreError::IdentityTaken {
-                        machine_id: existing.unwrap_or_default(),
-                    });
-                }
-                Err(e) => return Err(e.into()),
+            let write = Write::Insert {
+                machine: m.clone(),
+                redeem: consume_challenge.map(redeem),
+                event: event.cloned(),
+            };
+            match self.writes.run(write).await? {
+                Done::Inserted => Ok(()),
+                other => Err(unexpected(other)),
             }
-            if let Some(e) = event {
-                sqlite_audit::record(&mut tx, e).await?;
-            }
-            tx.commit().await?;
-            self.rows.written(m);
-            Ok(())
         })
     }
 
@@ -325,38 +291,15 @@ impl Store for SqliteStore {
         event: Option<&'a NewEvent>,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-            consume(&mut tx, consume_challenge).await?;
-            let done = sqlx::query(
-                "UPDATE machines SET status = ?, display_name = ?, owner_id = ?, \
-                 machine_type = ?, runtime_profile = ?, capabilities = ?, labels = ?, \
-                 policy_ids = ?, skill_keys = ?, proof = ?, updated_at = ? \
-                 WHERE id = ? AND status <> 'archived'",
-            )
-            .bind(m.status.as_str())
-            .bind(&m.display_name)
-            .bind(&m.owner_id)
-            .bind(&m.machine_type)
-            .bind(&m.runtime_profile)
-            .bind(to_json(&m.capabilities))
-            .bind(to_json(&m.labels))
-            .bind(to_json(&m.policy_ids))
-            .bind(to_json(&m.skill_keys))
-            .bind(m.proof.as_ref().map(proof_json))
-            .bind(m.updated_at.unix_millis())
-            .bind(&m.id)
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() == 0 {
-                // Dropping the transaction rolls back the redemption.
-                return Ok(false);
+            let write = Write::Update {
+                machine: m.clone(),
+                redeem: consume_challenge.map(redeem),
+                event: event.cloned(),
+            };
+            match self.writes.run(write).await? {
+                Done::Updated(written) => Ok(written),
+                other => Err(unexpected(other)),
             }
-            if let Some(e) = event {
-                sqlite_audit::record(&mut tx, e).await?;
-            }
-            tx.commit().await?;
-            self.rows.written(m);
-            Ok(true)
         })
     }
 
@@ -367,33 +310,15 @@ impl Store for SqliteStore {
         actor: Option<&'a str>,
     ) -> StoreFuture<'a, Option<bool>> {
         Box::pin(async move {
-            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-            let old: Option<String> =
-                sqlx::query_scalar("SELECT status FROM machines WHERE id = ?")
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            let Some(old) = old else { return Ok(None) };
-            let old = StoredStatus::parse(&old).ok_or_else(|| StoreError::Corrupt {
+            let write = Write::Archive {
                 id: id.to_owned(),
-                what: "status".to_owned(),
-            })?;
-            if old == StoredStatus::Archived {
-                return Ok(Some(false));
+                now,
+                actor: actor.map(str::to_owned),
+            };
+            match self.writes.run(write).await? {
+                Done::Archived(archived) => Ok(archived),
+                other => Err(unexpected(other)),
             }
-            sqlx::query("UPDATE machines SET status = 'archived', updated_at = ? WHERE id = ?")
-                .bind(now.unix_millis())
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            if let Some(actor) = actor {
-                let payload = audit::archived_payload(old).to_string();
-                sqlite_audit::insert_event(&mut tx, actor, EventType::Archived, id, &payload, now)
-                    .await?;
-            }
-            tx.commit().await?;
-            self.rows.invalidate(id);
-            Ok(Some(true))
         })
     }
 
@@ -495,6 +420,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::audit::EventType;
 
     fn ts(ms: i64) -> Timestamp {
         Timestamp::from_unix_millis(ms).unwrap()
@@ -556,5 +482,258 @@ mod tests {
         assert_eq!(store.list_machines(None, 100).await.unwrap(), all);
         store.archive_machine("mach_05", ts(2), None).await.unwrap();
         assert_eq!(store.list_machines(None, 100).await.unwrap().len(), 39);
+    }
+
+    fn event(kind: EventType, machine: &str) -> NewEvent {
+        NewEvent {
+            actor: "fleet-a".into(),
+            kind,
+            resource_id: machine.into(),
+            payload: serde_json::json!({"n": 1}),
+            created_at: ts(5),
+        }
+    }
+
+    #[allow(clippy::unnecessary_wraps, reason = "the store methods take an Option")]
+    fn redeem(id: &str) -> Option<Consume<'_>> {
+        Some(Consume {
+            challenge_id: id,
+            expires_at: ts(9_000_000),
+            now: ts(1_000),
+        })
+    }
+
+    type Outcome = Result<String, StoreError>;
+    type Pending = std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+    /// Runs `writes` concurrently and makes them one batch: the writer is
+    /// kept from its connection until every write is queued. Asserts that
+    /// they committed together, once.
+    async fn in_one_batch(store: &SqliteStore, writes: Vec<Pending>) -> Vec<Outcome> {
+        assert!(writes.len() <= crate::store::sqlite_writer::MAX_BATCH);
+        let held = store.writer.acquire().await.unwrap();
+        let before = store.writes.commits();
+        let sent = store.writes.sent() + writes.len() as u64;
+        let tasks: Vec<_> = writes.into_iter().map(tokio::spawn).collect();
+        // The writer takes what it finds and then waits for the connection;
+        // what arrives meanwhile joins that batch.
+        // (None finishes before the connection is free, unless it failed.)
+        while store.writes.sent() < sent && !tasks.iter().any(tokio::task::JoinHandle::is_finished)
+        {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.unwrap());
+        }
+        assert_eq!(store.writes.commits(), before + 1, "one commit for all");
+        outcomes
+    }
+
+    async fn file_store() -> (tempfile::TempDir, String, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/o.db", dir.path().display());
+        let store = SqliteStore::open(&url).await.unwrap();
+        (dir, url, store)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redemptions_of_one_challenge_in_one_batch_have_one_winner() {
+        let (_dir, url, store) = file_store().await;
+        let store = Arc::new(store);
+        let m = machine("mach_a", "did:peaq:1", 1);
+        store.insert_machine(&m, None, None).await.unwrap();
+        let writes = (0..32)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                let mut m = m.clone();
+                m.display_name = format!("writer {i}");
+                let write: Pending = Box::pin(async move {
+                    let e = event(EventType::Updated, "mach_a");
+                    match store.update_machine(&m, redeem("chl_one"), Some(&e)).await {
+                        Ok(true) => Ok(m.display_name),
+                        Ok(false) => panic!("the machine is there"),
+                        Err(e) => Err(e),
+                    }
+                });
+                write
+            })
+            .collect();
+        let outcomes = in_one_batch(&store, writes).await;
+        let winners: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
+        assert_eq!(winners.len(), 1, "{outcomes:?}");
+        for o in &outcomes {
+            assert!(matches!(o, Ok(_) | Err(StoreError::ChallengeGone)), "{o:?}");
+        }
+        // What is committed, read by another process's eyes (no cache).
+        store.close().await;
+        drop(store);
+        let store = SqliteStore::open(&url).await.unwrap();
+        let stored = store.get_machine("mach_a").await.unwrap().unwrap();
+        assert_eq!(&stored.display_name, winners[0]);
+        let events = store
+            .list_audit_events(&AuditQuery {
+                machine_id: None,
+                resource_type: None,
+                after: 0,
+                limit: 100,
+            })
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 1, "one event, the winner's");
+        assert_eq!(store.audit_head().await.unwrap(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one batch: each kind of refusal beside the writes that succeed"
+    )]
+    async fn a_refused_write_in_a_batch_leaves_the_others_and_writes_nothing() {
+        let (_dir, url, store) = file_store().await;
+        let store = Arc::new(store);
+        for i in 0..9 {
+            let m = machine(&format!("mach_{i}"), &format!("did:peaq:{i}"), 1);
+            store.insert_machine(&m, None, None).await.unwrap();
+        }
+        store
+            .update_machine(
+                &machine("mach_0", "did:peaq:0", 1),
+                redeem("chl_used"),
+                None,
+            )
+            .await
+            .unwrap();
+        let head = store.audit_head().await.unwrap();
+        let mut writes: Vec<Pending> = Vec::new();
+        // Writes that succeed: updates of mach_1..mach_7, each with its own
+        // challenge, a create and an archive of mach_8, all with events.
+        for i in 1..8 {
+            let store = Arc::clone(&store);
+            writes.push(Box::pin(async move {
+                let mut m = machine(&format!("mach_{i}"), &format!("did:peaq:{i}"), 1);
+                m.display_name = "renamed".into();
+                let e = event(EventType::Updated, &m.id);
+                let chl = format!("chl_{i}");
+                match store.update_machine(&m, redeem(&chl), Some(&e)).await {
+                    Ok(true) => Ok(m.id),
+                    Ok(false) => Ok("not written".into()),
+                    Err(e) => Err(e),
+                }
+            }));
+        }
+        let s = Arc::clone(&store);
+        writes.push(Box::pin(async move {
+            let m = machine("mach_new", "did:peaq:100", 2);
+            let e = event(EventType::Created, "mach_new");
+            s.insert_machine(&m, redeem("chl_new"), Some(&e))
+                .await
+                .map(|()| "mach_new".to_owned())
+        }));
+        let s = Arc::clone(&store);
+        writes.push(Box::pin(async move {
+            s.archive_machine("mach_8", ts(9), Some("fleet-a"))
+                .await
+                .map(|a| format!("archived {a:?}"))
+        }));
+        // Refusals: a redeemed challenge, a machine that is not there, an
+        // identity already live (with a fresh challenge each).
+        let s = Arc::clone(&store);
+        writes.push(Box::pin(async move {
+            let m = machine("mach_0", "did:peaq:0", 1);
+            let e = event(EventType::Updated, "mach_0");
+            s.update_machine(&m, redeem("chl_used"), Some(&e))
+                .await
+                .map(|w| format!("written {w}"))
+        }));
+        let s = Arc::clone(&store);
+        writes.push(Box::pin(async move {
+            let m = machine("mach_gone", "did:peaq:101", 1);
+            let e = event(EventType::Updated, "mach_gone");
+            s.update_machine(&m, redeem("chl_gone"), Some(&e))
+                .await
+                .map(|w| format!("written {w}"))
+        }));
+        let s = Arc::clone(&store);
+        writes.push(Box::pin(async move {
+            let m = machine("mach_twin", "did:peaq:3", 1);
+            let e = event(EventType::Created, "mach_twin");
+            s.insert_machine(&m, redeem("chl_twin"), Some(&e))
+                .await
+                .map(|()| "mach_twin".to_owned())
+        }));
+        let outcomes = in_one_batch(&store, writes).await;
+        for (i, o) in outcomes[..7].iter().enumerate() {
+            assert_eq!(o.as_ref().unwrap(), &format!("mach_{}", i + 1));
+        }
+        assert_eq!(outcomes[7].as_ref().unwrap(), "mach_new");
+        assert_eq!(outcomes[8].as_ref().unwrap(), "archived Some(true)");
+        assert!(matches!(outcomes[9], Err(StoreError::ChallengeGone)));
+        assert_eq!(outcomes[10].as_ref().unwrap(), "written false");
+        assert!(matches!(
+            &outcomes[11],
+            Err(StoreError::IdentityTaken { machine_id }) if machine_id == "mach_3"
+        ));
+
+        store.close().await;
+        drop(store);
+        let store = SqliteStore::open(&url).await.unwrap();
+        for i in 1..8 {
+            let m = store
+                .get_machine(&format!("mach_{i}"))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(m.display_name, "renamed", "mach_{i}");
+        }
+        let archived = store.get_machine("mach_8").await.unwrap().unwrap();
+        assert_eq!(archived.status, StoredStatus::Archived);
+        assert!(store.get_machine("mach_new").await.unwrap().is_some());
+        assert!(store.get_machine("mach_twin").await.unwrap().is_none());
+        assert!(store.get_machine("mach_gone").await.unwrap().is_none());
+        assert_eq!(
+            store
+                .get_machine("mach_0")
+                .await
+                .unwrap()
+                .unwrap()
+                .display_name,
+            "Robot"
+        );
+        // One event per write that succeeded, numbered without a gap.
+        let events = store
+            .list_audit_events(&AuditQuery {
+                machine_id: None,
+                resource_type: None,
+                after: 0,
+                limit: 100,
+            })
+            .await
+            .unwrap();
+        let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+        assert_eq!(ids, ((head + 1)..=(head + 9)).collect::<Vec<_>>());
+        assert_eq!(store.audit_head().await.unwrap(), head + 9);
+        let mut named: Vec<&str> = events.iter().map(|e| e.resource_id.as_str()).collect();
+        named.sort_unstable();
+        assert_eq!(
+            named,
+            [
+                "mach_1", "mach_2", "mach_3", "mach_4", "mach_5", "mach_6", "mach_7", "mach_8",
+                "mach_new"
+            ]
+        );
+        // The refused writes burnt none of their challenges.
+        let m0 = machine("mach_0", "did:peaq:0", 1);
+        for chl in ["chl_gone", "chl_twin"] {
+            assert!(
+                store.update_machine(&m0, redeem(chl), None).await.unwrap(),
+                "{chl}"
+            );
+        }
+        assert!(matches!(
+            store.update_machine(&m0, redeem("chl_new"), None).await,
+            Err(StoreError::ChallengeGone)
+        ));
     }
 }

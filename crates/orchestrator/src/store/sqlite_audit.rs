@@ -1,45 +1,41 @@
-//! The audit trail on SQLite: numbering and inserting an event inside the
-//! change's transaction, and reading and pruning the log.
+//! The audit trail on SQLite: inserting an event inside the change's
+//! transaction, and reading and pruning the log.
 
 use peaqos_protocol::Timestamp;
-use sqlx::sqlite::SqlitePool;
-use sqlx::{Sqlite, Transaction};
+use sqlx::sqlite::{SqliteConnection, SqlitePool};
 
 use super::StoreError;
 use super::rows::{audit_columns, audit_event_from_row};
-use crate::audit::{AuditEvent, AuditQuery, EventType, NewEvent, RESOURCE_MACHINE};
+use crate::audit::{AuditEvent, AuditQuery, EventType, RESOURCE_MACHINE};
 
-/// Draws the next event id and inserts the event, inside the change's
-/// transaction. The writer is the only connection that writes, so ids
-/// follow commit order.
-pub(super) async fn record(
-    tx: &mut Transaction<'static, Sqlite>,
-    e: &NewEvent,
-) -> Result<(), StoreError> {
-    insert_event(
-        tx,
-        &e.actor,
-        e.kind,
-        &e.resource_id,
-        &e.payload.to_string(),
-        e.created_at,
-    )
-    .await
+/// The last event id drawn (0 if none ever was).
+pub(super) async fn last_id(conn: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT last_id FROM audit_sequence WHERE only_row = 1")
+        .fetch_one(conn)
+        .await
 }
 
+/// Stores the last event id drawn, once per transaction that drew any.
+pub(super) async fn set_last_id(conn: &mut SqliteConnection, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE audit_sequence SET last_id = ? WHERE only_row = 1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Inserts event `id`, inside the change's transaction. Ids are drawn by
+/// the store's one writer (`sqlite_writer`), in the order its writes run
+/// in their transaction, so they follow commit order.
 pub(super) async fn insert_event(
-    tx: &mut Transaction<'static, Sqlite>,
+    conn: &mut SqliteConnection,
+    id: i64,
     actor: &str,
     kind: EventType,
     resource_id: &str,
     payload: &str,
     at: Timestamp,
-) -> Result<(), StoreError> {
-    let id: i64 = sqlx::query_scalar(
-        "UPDATE audit_sequence SET last_id = last_id + 1 WHERE only_row = 1 RETURNING last_id",
-    )
-    .fetch_one(&mut **tx)
-    .await?;
+) -> Result<(), sqlx::Error> {
     sqlx::query(concat!(
         "INSERT INTO audit_events (",
         audit_columns!(),
@@ -52,7 +48,7 @@ pub(super) async fn insert_event(
     .bind(resource_id)
     .bind(payload)
     .bind(at.unix_millis())
-    .execute(&mut **tx)
+    .execute(conn)
     .await?;
     Ok(())
 }
