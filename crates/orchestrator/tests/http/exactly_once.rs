@@ -43,8 +43,17 @@ const KILL_AMONG: usize = 3;
 /// challenges spread over most of a second, so that the kill falls among
 /// their writes rather than after them.
 const STAGGER: Duration = Duration::from_millis(20);
-/// The whole test, kill and restart included.
+/// One attempt of the test, kill and restart included.
 const BOUND: Duration = Duration::from_mins(3);
+/// Attempts at a kill that cuts a request in flight. Whether one does is a
+/// matter of timing: a racer counts its request as pending from before it
+/// connects, so a server quick enough to have answered everything on the
+/// wire leaves pending only requests that had not connected yet, which the
+/// kill turns away (refused) instead of cutting (seen on SQLite in 2 runs
+/// of 150, under load: 7 pending, all refused). Such an attempt still
+/// checks every rule; only the kill's timing was inconclusive, so the test
+/// runs again on a fresh database.
+const ATTEMPTS: usize = 3;
 
 const PROOF_INVALID: &str = "MACHINE_IDENTITY_PROOF_INVALID";
 
@@ -251,25 +260,47 @@ async fn start_replicas(url: &str, registry: &Path, count: usize) -> Vec<Arc<Rep
 #[tokio::test]
 async fn a_replica_killed_mid_redemption_leaves_each_challenge_redeemed_once_postgres() {
     let test = "a_replica_killed_mid_redemption_leaves_each_challenge_redeemed_once_postgres";
-    let Some(schema) = PgSchema::create(test).await else {
-        return;
-    };
-    let url = schema.url.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let fleet = Fleet::start(Db::Pg(schema), url, 2, dir).await;
-    tokio::time::timeout(BOUND, killed_mid_redemption(fleet, 1))
-        .await
-        .expect("the test ends in time");
+    until_a_kill_cuts(1, || async {
+        let schema = PgSchema::create(test).await?;
+        let url = schema.url.clone();
+        let dir = tempfile::tempdir().unwrap();
+        Some(Fleet::start(Db::Pg(schema), url, 2, dir).await)
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_process_killed_mid_redemption_leaves_each_challenge_redeemed_once_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("orchestrator.db").display());
-    let fleet = Fleet::start(Db::Sqlite(url.clone()), url, 1, dir).await;
-    tokio::time::timeout(BOUND, killed_mid_redemption(fleet, 0))
-        .await
-        .expect("the test ends in time");
+    until_a_kill_cuts(0, || async {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("orchestrator.db").display());
+        Some(Fleet::start(Db::Sqlite(url.clone()), url, 1, dir).await)
+    })
+    .await;
+}
+
+/// Runs the whole test on a fresh fleet (from `start`; `None`: skipped)
+/// until its kill cuts a request in flight, [`ATTEMPTS`] times at most.
+/// Every attempt checks every rule; an attempt whose kill cut nothing is
+/// only inconclusive about the kill (see [`ATTEMPTS`]).
+async fn until_a_kill_cuts<F, Fut>(victim: usize, start: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<Fleet>>,
+{
+    for attempt in 1..=ATTEMPTS {
+        let Some(fleet) = start().await else {
+            return;
+        };
+        let tally = tokio::time::timeout(BOUND, killed_mid_redemption(fleet, victim))
+            .await
+            .expect("the test ends in time");
+        eprintln!("attempt {attempt}: after the kill: {tally:?}");
+        if tally.died > 0 {
+            return;
+        }
+    }
+    panic!("the kill cut no request in {ATTEMPTS} attempts: it came too late each time");
 }
 
 /// Machines to re-prove and challenges to race for, issued round-robin by
@@ -431,7 +462,9 @@ struct Tally {
     refused: usize,
 }
 
-async fn killed_mid_redemption(mut fleet: Fleet, victim: usize) {
+/// One attempt: every rule is asserted; whether the kill cut a request
+/// is the tally's (`died`) for the caller to judge.
+async fn killed_mid_redemption(mut fleet: Fleet, victim: usize) -> Tally {
     let (redemptions, setup) = prepare(&fleet).await;
     let redemptions = Arc::new(redemptions);
     let outcomes = race(&fleet, &redemptions, victim).await;
@@ -496,8 +529,6 @@ async fn killed_mid_redemption(mut fleet: Fleet, victim: usize) {
         redeemed.len(),
         "one proof event per redemption"
     );
-    eprintln!("after the kill: {tally:?}");
-    assert!(tally.died > 0, "the kill cut no request: it came too late");
     assert!(tally.won > 0, "no redemption went through");
 
     redeem_again(&fleet, &redemptions, &redeemed, &proofs).await;
@@ -514,6 +545,7 @@ async fn killed_mid_redemption(mut fleet: Fleet, victim: usize) {
     }
     assert_eq!(trail.len(), setup.len() + redemptions.len());
     assert_eq!(redeemed.len(), trail.len());
+    tally
 }
 
 /// After the restart, at every process in turn: a redeemed challenge is
