@@ -518,14 +518,12 @@ mod tests {
         (paths.at(&span).to_owned(), theirs)
     }
 
+    /// A refusal's message and span.
+    type Refusal = (String, Option<Range<usize>>);
+
     /// The refusal of `text` by the config's deserializer and by toml's
-    /// own, as (message, span).
-    fn against_toml<T: serde::de::DeserializeOwned>(
-        text: &str,
-    ) -> (
-        (String, Option<Range<usize>>),
-        (String, Option<Range<usize>>),
-    ) {
+    /// own.
+    fn against_toml<T: serde::de::DeserializeOwned>(text: &str) -> (Refusal, Refusal) {
         let table = DeTable::parse(text).unwrap();
         let Err(ours) = T::deserialize(super::super::deserializer::Value::table(table.clone()))
         else {
