@@ -85,7 +85,7 @@ impl<'i> Value<'i> {
             DeValue::Integer(_) => match self.integer()? {
                 Integer::Signed(v) => Unexpected::Signed(v),
                 Integer::Unsigned(v) => Unexpected::Unsigned(v),
-                Integer::Wide(_) => Unexpected::Other("integer"),
+                Integer::Wide(_) | Integer::WideUnsigned(_) => Unexpected::Other("integer"),
             },
             DeValue::Float(_) => Unexpected::Float(self.float()?),
             DeValue::Boolean(v) => Unexpected::Bool(*v),
@@ -113,6 +113,8 @@ impl<'i> Value<'i> {
             Ok(Integer::Unsigned(v))
         } else if let Ok(v) = i128::from_str_radix(text, radix) {
             Ok(Integer::Wide(v))
+        } else if let Ok(v) = u128::from_str_radix(text, radix) {
+            Ok(Integer::WideUnsigned(v))
         } else {
             Err(de::Error::custom("integer number overflowed"))
         }
@@ -134,6 +136,7 @@ enum Integer {
     Unsigned(u64),
     /// Beyond `u64`: no config key takes one; refused by its visitor.
     Wide(i128),
+    WideUnsigned(u128),
 }
 
 impl<'de> de::Deserializer<'de> for Value<'de> {
@@ -148,6 +151,7 @@ impl<'de> de::Deserializer<'de> for Value<'de> {
                 Ok(Integer::Signed(v)) => visitor.visit_i64(v),
                 Ok(Integer::Unsigned(v)) => visitor.visit_u64(v),
                 Ok(Integer::Wide(v)) => visitor.visit_i128(v),
+                Ok(Integer::WideUnsigned(v)) => visitor.visit_u128(v),
                 Err(e) => Err(e),
             },
             DeValue::Float(_) => self.float().and_then(|v| visitor.visit_f64(v)),
