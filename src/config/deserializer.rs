@@ -5,11 +5,12 @@
 //! Why not toml's: its `deserialize_any` hands every visitor a table as a
 //! map, an array as a sequence and a datetime as a map of its own kind, so
 //! each config struct's derived visitor is compiled three times (`visit_map`
-//! twice, `visit_seq` once), about 150 KB of the agent's code for a file read
-//! once at start. Here a struct is only ever read from a table (given
-//! anything else it is refused, with serde's "invalid type" message), and a
-//! datetime, which no key takes, is refused as toml refuses it where a
-//! string or a number is wanted.
+//! twice, `visit_seq` once): the config's serde code was 148 KB of the
+//! agent, for files read once at start, and is 72 KB with this
+//! (docs/performance.md). Here a struct is only ever read from a table and
+//! an enum only from a string (given anything else, either is refused with
+//! serde's "invalid type" message), and a datetime, which no key takes, is
+//! refused as toml refuses it where a string or a number is wanted.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -21,19 +22,12 @@ use toml::de::{DeArray, DeTable, DeValue};
 
 /// A refusal and where it is: the span of the innermost key or value it is
 /// about (in the text the tables were parsed from).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub(super) struct Error {
     pub(super) message: String,
     pub(super) span: Option<Range<usize>>,
 }
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Error {}
 
 impl de::Error for Error {
     fn custom<T: fmt::Display>(msg: T) -> Self {
