@@ -253,8 +253,8 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(
     let merged = sources.merge()?;
     let root_start = merged.span().start;
     let paths = Paths::of(&merged);
-    let value = T::deserialize(toml::de::Deserializer::from(merged))
-        .map_err(|e| sources.invalid(&paths, &e, root_start))?;
+    let value = T::deserialize(super::deserializer::Value::table(merged))
+        .map_err(|e| sources.invalid(&paths, e, root_start))?;
     if let Err(e) = check(&value) {
         return Err(sources.check_failed(&paths, e, root_start));
     }
@@ -298,12 +298,17 @@ impl Sources {
         Ok(merged.unwrap_or_else(|| Spanned::new(0..0, DeTable::default())))
     }
 
-    fn invalid(&self, paths: &Paths, e: &toml::de::Error, root_start: usize) -> ConfigError {
-        let span = e.span().unwrap_or(root_start..root_start);
+    fn invalid(
+        &self,
+        paths: &Paths,
+        e: super::deserializer::Error,
+        root_start: usize,
+    ) -> ConfigError {
+        let span = e.span.unwrap_or(root_start..root_start);
         ConfigError::Invalid {
             location: self.locate(span.start),
             key: paths.at(&span).to_owned(),
-            message: e.message().to_owned(),
+            message: e.message,
         }
     }
 
@@ -500,17 +505,37 @@ mod tests {
     fn both<T: serde::de::DeserializeOwned>(text: &str) -> (String, String) {
         let table = DeTable::parse(text).unwrap();
         let paths = Paths::of(&table);
-        let theirs = match serde_path_to_error::deserialize::<_, T>(toml::de::Deserializer::from(
-            table.clone(),
-        )) {
+        let theirs = match serde_path_to_error::deserialize::<_, T>(
+            super::super::deserializer::Value::table(table.clone()),
+        ) {
             Ok(_) => panic!("{text} was accepted"),
             Err(e) => e.path().to_string(),
         };
-        let Err(e) = T::deserialize(toml::de::Deserializer::from(table)) else {
+        let Err(e) = T::deserialize(super::super::deserializer::Value::table(table)) else {
             unreachable!("refused above")
         };
-        let span = e.span().expect("toml's errors have spans");
+        let span = e.span.clone().expect("every refusal has a span");
         (paths.at(&span).to_owned(), theirs)
+    }
+
+    /// A refusal's message and span.
+    type Refusal = (String, Option<Range<usize>>);
+
+    /// The refusal of `text` by the config's deserializer and by toml's
+    /// own.
+    fn against_toml<T: serde::de::DeserializeOwned>(text: &str) -> (Refusal, Refusal) {
+        let table = DeTable::parse(text).unwrap();
+        let Err(ours) = T::deserialize(super::super::deserializer::Value::table(table.clone()))
+        else {
+            panic!("{text} was accepted")
+        };
+        let Err(toml) = T::deserialize(toml::de::Deserializer::from(table)) else {
+            panic!("{text} was accepted by toml")
+        };
+        (
+            (ours.message, ours.span),
+            (toml.message().to_owned(), toml.span()),
+        )
     }
 
     #[test]
@@ -544,6 +569,13 @@ mod tests {
             format!("mqtt = {{ enabled = \"x\" }}\n{base}"),
             format!("{base}[gateway]\nmachines_dir = \"\"\n"),
             format!("{base}[log]\nlevel = [1]\n"),
+            base.replace("display_name = \"robot 7\"", "display_name = 1979-05-27"),
+            format!("{base}[mqtt]\nkeep_alive = 1979-05-27T07:32:00Z\n"),
+            format!("{base}[mqtt]\nmax_packet_size = 1.5\n"),
+            format!("{base}[mqtt]\nmax_packet_size = 99999999999999999999\n"),
+            format!("{base}[mqtt]\nmax_packet_size = 300000000000000000000000000000000000000\n"),
+            format!("{base}[mqtt]\nmax_packet_size = 999999999999999999999999999999999999999999\n"),
+            format!("{base}[mqtt]\nmax_packet_size = -1\n"),
             format!("{base}[[state]]\ndir = \"x\"\n"),
             format!("{base}[[state]]\ndir = \"x\"\n[[state]]\ndir = 1\n"),
             format!("{base}[mqtt.commands]\nallow = [\"reregister\"]\nsurprise = 1\n"),
@@ -558,8 +590,28 @@ mod tests {
             ),
         ];
         for text in &cases {
+            // toml reads a struct from an array positionally; the config's
+            // deserializer refuses it (see `deserializer`), at the array.
+            if text.contains("[[state]]") {
+                let Err(ConfigError::Invalid { key, message, .. }) =
+                    Config::from_texts(vec![(PathBuf::from("agent.toml"), text.clone())])
+                else {
+                    panic!("{text} was not refused as invalid")
+                };
+                assert_eq!(
+                    (key.as_str(), message.as_str()),
+                    (
+                        "state[0]",
+                        "invalid type: sequence, expected struct StateConfig"
+                    ),
+                    "{text}"
+                );
+                continue;
+            }
             let (ours, theirs) = both::<Config>(text);
             assert_eq!(ours, theirs, "{text}");
+            let (ours, toml) = against_toml::<Config>(text);
+            assert_eq!(ours, toml, "{text}");
         }
         let file = |extra: &str| {
             format!("{base}{extra}")
@@ -574,6 +626,8 @@ mod tests {
         ] {
             let (ours, theirs) = both::<MachineFile>(&text);
             assert_eq!(ours, theirs, "{text}");
+            let (ours, toml) = against_toml::<MachineFile>(&text);
+            assert_eq!(ours, toml, "{text}");
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::mqtt::MqttConfig;
 use crate::pkcs11::Pkcs11Uri;
 use crate::registration::challenge::{self, ChallengePolicy, EffectivePolicy};
 
+mod deserializer;
 mod load;
 pub mod machines;
 #[cfg(test)]

@@ -3,7 +3,7 @@
 (docs/performance.md, "A gateway of many machines").
 
 usage: tools/measure/gateway_bench.py [--sizes 1,100,1000] [--separate N]
-           [--idle 20] [--proof-age 90] [--no-renewal] [--no-unit-env]
+           [--idle 20] [--proof-age 90] [--no-renewal] [--no-unit-env] [--cold]
 
 One command: unless AGENT and ORCHESTRATOR name executables already built,
 it builds the agent as it ships (`cargo build --profile minsize`) and our
@@ -26,6 +26,9 @@ fresh orchestrator and broker. Each is measured:
   starting and while renewing (the agents' "signed identity challenge" log
   lines; renewals come at about two thirds of the proof's lifetime);
 - the machine's load average (/proc/loadavg) when the measurement starts.
+With --cold, the agent's executable is dropped from the page cache before
+the agents start (as after a boot); without, its pages are mapped from the
+cache as writing it or the previous run left them.
 Every agent runs with the environment the shipped unit gives it (the
 `Environment=` lines of systemd/peaqos-agent.service), so that what is
 measured is what a gateway gets; --no-unit-env leaves it out.
@@ -214,6 +217,19 @@ def challenges_per_second(logs, start, end):
     return max(per.values(), default=0)
 
 
+def evict(path):
+    """Drops the executable's pages from the page cache (it is mapped by no
+    process now), so that the agents start as after a boot: their code is
+    read in on demand, not mapped from the pages that writing or an earlier
+    run left in the cache, which the kernel maps around each fault in large
+    blocks."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def measure(kind, n, args):
     d = f"{BASE}/{kind}-{n}"
     shutil.rmtree(d, ignore_errors=True)
@@ -222,6 +238,8 @@ def measure(kind, n, args):
     load = load_average()
     world = World(d, ids, args.proof_age)
     env = dict(os.environ, **AGENT_ENV)
+    if args.cold:
+        evict(AGENT)
     procs, logs = [], []
     t0 = time.time()
     if kind == "gateway":
@@ -294,6 +312,8 @@ def main():
     ap.add_argument("--no-unit-env", dest="unit_env", action="store_false",
                     help="run the agents without the unit's Environment=")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the agent's executable from the page cache before each start")
     args = ap.parse_args()
     sizes = [int(n) for n in args.sizes.split(",") if n]
     separate = args.separate if args.separate is not None else max(sizes, default=0)
