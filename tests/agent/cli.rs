@@ -361,13 +361,30 @@ async fn run_registers_then_stops_cleanly_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // The log is read as it comes: the fake records the activating PATCH
+    // before the agent has logged (and saved) what it answered, so a
+    // SIGTERM sent on the fake's word alone could stop the agent first.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let log = std::sync::Arc::clone(&log);
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                let mut log = log.lock().unwrap();
+                log.push_str(&line.unwrap());
+                log.push('\n');
+            }
+        })
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     let active = loop {
         let active = fake
             .machines()
             .into_iter()
             .find(|m| m.status == MachineStatus::Active);
-        if let Some(m) = active {
+        if let Some(m) = active
+            && log.lock().unwrap().contains("state=active")
+        {
             break m;
         }
         assert!(
@@ -393,8 +410,8 @@ async fn run_registers_then_stops_cleanly_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert!(status.success(), "{status:?}");
-    let mut log = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    reader.join().unwrap();
+    let log = std::mem::take(&mut *log.lock().unwrap());
     assert!(log.contains("SIGTERM"), "{log}");
     let key_hex = std::fs::read_to_string(&key_path).unwrap();
     assert!(
