@@ -336,6 +336,7 @@ async fn drive(
                     args.connections,
                     Duration::from_secs(args.warmup),
                     Duration::from_secs(args.duration),
+                    database_url,
                 )
                 .await?;
                 report::progress(&o);

@@ -24,6 +24,24 @@ pub(crate) fn progress(o: &Outcome) {
     if let Some(e) = &o.first_error {
         eprintln!("    first error: {e}");
     }
+    let n = o.operations.max(1) as f64;
+    // How busy the cores were: what we measured over their time (the
+    // rest is idle, or other work on the machine).
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    let seconds = n / o.per_second.max(1e-9);
+    let cpu = o.spent.server_cpu + o.spent.client_cpu + o.spent.postgres_cpu;
+    eprintln!(
+        "    per operation: server {:.0} µs CPU, load generator {:.0} µs, PostgreSQL {:.0} µs{}; \
+         {:.0} % of the cores busy with these",
+        o.spent.server_cpu / n * 1e6,
+        o.spent.client_cpu / n * 1e6,
+        o.spent.postgres_cpu / n * 1e6,
+        o.spent
+            .wal
+            .map(|b| format!(", WAL {:.0} bytes", b as f64 / n))
+            .unwrap_or_default(),
+        100.0 * cpu / (seconds * cores).max(1e-9)
+    );
 }
 
 pub(crate) fn burst_progress(r: &burst::Report) {

@@ -180,6 +180,9 @@ pub(crate) struct Outcome {
     pub(crate) p99: Duration,
     pub(crate) errors: u64,
     pub(crate) first_error: Option<String>,
+    /// What the measured seconds cost (not the warm-up's).
+    pub(crate) spent: crate::cost::Snapshot,
+    pub(crate) operations: u64,
 }
 
 /// Runs `scenario` on `connections` connections spread round-robin over
@@ -191,9 +194,19 @@ pub(crate) async fn measure(
     connections: usize,
     warmup: Duration,
     measured: Duration,
+    database_url: Option<&str>,
 ) -> anyhow::Result<Outcome> {
     let start_measuring = Instant::now() + warmup;
     let stop = start_measuring + measured;
+    // The cost of the measured window only: the workers count operations
+    // that began in it, so the CPU is read at its edges too.
+    let url = database_url.map(str::to_owned);
+    let cost = tokio::spawn(async move {
+        tokio::time::sleep_until(start_measuring.into()).await;
+        let before = crate::cost::Snapshot::take(url.as_deref()).await?;
+        tokio::time::sleep_until(stop.into()).await;
+        Ok::<_, anyhow::Error>(before.until(crate::cost::Snapshot::take(url.as_deref()).await?))
+    });
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..connections {
         tasks.spawn(worker(
@@ -214,8 +227,11 @@ pub(crate) async fn measure(
         all.first_error = all.first_error.or(s.first_error);
     }
     all.latencies.sort_unstable();
+    let spent = cost.await??;
     Ok(Outcome {
         scenario,
+        spent,
+        operations: all.operations,
         per_second: all.operations as f64 / measured.as_secs_f64(),
         p50: percentile(&all.latencies, 500),
         p99: percentile(&all.latencies, 990),

@@ -26,13 +26,22 @@ macro_rules! unnumbered_columns {
 
 /// Numbers the committed events that have no id yet, in their order of
 /// arrival, continuing `audit_sequence`: 10,000 at most (a longer backlog
-/// is numbered by the next reads). One round trip of two statements
+/// is numbered by the next reads). One round trip of three statements
 /// (simple query protocol, one implicit transaction): the advisory lock
 /// first, so that the numbering statement's snapshot is taken after the
 /// previous numberer committed, and it numbers nothing twice. The lock is
 /// the transaction's, released at its end. The key is arbitrary and ours
 /// ("peaqaudi" in ASCII).
-pub(super) const NUMBER_SQL: &str = "SELECT pg_advisory_xact_lock(8098986644489987177); \
+///
+/// Bitmap scans are off for this transaction: numbering leaves every event's
+/// entry in `audit_events_unnumbered` pointing at a dead row version, and
+/// only a plain or index-only scan marks such entries dead in the index
+/// (a bitmap scan never does), so with the planner's usual bitmap plan every
+/// numbering visited every event written since the last vacuum, twice
+/// (docs/performance.md: about 2,000 index entries read per registration
+/// at 64 writers, against 14 with this plan).
+pub const NUMBER_SQL: &str = "SELECT pg_advisory_xact_lock(8098986644489987177); \
+     SET LOCAL enable_bitmapscan = off; \
      WITH todo AS (\
         SELECT arrival, row_number() OVER (ORDER BY arrival) AS n FROM (\
             SELECT arrival FROM audit_events WHERE id IS NULL ORDER BY arrival LIMIT 10000\

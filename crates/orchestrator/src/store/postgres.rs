@@ -25,6 +25,9 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPoolOptions}
 use sqlx::{Connection as _, Postgres, Row};
 
 use super::pg_audit;
+/// How readers number the audit events that committed without an id (the
+/// plan test in `tests/store/explain.rs` runs it).
+pub use super::pg_audit::NUMBER_SQL as AUDIT_NUMBER_SQL;
 use super::pg_pool::PgPool;
 use super::rows::{
     audit_columns, audit_event_from_row, machine_columns, machine_from_row, proof_json, to_json,
