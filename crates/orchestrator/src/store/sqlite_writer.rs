@@ -123,6 +123,7 @@ impl Writer {
             rows,
             commits: Arc::clone(&commits),
             last_event: None,
+            stats: Stats::new(),
         };
         tokio::spawn(task.serve(queue));
         Self {
@@ -167,6 +168,48 @@ struct Task {
     /// The last event id committed, once read: this task is the log's only
     /// writer. `None` after a failed batch, so that it is read again.
     last_event: Option<i64>,
+    stats: Stats,
+}
+
+/// What the writer did lately, for the debug log: how full its batches are
+/// and how much of the time it writes says whether a herd is held by the
+/// writer or by what feeds it.
+struct Stats {
+    since: std::time::Instant,
+    batches: u64,
+    writes: u64,
+    writing: std::time::Duration,
+}
+
+impl Stats {
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+    fn new() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            batches: 0,
+            writes: 0,
+            writing: std::time::Duration::ZERO,
+        }
+    }
+
+    fn batch(&mut self, writes: usize, began: std::time::Instant) {
+        let now = std::time::Instant::now();
+        self.batches += 1;
+        self.writes += writes as u64;
+        self.writing += now.duration_since(began);
+        let elapsed = now.duration_since(self.since);
+        if elapsed >= Self::EVERY {
+            tracing::debug!(
+                batches = self.batches,
+                writes = self.writes,
+                writing_pct = (100 * self.writing.as_micros() / elapsed.as_micros().max(1)),
+                elapsed_ms = elapsed.as_millis(),
+                "sqlite writer"
+            );
+            *self = Self::new();
+        }
+    }
 }
 
 /// Why a batch stopped: a statement failed that may have left a write half
@@ -177,6 +220,7 @@ impl Task {
     async fn serve(mut self, mut queue: mpsc::Receiver<Job>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            let began = std::time::Instant::now();
             let conn = self.pool.acquire().await;
             // What arrived while the connection was being acquired joins.
             while batch.len() < MAX_BATCH
@@ -186,6 +230,7 @@ impl Task {
             }
             // A request that went away (its client hung up) is not written.
             batch.retain(|job| !job.reply.is_closed());
+            let writes = batch.len();
             match conn {
                 Ok(mut conn) => self.commit_batch(&mut conn, &mut batch).await,
                 Err(e) => {
@@ -195,6 +240,7 @@ impl Task {
                     }
                 }
             }
+            self.stats.batch(writes, began);
         }
     }
 
