@@ -69,6 +69,16 @@ use tokio::time::Instant;
 /// timeout.
 pub const MAX_QUEUE_WAIT: Duration = Duration::from_secs(10);
 
+/// The queue's length in time for a server whose requests are cut after
+/// `request_timeout` (answered `503` by the timeout): [`MAX_QUEUE_WAIT`],
+/// or less, so that a request given up after twice the queue's length (in
+/// [`Admission::enter`]) is refused with a booking (`429` and
+/// `Retry-After`) before the timeout answers it `503`, which the herd's
+/// agents would retry without one.
+pub fn max_wait_within(request_timeout: Duration) -> Duration {
+    MAX_QUEUE_WAIT.min(request_timeout / 2)
+}
+
 /// Requests that may always queue, whatever the measured rate. In a herd's
 /// first seconds the store really is slow (measured on PostgreSQL ×2: 21 to
 /// 88 writes a second a replica while 5,000 connections, reads and
@@ -343,6 +353,16 @@ impl Drop for Leave<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_queue_ends_before_the_request_timeout() {
+        // The default timeout (30 s) leaves the queue its full length.
+        assert_eq!(max_wait_within(Duration::from_secs(30)), MAX_QUEUE_WAIT);
+        for secs in [1, 8, 15, 19] {
+            let timeout = Duration::from_secs(secs);
+            assert!(max_wait_within(timeout) * 2 <= timeout, "{secs} s");
+        }
+    }
 
     /// Fills the queue of `a` (one slot held) to its bound; answers the
     /// held slot and the queued requests' tasks.

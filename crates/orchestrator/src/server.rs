@@ -144,7 +144,7 @@ impl Server {
             ),
             admission: Admission::new(
                 usize::try_from(config.db_max_connections).unwrap_or(usize::MAX),
-                admission::MAX_QUEUE_WAIT,
+                admission::max_wait_within(config.request_timeout),
             ),
             challenge_key,
             store: Arc::clone(&store),
