@@ -95,20 +95,24 @@ async fn pg_plan(conn: &mut sqlx::PgConnection, key: &PageKey) -> String {
     lines.join("\n")
 }
 
-#[tokio::test]
-async fn postgres_list_pages_scan_one_index_range_without_sorting() {
-    let Some(db) = crate::postgres(
-        "postgres_list_pages_scan_one_index_range_without_sorting",
-        &PoolSettings::default(),
-    )
-    .await
-    else {
-        return;
-    };
+/// A fresh PostgreSQL schema with the store's tables (kept while the
+/// first half lives) and a connection to it; `None`: skipped.
+async fn postgres_schema(test: &str) -> Option<(crate::Db, sqlx::PgConnection)> {
+    let db = crate::postgres(test, &PoolSettings::default()).await?;
     let Kind::Postgres { schema, .. } = &db.kind else {
         unreachable!()
     };
-    let mut conn = schema.connect().await;
+    let conn = schema.connect().await;
+    Some((db, conn))
+}
+
+#[tokio::test]
+async fn postgres_list_pages_scan_one_index_range_without_sorting() {
+    let Some((_db, mut conn)) =
+        postgres_schema("postgres_list_pages_scan_one_index_range_without_sorting").await
+    else {
+        return;
+    };
     conn.execute(AssertSqlSafe(format!(
         "INSERT INTO machines SELECT 'mach_' || lpad(i::text, 26, '0'), 'did:peaq:' || i, \
                CASE WHEN i % 10 = 0 THEN 'archived' ELSE 'active' END, 'Robot', 'o', '', '', \
@@ -156,18 +160,11 @@ async fn postgres_list_pages_scan_one_index_range_without_sorting() {
 /// statistics yet, the planner left to itself picks the bitmap scan.
 #[tokio::test]
 async fn postgres_audit_numbering_scans_the_waiting_index_without_a_bitmap() {
-    let Some(db) = crate::postgres(
-        "postgres_audit_numbering_scans_the_waiting_index_without_a_bitmap",
-        &PoolSettings::default(),
-    )
-    .await
+    let Some((_db, mut conn)) =
+        postgres_schema("postgres_audit_numbering_scans_the_waiting_index_without_a_bitmap").await
     else {
         return;
     };
-    let Kind::Postgres { schema, .. } = &db.kind else {
-        unreachable!()
-    };
-    let mut conn = schema.connect().await;
     let waiting = |n: i64| {
         format!(
             "INSERT INTO audit_events (actor, type, resource_type, resource_id, payload, created_at) \
