@@ -506,6 +506,35 @@ mod tests {
     type Outcome = Result<String, StoreError>;
     type Pending = std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
+    /// `m` written with an update event, redeeming `challenge`: its id if
+    /// written, `written false` if the machine was not there.
+    fn update_with_event(store: &Arc<SqliteStore>, m: MachineRecord, challenge: &str) -> Pending {
+        let (store, challenge) = (Arc::clone(store), challenge.to_owned());
+        Box::pin(async move {
+            let e = event(EventType::Updated, &m.id);
+            let written = store
+                .update_machine(&m, redeem(&challenge), Some(&e))
+                .await?;
+            Ok(if written {
+                m.id
+            } else {
+                "written false".into()
+            })
+        })
+    }
+
+    /// `m` created with its event, redeeming `challenge`: its id.
+    fn insert_with_event(store: &Arc<SqliteStore>, m: MachineRecord, challenge: &str) -> Pending {
+        let (store, challenge) = (Arc::clone(store), challenge.to_owned());
+        Box::pin(async move {
+            let e = event(EventType::Created, &m.id);
+            store
+                .insert_machine(&m, redeem(&challenge), Some(&e))
+                .await?;
+            Ok(m.id)
+        })
+    }
+
     /// Runs `writes` concurrently and makes them one batch: the writer is
     /// kept from its connection until every write is queued. Asserts that
     /// they committed together, once.
@@ -610,27 +639,12 @@ mod tests {
         // Writes that succeed: updates of mach_1..mach_7, each with its own
         // challenge, a create and an archive of mach_8, all with events.
         for i in 1..8 {
-            let store = Arc::clone(&store);
-            writes.push(Box::pin(async move {
-                let mut m = machine(&format!("mach_{i}"), &format!("did:peaq:{i}"), 1);
-                m.display_name = "renamed".into();
-                let e = event(EventType::Updated, &m.id);
-                let chl = format!("chl_{i}");
-                match store.update_machine(&m, redeem(&chl), Some(&e)).await {
-                    Ok(true) => Ok(m.id),
-                    Ok(false) => Ok("not written".into()),
-                    Err(e) => Err(e),
-                }
-            }));
+            let mut m = machine(&format!("mach_{i}"), &format!("did:peaq:{i}"), 1);
+            m.display_name = "renamed".into();
+            writes.push(update_with_event(&store, m, &format!("chl_{i}")));
         }
-        let s = Arc::clone(&store);
-        writes.push(Box::pin(async move {
-            let m = machine("mach_new", "did:peaq:100", 2);
-            let e = event(EventType::Created, "mach_new");
-            s.insert_machine(&m, redeem("chl_new"), Some(&e))
-                .await
-                .map(|()| "mach_new".to_owned())
-        }));
+        let new = machine("mach_new", "did:peaq:100", 2);
+        writes.push(insert_with_event(&store, new, "chl_new"));
         let s = Arc::clone(&store);
         writes.push(Box::pin(async move {
             s.archive_machine("mach_8", ts(9), Some("fleet-a"))
@@ -639,30 +653,12 @@ mod tests {
         }));
         // Refusals: a redeemed challenge, a machine that is not there, an
         // identity already live (with a fresh challenge each).
-        let s = Arc::clone(&store);
-        writes.push(Box::pin(async move {
-            let m = machine("mach_0", "did:peaq:0", 1);
-            let e = event(EventType::Updated, "mach_0");
-            s.update_machine(&m, redeem("chl_used"), Some(&e))
-                .await
-                .map(|w| format!("written {w}"))
-        }));
-        let s = Arc::clone(&store);
-        writes.push(Box::pin(async move {
-            let m = machine("mach_gone", "did:peaq:101", 1);
-            let e = event(EventType::Updated, "mach_gone");
-            s.update_machine(&m, redeem("chl_gone"), Some(&e))
-                .await
-                .map(|w| format!("written {w}"))
-        }));
-        let s = Arc::clone(&store);
-        writes.push(Box::pin(async move {
-            let m = machine("mach_twin", "did:peaq:3", 1);
-            let e = event(EventType::Created, "mach_twin");
-            s.insert_machine(&m, redeem("chl_twin"), Some(&e))
-                .await
-                .map(|()| "mach_twin".to_owned())
-        }));
+        let used = machine("mach_0", "did:peaq:0", 1);
+        writes.push(update_with_event(&store, used, "chl_used"));
+        let gone = machine("mach_gone", "did:peaq:101", 1);
+        writes.push(update_with_event(&store, gone, "chl_gone"));
+        let twin = machine("mach_twin", "did:peaq:3", 1);
+        writes.push(insert_with_event(&store, twin, "chl_twin"));
         let outcomes = in_one_batch(&store, writes).await;
         for (i, o) in outcomes[..7].iter().enumerate() {
             assert_eq!(o.as_ref().unwrap(), &format!("mach_{}", i + 1));
