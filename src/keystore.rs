@@ -96,6 +96,8 @@ fn hex_decode(text: &str) -> Option<Vec<u8>> {
 
 /// Decrypts a keystore with `password`.
 pub fn decrypt(json: &str, password: &[u8]) -> Result<SecretKey, KeystoreError> {
+    // From bytes, as the agent's other JSON: `from_str` would link a second
+    // copy of serde_json's parser (docs/performance.md, footprint).
     let ks: Keystore = serde_json::from_slice(json.as_bytes())
         .map_err(|e| KeystoreError::Format(e.to_string()))?;
     if ks.version != 3 {
