@@ -389,7 +389,8 @@ async fn run_registers_then_stops_cleanly_on_sigterm() {
         }
         assert!(
             Instant::now() < deadline,
-            "agent never activated its record"
+            "agent never activated its record, or never logged state=active:\n{}",
+            log.lock().unwrap()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
