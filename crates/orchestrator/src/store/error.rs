@@ -35,6 +35,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the SQLite writer's thread")]
+    WriterThread(#[source] std::io::Error),
     /// Another live machine holds this identity.
     #[error("identity already has a machine ({machine_id})")]
     IdentityTaken { machine_id: String },

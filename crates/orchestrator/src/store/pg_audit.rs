@@ -149,7 +149,7 @@ pub(super) const ARCHIVE_AUDITED_SQL: &str = concat!(
 
 /// Up to `$2` of the oldest events before the first written at or after
 /// `$1` (log order, as on SQLite).
-pub(super) const PRUNE_SQL: &str = "DELETE FROM audit_events WHERE id IN (\
+pub const PRUNE_SQL: &str = "DELETE FROM audit_events WHERE id IN (\
         SELECT id FROM audit_events WHERE id < COALESCE(\
             (SELECT id FROM audit_events WHERE created_at >= $1 ORDER BY id LIMIT 1), \
             9223372036854775807) \

@@ -28,6 +28,8 @@ use super::pg_audit;
 /// How readers number the audit events that committed without an id (the
 /// plan test in `tests/store/explain.rs` runs it).
 pub use super::pg_audit::NUMBER_SQL as AUDIT_NUMBER_SQL;
+/// How pruning deletes the oldest events (its plan is tested too).
+pub use super::pg_audit::PRUNE_SQL as AUDIT_PRUNE_SQL;
 use super::pg_pool::PgPool;
 use super::rows::{
     audit_columns, audit_event_from_row, machine_columns, machine_from_row, proof_json, to_json,
@@ -42,6 +44,34 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres")
 
 /// The unique index that holds one live machine per identity.
 const LIVE_IDENTITY_INDEX: &str = "machines_live_identity";
+
+/// A page of the audit log after the cursor `$1`: all events, one
+/// machine's (`$2`), one resource type's (`$2`), both (`$2`, `$3`); the
+/// limit last. `id > $1` keeps them to numbered events (the plan test in
+/// `tests/store/explain.rs` runs each).
+pub const AUDIT_PAGE_SQL: [&str; 4] = [
+    concat!(
+        "SELECT ",
+        audit_columns!(),
+        " FROM audit_events WHERE id > $1 ORDER BY id LIMIT $2"
+    ),
+    concat!(
+        "SELECT ",
+        audit_columns!(),
+        " FROM audit_events WHERE id > $1 AND resource_id = $2 ORDER BY id LIMIT $3"
+    ),
+    concat!(
+        "SELECT ",
+        audit_columns!(),
+        " FROM audit_events WHERE id > $1 AND resource_type = $2 ORDER BY id LIMIT $3"
+    ),
+    concat!(
+        "SELECT ",
+        audit_columns!(),
+        " FROM audit_events WHERE id > $1 AND resource_id = $2 AND resource_type = $3 \
+         ORDER BY id LIMIT $4"
+    ),
+];
 
 /// A list page: one range scan of `machines_live_page` from the cursor.
 pub const LIST_PAGE_SQL: &str = concat!(
@@ -487,28 +517,10 @@ impl Store for PostgresStore {
         Box::pin(async move {
             self.number_audit_events().await?;
             let sql = match (q.machine_id.is_some(), q.resource_type.is_some()) {
-                (false, false) => concat!(
-                    "SELECT ",
-                    audit_columns!(),
-                    " FROM audit_events WHERE id > $1 ORDER BY id LIMIT $2"
-                ),
-                (true, false) => concat!(
-                    "SELECT ",
-                    audit_columns!(),
-                    " FROM audit_events WHERE id > $1 AND resource_id = $2 ORDER BY id LIMIT $3"
-                ),
-                (false, true) => concat!(
-                    "SELECT ",
-                    audit_columns!(),
-                    " FROM audit_events WHERE id > $1 AND resource_type = $2 \
-                     ORDER BY id LIMIT $3"
-                ),
-                (true, true) => concat!(
-                    "SELECT ",
-                    audit_columns!(),
-                    " FROM audit_events WHERE id > $1 AND resource_id = $2 \
-                     AND resource_type = $3 ORDER BY id LIMIT $4"
-                ),
+                (false, false) => AUDIT_PAGE_SQL[0],
+                (true, false) => AUDIT_PAGE_SQL[1],
+                (false, true) => AUDIT_PAGE_SQL[2],
+                (true, true) => AUDIT_PAGE_SQL[3],
             };
             let mut query = sqlx::query(sql).bind(q.after);
             if let Some(m) = &q.machine_id {

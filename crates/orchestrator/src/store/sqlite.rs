@@ -124,7 +124,7 @@ impl SqliteStore {
             MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
             let rows = Arc::default();
             return Ok(Self {
-                writes: Arc::new(Writer::spawn(pool.clone(), Arc::clone(&rows))),
+                writes: Arc::new(Writer::spawn(pool.clone(), Arc::clone(&rows))?),
                 writer: pool.clone(),
                 reader: pool,
                 rows,
@@ -157,7 +157,7 @@ impl SqliteStore {
             .await?;
         let rows = Arc::default();
         Ok(Self {
-            writes: Arc::new(Writer::spawn(writer.clone(), Arc::clone(&rows))),
+            writes: Arc::new(Writer::spawn(writer.clone(), Arc::clone(&rows))?),
             writer,
             reader,
             rows,

@@ -113,9 +113,17 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Starts the writing task on the current runtime. It ends when every
+    /// Starts the writing task on a thread of its own. It ends when every
     /// handle is dropped.
-    pub(super) fn spawn(pool: SqlitePool, rows: Arc<RowCache>) -> Self {
+    ///
+    /// Why not a task of the server's runtime: the task waits on sqlx's
+    /// connection thread once per statement, three statements a write, and
+    /// under a herd every one of those wake-ups queued behind thousands of
+    /// ready request tasks, so the writer was busy 92 to 99 % of the time
+    /// while the SQLite thread worked a quarter of it (docs/performance.md,
+    /// "The SQLite herd's writer"). On its own single-threaded runtime it is
+    /// woken by the kernel's scheduler as soon as its answer is there.
+    pub(super) fn spawn(pool: SqlitePool, rows: Arc<RowCache>) -> Result<Self, StoreError> {
         let (jobs, queue) = mpsc::channel(QUEUE);
         let commits = Arc::new(AtomicU64::new(0));
         let task = Task {
@@ -125,13 +133,20 @@ impl Writer {
             last_event: None,
             stats: Stats::new(),
         };
-        tokio::spawn(task.serve(queue));
-        Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(StoreError::WriterThread)?;
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || runtime.block_on(task.serve(queue)))
+            .map_err(StoreError::WriterThread)?;
+        Ok(Self {
             jobs,
             commits,
             #[cfg(test)]
             sent: AtomicU64::new(0),
-        }
+        })
     }
 
     /// Runs `write` in the next batch; answers once that batch committed.
@@ -375,12 +390,12 @@ async fn apply(
             redeem,
             event,
         } => {
-            if let Err(refused) = insert(conn, machine, redeem.as_ref()).await? {
+            let event = event.as_ref().map(|e| (*last_event + 1, e));
+            if let Err(refused) = insert(conn, machine, redeem.as_ref(), event).await? {
                 return Ok(Err(refused));
             }
-            redeemed(conn, redeem.as_ref()).await?;
-            if let Some(e) = event {
-                record(conn, e, last_event).await?;
+            if let Some((id, _)) = event {
+                *last_event = id;
             }
             Ok(Ok(Done::Inserted))
         }
@@ -389,14 +404,14 @@ async fn apply(
             redeem,
             event,
         } => {
-            match update(conn, machine, redeem.as_ref()).await? {
+            let event = event.as_ref().map(|e| (*last_event + 1, e));
+            match update(conn, machine, redeem.as_ref(), event).await? {
                 Ok(true) => {}
                 Ok(false) => return Ok(Ok(Done::Updated(false))),
                 Err(refused) => return Ok(Err(refused)),
             }
-            redeemed(conn, redeem.as_ref()).await?;
-            if let Some(e) = event {
-                record(conn, e, last_event).await?;
+            if let Some((id, _)) = event {
+                *last_event = id;
             }
             Ok(Ok(Done::Updated(true)))
         }
@@ -423,6 +438,109 @@ fn bind_fields<'q>(query: Query<'q>, m: &'q MachineRecord) -> Query<'q> {
         .bind(m.proof.as_ref().map(proof_json))
 }
 
+/// A write is one round trip to sqlx's connection thread, not three: the
+/// machine statement, then the redemption and the event, sent as one query
+/// (sqlx runs a query's statements in turn on that thread, and hands each
+/// its `?` parameters in order from the one list of arguments, hence `?`
+/// and never `?NNN` here). The statements after the first run only if it
+/// wrote its row (`changes()` is the count of the statement completed just
+/// before), so a refused write still writes nothing, and the rows a query
+/// wrote are none or all. Why: under a herd the writer is the bottleneck,
+/// and it spent most of its time waiting for these round trips
+/// (docs/performance.md, "The SQLite herd's writer").
+///
+/// The insert's arguments: the 14 columns, the challenge's expiry and now,
+/// its id (`condition`).
+macro_rules! insert_machine_sql {
+    () => {
+        "INSERT INTO machines (id, identity_ref, status, display_name, owner_id, \
+         machine_type, runtime_profile, capabilities, labels, policy_ids, skill_keys, \
+         proof, created_at, updated_at) \
+         SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
+         WHERE ? > ? AND NOT EXISTS (SELECT 1 FROM redeemed_challenges WHERE id = ?)"
+    };
+}
+
+/// The update's: the 10 fields, `updated_at`, the machine's id, the
+/// challenge's expiry and now, its id.
+macro_rules! update_machine_sql {
+    () => {
+        "UPDATE machines SET status = ?, display_name = ?, owner_id = ?, \
+         machine_type = ?, runtime_profile = ?, capabilities = ?, labels = ?, \
+         policy_ids = ?, skill_keys = ?, proof = ?, updated_at = ? \
+         WHERE id = ? AND status <> 'archived' AND ? > ? \
+         AND NOT EXISTS (SELECT 1 FROM redeemed_challenges WHERE id = ?)"
+    };
+}
+
+/// The redemption (the challenge's id and expiry), after the statement
+/// that checked it wrote its row.
+macro_rules! then_redeem_sql {
+    () => {
+        "; INSERT INTO redeemed_challenges (id, expires_at) SELECT ?, ? WHERE changes() = 1"
+    };
+}
+
+/// The event (its seven columns), after the statement before it wrote its
+/// row.
+macro_rules! then_event_sql {
+    () => {
+        concat!(
+            "; INSERT INTO audit_events (",
+            super::rows::audit_columns!(),
+            ") SELECT ?, ?, ?, ?, ?, ?, ? WHERE changes() = 1"
+        )
+    };
+}
+
+/// An insert's query, by `[redeems][records an event]`.
+const INSERT_SQL: [[&str; 2]; 2] = [
+    [
+        insert_machine_sql!(),
+        concat!(insert_machine_sql!(), then_event_sql!()),
+    ],
+    [
+        concat!(insert_machine_sql!(), then_redeem_sql!()),
+        concat!(insert_machine_sql!(), then_redeem_sql!(), then_event_sql!()),
+    ],
+];
+
+/// An update's query, by `[redeems][records an event]`.
+const UPDATE_SQL: [[&str; 2]; 2] = [
+    [
+        update_machine_sql!(),
+        concat!(update_machine_sql!(), then_event_sql!()),
+    ],
+    [
+        concat!(update_machine_sql!(), then_redeem_sql!()),
+        concat!(update_machine_sql!(), then_redeem_sql!(), then_event_sql!()),
+    ],
+];
+
+/// Binds the arguments of the statements after the machine's: the
+/// redemption's, then the event's (`id` and its columns).
+fn bind_after<'q>(
+    query: Query<'q>,
+    redeem: Option<&'q Redeem>,
+    event: Option<(i64, &'q NewEvent)>,
+) -> Query<'q> {
+    let query = match redeem {
+        Some(r) => query
+            .bind(r.challenge_id.as_str())
+            .bind(r.expires_at.unix_millis()),
+        None => query,
+    };
+    let Some((id, e)) = event else { return query };
+    query
+        .bind(id)
+        .bind(&e.actor)
+        .bind(e.kind.as_str())
+        .bind(crate::audit::RESOURCE_MACHINE)
+        .bind(&e.resource_id)
+        .bind(e.payload.to_string())
+        .bind(e.created_at.unix_millis())
+}
+
 /// The challenge's id, expiry and now, as a write's condition binds them:
 /// without a challenge it holds (expiry 1 > now 0, and no id is NULL).
 fn condition(redeem: Option<&Redeem>) -> (Option<&str>, i64, i64) {
@@ -436,43 +554,42 @@ fn condition(redeem: Option<&Redeem>) -> (Option<&str>, i64, i64) {
 }
 
 /// The machine's row, inserted only if the challenge (if any) is still
-/// redeemable. Refused: the challenge is gone, or the identity is live.
+/// redeemable, with its redemption and event. Refused: the challenge is
+/// gone, or the identity is live.
 async fn insert(
     conn: &mut SqliteConnection,
     m: &MachineRecord,
     redeem: Option<&Redeem>,
+    event: Option<(i64, &NewEvent)>,
 ) -> Result<Result<(), StoreError>, Abort> {
-    // `?15`..`?17`: the challenge's id, expiry and now (`condition`).
     let (challenge, expires, now) = condition(redeem);
-    let query = sqlx::query(
-        "INSERT INTO machines (id, identity_ref, status, display_name, owner_id, \
-         machine_type, runtime_profile, capabilities, labels, policy_ids, skill_keys, \
-         proof, created_at, updated_at) \
-         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14 \
-         WHERE ?16 > ?17 \
-         AND NOT EXISTS (SELECT 1 FROM redeemed_challenges WHERE id = ?15)",
-    )
-    .bind(&m.id)
-    .bind(m.identity.canonical());
-    let inserted = bind_fields(query, m)
+    let query =
+        sqlx::query(INSERT_SQL[usize::from(redeem.is_some())][usize::from(event.is_some())])
+            .bind(&m.id)
+            .bind(m.identity.canonical());
+    let query = bind_fields(query, m)
         .bind(m.created_at.unix_millis())
         .bind(m.updated_at.unix_millis())
-        .bind(challenge)
         .bind(expires)
         .bind(now)
-        .execute(&mut *conn)
-        .await;
-    match inserted {
-        Ok(done) if done.rows_affected() == 1 => Ok(Ok(())),
+        .bind(challenge);
+    match bind_after(query, redeem, event).execute(&mut *conn).await {
+        Ok(done) if done.rows_affected() > 0 => Ok(Ok(())),
         Ok(_) => Ok(Err(StoreError::ChallengeGone)),
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-            // SQLite undid the statement alone: the batch goes on.
             let existing: Option<String> = sqlx::query_scalar(
                 "SELECT id FROM machines WHERE identity_ref = ? AND status <> 'archived'",
             )
             .bind(m.identity.canonical())
             .fetch_optional(&mut *conn)
             .await?;
+            // The machine went in and a statement after it failed: a fault,
+            // and this transaction holds half a write.
+            if existing.as_deref() == Some(m.id.as_str()) {
+                return Err(Abort(sqlx::Error::Database(e).into()));
+            }
+            // SQLite undid the machine's statement alone (the ones after it
+            // did not run): the batch goes on.
             Ok(Err(StoreError::IdentityTaken {
                 machine_id: existing.unwrap_or_default(),
             }))
@@ -482,30 +599,26 @@ async fn insert(
 }
 
 /// The machine's new fields, written only if the challenge (if any) is
-/// still redeemable. `false`: the machine is gone or archived. Refused if
-/// the challenge is gone (which, as before, wins over a machine gone).
+/// still redeemable, with its redemption and event. `false`: the machine is
+/// gone or archived. Refused if the challenge is gone (which, as before,
+/// wins over a machine gone).
 async fn update(
     conn: &mut SqliteConnection,
     m: &MachineRecord,
     redeem: Option<&Redeem>,
+    event: Option<(i64, &NewEvent)>,
 ) -> Result<Result<bool, StoreError>, Abort> {
     let (challenge, expires, now) = condition(redeem);
-    let query = sqlx::query(
-        "UPDATE machines SET status = ?1, display_name = ?2, owner_id = ?3, \
-         machine_type = ?4, runtime_profile = ?5, capabilities = ?6, labels = ?7, \
-         policy_ids = ?8, skill_keys = ?9, proof = ?10, updated_at = ?11 \
-         WHERE id = ?12 AND status <> 'archived' AND ?14 > ?15 \
-         AND NOT EXISTS (SELECT 1 FROM redeemed_challenges WHERE id = ?13)",
-    );
-    let done = bind_fields(query, m)
+    let query =
+        sqlx::query(UPDATE_SQL[usize::from(redeem.is_some())][usize::from(event.is_some())]);
+    let query = bind_fields(query, m)
         .bind(m.updated_at.unix_millis())
         .bind(&m.id)
-        .bind(challenge)
         .bind(expires)
         .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    if done.rows_affected() == 1 {
+        .bind(challenge);
+    let done = bind_after(query, redeem, event).execute(&mut *conn).await?;
+    if done.rows_affected() > 0 {
         return Ok(Ok(true));
     }
     // Nothing written: say why, the challenge first.
@@ -524,19 +637,6 @@ async fn is_redeemed(conn: &mut SqliteConnection, id: &str) -> Result<bool, Abor
             .fetch_one(&mut *conn)
             .await?,
     )
-}
-
-/// The redemption, once the write it authorises is in: its conditions were
-/// checked by that write's statement, in this serial transaction, so a
-/// failure here is no refusal but a fault.
-async fn redeemed(conn: &mut SqliteConnection, redeem: Option<&Redeem>) -> Result<(), Abort> {
-    let Some(r) = redeem else { return Ok(()) };
-    sqlx::query("INSERT INTO redeemed_challenges (id, expires_at) VALUES (?, ?)")
-        .bind(&r.challenge_id)
-        .bind(r.expires_at.unix_millis())
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
 }
 
 async fn record(conn: &mut SqliteConnection, e: &NewEvent, last: &mut i64) -> Result<(), Abort> {
