@@ -8,7 +8,9 @@
 //! sqlx's connection thread, and each commit appending every page it
 //! touched (the machine, its index, the redemption, the audit event) to the
 //! WAL again. A herd's writes queue for that connection anyway; here they
-//! share one transaction and one copy of those pages instead.
+//! share one transaction and one copy of those pages instead. The task has
+//! a thread of its own, and each write is one query ([`Writer::spawn`],
+//! [`INSERT_SQL`]): the round trips, not SQLite, were what it waited on.
 //!
 //! How each guarantee holds:
 //! - **A write that is refused writes nothing**, so it needs no savepoint:
@@ -16,7 +18,9 @@
 //!   machine gone or archived, an identity already live) is the write's
 //!   first, and decides with a condition or a constraint, so that a refusal
 //!   changes no row (SQLite undoes a statement that breaks a constraint,
-//!   not its transaction). The statements after it cannot be refused; if
+//!   not its transaction, and runs none of the query's statements after
+//!   it). The statements after it are guarded by `changes() = 1` and cannot
+//!   be refused; if
 //!   one fails all the same (a full disk, an I/O error, which may have
 //!   rolled back the whole transaction), the batch is rolled back and each
 //!   of its writes runs again alone, so that each is answered with its own
