@@ -77,22 +77,34 @@ async fn sqlite_list_pages_search_the_index_without_sorting() {
     }
 }
 
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// `sql` explained with what it actually did: the query, to bind.
+fn explain(sql: &str) -> PgQuery<'static> {
+    sqlx::query(AssertSqlSafe(format!(
+        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {sql}"
+    )))
+}
+
+/// The plan an `explain` query printed, one line each.
+async fn plan_of<'e>(query: PgQuery<'e>, conn: impl sqlx::PgExecutor<'e>) -> String {
+    let lines: Vec<String> = query
+        .fetch_all(conn)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect();
+    lines.join("\n")
+}
+
 /// The plan of a page after `key`, with what it actually did.
 async fn pg_plan(conn: &mut sqlx::PgConnection, key: &PageKey) -> String {
-    let lines: Vec<String> = sqlx::query(AssertSqlSafe(format!(
-        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {}",
-        postgres::LIST_PAGE_SQL
-    )))
-    .bind(key.created_at_ms)
-    .bind(key.id.clone())
-    .bind(PAGE)
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get::<String, _>(0))
-    .collect();
-    lines.join("\n")
+    let query = explain(postgres::LIST_PAGE_SQL)
+        .bind(key.created_at_ms)
+        .bind(key.id.clone())
+        .bind(PAGE);
+    plan_of(query, &mut *conn).await
 }
 
 /// A fresh PostgreSQL schema with the store's tables (kept while the
@@ -189,17 +201,8 @@ async fn postgres_audit_numbering_scans_the_waiting_index_without_a_bitmap() {
         .execute(&mut *tx)
         .await
         .unwrap();
-    let plan: Vec<String> = sqlx::query(AssertSqlSafe(format!(
-        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {numbering}"
-    )))
-    .fetch_all(&mut *tx)
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get::<String, _>(0))
-    .collect();
+    let plan = plan_of(explain(numbering), &mut *tx).await;
     tx.commit().await.unwrap();
-    let plan = plan.join("\n");
     assert!(!plan.contains("Bitmap"), "{plan}");
     assert!(plan.contains("using audit_events_unnumbered"), "{plan}");
     let numbered: i64 =
@@ -245,28 +248,18 @@ async fn postgres_audit_pages_and_pruning_read_by_index() {
     )
     .await
     .unwrap();
-    let explain =
-        |sql: &str| format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {sql}");
     // Custom plans first, then the generic plan PostgreSQL switches to.
     for round in 0..7 {
         for after in [0_i64, 19_000] {
             for (variant, sql) in postgres::AUDIT_PAGE_SQL.iter().enumerate() {
-                let mut query = sqlx::query(AssertSqlSafe(explain(sql))).bind(after);
+                let mut query = explain(sql).bind(after);
                 if variant % 2 == 1 {
                     query = query.bind("mach_7");
                 }
                 if variant >= 2 {
                     query = query.bind("machine");
                 }
-                let plan: Vec<String> = query
-                    .bind(PAGE)
-                    .fetch_all(&mut conn)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(|r| r.get::<String, _>(0))
-                    .collect();
-                let plan = plan.join("\n");
+                let plan = plan_of(query.bind(PAGE), &mut conn).await;
                 let index = if variant % 2 == 1 {
                     "audit_events_resource"
                 } else {
@@ -284,20 +277,14 @@ async fn postgres_audit_pages_and_pruning_read_by_index() {
         }
         // Nothing is old enough: pruning deletes nothing and reads by id.
         let mut tx = conn.begin().await.unwrap();
-        let plan: Vec<String> = sqlx::query(AssertSqlSafe(explain(postgres::AUDIT_PRUNE_SQL)))
+        let query = explain(postgres::AUDIT_PRUNE_SQL)
             .bind(0_i64)
-            .bind(1_000_i64)
-            .fetch_all(&mut *tx)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<String, _>(0))
-            .collect();
+            .bind(1_000_i64);
+        let plan = plan_of(query, &mut *tx).await;
         tx.rollback().await.unwrap();
         // The oldest ids are found in the id index; which rows the delete
         // then visits is the planner's costing (a hash join over a table
         // this small, index probes over a large one).
-        let plan = plan.join("\n");
         assert!(
             plan.contains("Index Only Scan using audit_events_id"),
             "round {round}: {plan}"
