@@ -364,21 +364,29 @@ mod tests {
         }
     }
 
-    /// Fills the queue of `a` (one slot held) to its bound; answers the
-    /// held slot and the queued requests' tasks.
-    async fn full_queue(
-        a: &std::sync::Arc<Admission>,
-    ) -> (Admitted<'_>, Vec<tokio::task::JoinHandle<Result<(), Busy>>>) {
-        let held = a.enter().await.unwrap();
-        let bound = a.queue_bound();
-        let mut queued = Vec::new();
-        for _ in 0..bound {
-            let a = std::sync::Arc::clone(a);
-            queued.push(tokio::spawn(async move { a.enter().await.map(|_| ()) }));
-        }
-        while a.queued() < bound {
+    type Waiting = Vec<tokio::task::JoinHandle<Result<(), Busy>>>;
+
+    /// Queues `n` more requests on `a`, each a task that enters, and yields
+    /// until all of them wait; answers their tasks.
+    async fn queue(a: &std::sync::Arc<Admission>, n: usize) -> Waiting {
+        let target = a.queued() + n;
+        let tasks = (0..n)
+            .map(|_| {
+                let a = std::sync::Arc::clone(a);
+                tokio::spawn(async move { a.enter().await.map(|_| ()) })
+            })
+            .collect();
+        while a.queued() < target {
             tokio::task::yield_now().await;
         }
+        tasks
+    }
+
+    /// Fills the queue of `a` (one slot held) to its bound; answers the
+    /// held slot and the queued requests' tasks.
+    async fn full_queue(a: &std::sync::Arc<Admission>) -> (Admitted<'_>, Waiting) {
+        let held = a.enter().await.unwrap();
+        let queued = queue(a, a.queue_bound()).await;
         (held, queued)
     }
 
@@ -460,22 +468,9 @@ mod tests {
         assert_eq!(a.room(), Ok(()), "the slot is taken, the queue empty");
         // The initial 500/s: 1,500 may queue in three seconds.
         let bound = a.queue_bound();
-        let mut queued = Vec::new();
-        let mut queue = |n: usize| {
-            for _ in 0..n {
-                let a = std::sync::Arc::clone(&a);
-                queued.push(tokio::spawn(async move { a.enter().await.map(|_| ()) }));
-            }
-        };
-        queue(bound - 1);
-        while a.queued() < bound - 1 {
-            tokio::task::yield_now().await;
-        }
+        let mut queued = queue(&a, bound - 1).await;
         assert_eq!(a.room(), Ok(()), "one place left");
-        queue(1);
-        while a.queued() < bound {
-            tokio::task::yield_now().await;
-        }
+        queued.extend(queue(&a, 1).await);
         // Full: refused with the booking a write gets (two seconds before
         // the queue's end, one slot at 500/s), and the next write is booked
         // after it.
@@ -518,13 +513,7 @@ mod tests {
         let a = std::sync::Arc::new(Admission::new(1, Duration::from_secs(10)));
         // Busy: one slot, a queue behind it, a write every 0.5 ms: 2,000/s.
         let held = a.enter().await.unwrap();
-        let waiter = {
-            let a = std::sync::Arc::clone(&a);
-            tokio::spawn(async move { a.enter().await.map(|_| ()) })
-        };
-        while a.queued() == 0 {
-            tokio::task::yield_now().await;
-        }
+        let waiter = queue(&a, 1).await.remove(0);
         complete(&a, 2_000, Duration::from_secs(10)).await;
         let busy = a.queue_bound();
         assert!((19_000..=21_000).contains(&busy), "{busy}");
@@ -542,13 +531,7 @@ mod tests {
     async fn capacity_is_the_best_recent_window_and_follows_a_slower_store_down() {
         let a = std::sync::Arc::new(Admission::new(1, Duration::from_secs(10)));
         let _held = a.enter().await.unwrap();
-        let waiter = {
-            let a = std::sync::Arc::clone(&a);
-            tokio::spawn(async move { a.enter().await.map(|_| ()) })
-        };
-        while a.queued() == 0 {
-            tokio::task::yield_now().await;
-        }
+        let waiter = queue(&a, 1).await.remove(0);
         let per_second = |a: &Admission| a.queue_bound() / 10;
         complete(&a, 500, Duration::from_secs(2)).await;
         assert_eq!(per_second(&a), 500);

@@ -1,12 +1,14 @@
-//! The audit trail on SQLite: inserting an event inside the change's
-//! transaction, and reading and pruning the log.
+//! The audit trail on SQLite: the last id drawn, and reading and pruning
+//! the log. Events are inserted by the writer (`sqlite_writer`), in the
+//! same query as the change they record, numbered in the order its writes
+//! run, so that ids follow commit order.
 
 use peaqos_protocol::Timestamp;
 use sqlx::sqlite::{SqliteConnection, SqlitePool};
 
 use super::StoreError;
 use super::rows::{audit_columns, audit_event_from_row};
-use crate::audit::{AuditEvent, AuditQuery, EventType, RESOURCE_MACHINE};
+use crate::audit::{AuditEvent, AuditQuery};
 
 /// The last event id drawn (0 if none ever was).
 pub(super) async fn last_id(conn: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
@@ -21,35 +23,6 @@ pub(super) async fn set_last_id(conn: &mut SqliteConnection, id: i64) -> Result<
         .bind(id)
         .execute(conn)
         .await?;
-    Ok(())
-}
-
-/// Inserts event `id`, inside the change's transaction. Ids are drawn by
-/// the store's one writer (`sqlite_writer`), in the order its writes run
-/// in their transaction, so they follow commit order.
-pub(super) async fn insert_event(
-    conn: &mut SqliteConnection,
-    id: i64,
-    actor: &str,
-    kind: EventType,
-    resource_id: &str,
-    payload: &str,
-    at: Timestamp,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(concat!(
-        "INSERT INTO audit_events (",
-        audit_columns!(),
-        ") VALUES (?, ?, ?, ?, ?, ?, ?)"
-    ))
-    .bind(id)
-    .bind(actor)
-    .bind(kind.as_str())
-    .bind(RESOURCE_MACHINE)
-    .bind(resource_id)
-    .bind(payload)
-    .bind(at.unix_millis())
-    .execute(conn)
-    .await?;
     Ok(())
 }
 

@@ -521,8 +521,18 @@ const UPDATE_SQL: [[&str; 2]; 2] = [
     ],
 ];
 
+/// An archive's query (`updated_at`, the machine's id), by `[records an
+/// event]`.
+const ARCHIVE_SQL: [&str; 2] = [
+    "UPDATE machines SET status = 'archived', updated_at = ? WHERE id = ?",
+    concat!(
+        "UPDATE machines SET status = 'archived', updated_at = ? WHERE id = ?",
+        then_event_sql!()
+    ),
+];
+
 /// Binds the arguments of the statements after the machine's: the
-/// redemption's, then the event's (`id` and its columns).
+/// redemption's, then the event's.
 fn bind_after<'q>(
     query: Query<'q>,
     redeem: Option<&'q Redeem>,
@@ -534,6 +544,11 @@ fn bind_after<'q>(
             .bind(r.expires_at.unix_millis()),
         None => query,
     };
+    bind_event(query, event)
+}
+
+/// Binds event `id`'s columns, if the write records one.
+fn bind_event<'q>(query: Query<'q>, event: Option<(i64, &'q NewEvent)>) -> Query<'q> {
     let Some((id, e)) = event else { return query };
     query
         .bind(id)
@@ -643,22 +658,6 @@ async fn is_redeemed(conn: &mut SqliteConnection, id: &str) -> Result<bool, Abor
     )
 }
 
-async fn record(conn: &mut SqliteConnection, e: &NewEvent, last: &mut i64) -> Result<(), Abort> {
-    let id = *last + 1;
-    sqlite_audit::insert_event(
-        conn,
-        id,
-        &e.actor,
-        e.kind,
-        &e.resource_id,
-        &e.payload.to_string(),
-        e.created_at,
-    )
-    .await?;
-    *last = id;
-    Ok(())
-}
-
 async fn archive(
     conn: &mut SqliteConnection,
     id: &str,
@@ -682,20 +681,20 @@ async fn archive(
     if old == StoredStatus::Archived {
         return Ok(Done::Archived(Some(false)));
     }
-    sqlx::query("UPDATE machines SET status = 'archived', updated_at = ? WHERE id = ?")
+    let event = actor.map(|actor| NewEvent {
+        actor: actor.to_owned(),
+        kind: EventType::Archived,
+        resource_id: id.to_owned(),
+        payload: audit::archived_payload(old),
+        created_at: now,
+    });
+    let numbered = event.as_ref().map(|e| (*last_event + 1, e));
+    let query = sqlx::query(ARCHIVE_SQL[usize::from(event.is_some())])
         .bind(now.unix_millis())
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    if let Some(actor) = actor {
-        let event = NewEvent {
-            actor: actor.to_owned(),
-            kind: EventType::Archived,
-            resource_id: id.to_owned(),
-            payload: audit::archived_payload(old),
-            created_at: now,
-        };
-        record(conn, &event, last_event).await?;
+        .bind(id);
+    bind_event(query, numbered).execute(&mut *conn).await?;
+    if let Some((number, _)) = numbered {
+        *last_event = number;
     }
     Ok(Done::Archived(Some(true)))
 }
