@@ -364,18 +364,7 @@ async fn run_registers_then_stops_cleanly_on_sigterm() {
     // The log is read as it comes: the fake records the activating PATCH
     // before the agent has logged (and saved) what it answered, so a
     // SIGTERM sent on the fake's word alone could stop the agent first.
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let reader = {
-        let log = std::sync::Arc::clone(&log);
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
-                let mut log = log.lock().unwrap();
-                log.push_str(&line.unwrap());
-                log.push('\n');
-            }
-        })
-    };
+    let mut log = peaqos_testkit::ChildLog::follow(child.stderr.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(10);
     let active = loop {
         let active = fake
@@ -383,14 +372,14 @@ async fn run_registers_then_stops_cleanly_on_sigterm() {
             .into_iter()
             .find(|m| m.status == MachineStatus::Active);
         if let Some(m) = active
-            && log.lock().unwrap().contains("state=active")
+            && log.find(0, "state=active").is_some()
         {
             break m;
         }
         assert!(
             Instant::now() < deadline,
             "agent never activated its record, or never logged state=active:\n{}",
-            log.lock().unwrap()
+            log.text()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -411,8 +400,8 @@ async fn run_registers_then_stops_cleanly_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert!(status.success(), "{status:?}");
-    reader.join().unwrap();
-    let log = std::mem::take(&mut *log.lock().unwrap());
+    log.finish();
+    let log = log.text();
     assert!(log.contains("SIGTERM"), "{log}");
     let key_hex = std::fs::read_to_string(&key_path).unwrap();
     assert!(

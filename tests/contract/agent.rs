@@ -2,14 +2,13 @@
 //! temp dir, `peaqos-agent run`, its log lines read from stderr, its state
 //! file read from disk.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use peaqos_protocol::{Address, SecretKey};
+use peaqos_testkit::ChildLog;
 
 const BIN: &str = env!("CARGO_BIN_EXE_peaqos-agent");
 
@@ -129,19 +128,10 @@ pub(crate) fn spawn(config: &Path, env: &[(&str, &Path)]) -> AgentProcess {
         command.env(name, value);
     }
     let mut child = command.spawn().expect("spawn peaqos-agent");
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let stderr = child.stderr.take().unwrap();
-    let sink = lines.clone();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            sink.lock().unwrap().push(line);
-        }
-    });
+    let log = ChildLog::follow(child.stderr.take().unwrap());
     AgentProcess {
         child: Some(child),
-        lines,
-        reader: Some(reader),
+        log,
     }
 }
 
@@ -149,30 +139,23 @@ pub(crate) fn spawn(config: &Path, env: &[(&str, &Path)]) -> AgentProcess {
 #[derive(Debug)]
 pub(crate) struct AgentProcess {
     child: Option<Child>,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
+    log: ChildLog,
 }
 
 impl AgentProcess {
     /// How many log lines so far: a mark to search from.
     pub(crate) fn mark(&self) -> usize {
-        self.lines.lock().unwrap().len()
+        self.log.count()
     }
 
     /// Every log line so far.
     pub(crate) fn log(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
+        self.log.text()
     }
 
     /// The first line at or after `from` containing `needle`.
     pub(crate) fn find(&self, from: usize, needle: &str) -> Option<(usize, String)> {
-        let lines = self.lines.lock().unwrap();
-        lines
-            .iter()
-            .enumerate()
-            .skip(from)
-            .find(|(_, l)| l.contains(needle))
-            .map(|(i, l)| (i, l.clone()))
+        self.log.find(from, needle)
     }
 
     /// Waits for a line at or after `from` containing `needle`; returns its
@@ -244,9 +227,7 @@ impl AgentProcess {
 
     fn drain(&mut self) {
         // stderr closes when the process exits: the reader then ends.
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
+        self.log.finish();
     }
 }
 

@@ -6,9 +6,11 @@
 //! what it skipped and passes; with `PEAQOS_TEST_REQUIRE` naming the service
 //! (CI sets `mosquitto,postgres,python,systemd,deb,softhsm,root,chromium`), a missing service fails the test.
 
+pub mod child_log;
 pub mod man;
 pub mod softhsm;
 
+pub use child_log::ChildLog;
 pub use softhsm::SoftHsm;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
